@@ -1,0 +1,129 @@
+//! `mem:SIZE`: a RAM-backed disk, for tests.
+
+use std::os::fd::RawFd;
+use std::sync::{Arc, RwLock};
+
+use crate::{Backend, BackendInfo, BackendQueue, Completion, IoRequest, Op, Result};
+
+/// A disk held in this process's memory. Contents are lost when the process exits.
+#[derive(Debug, Clone)]
+pub struct MemBackend {
+    data: Arc<RwLock<Vec<u8>>>,
+    read_only: bool,
+}
+
+impl MemBackend {
+    /// A zero-filled RAM disk of `size` bytes.
+    pub fn new(size: u64, read_only: bool) -> Self {
+        Self {
+            data: Arc::new(RwLock::new(vec![0; size as usize])),
+            read_only,
+        }
+    }
+
+    /// A copy of the disk's contents (tests).
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Backend for MemBackend {
+    fn info(&self) -> BackendInfo {
+        let len = self.data.read().unwrap_or_else(|e| e.into_inner()).len();
+        BackendInfo {
+            capacity: len as u64,
+            read_only: self.read_only,
+            block_size: 512,
+            discard: true,
+            write_zeroes: true,
+        }
+    }
+
+    fn queue(&self, depth: u32) -> Result<Box<dyn BackendQueue>> {
+        Ok(Box::new(MemQueue {
+            disk: self.clone(),
+            done: Vec::with_capacity(depth as usize),
+        }))
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct MemQueue {
+    disk: MemBackend,
+    done: Vec<Completion>,
+}
+
+impl MemQueue {
+    /// Execute one request; the range was checked by the engine but is checked again here.
+    ///
+    /// # Safety
+    /// As for [`BackendQueue::submit`].
+    unsafe fn execute(&self, req: &IoRequest<'_>) -> std::result::Result<u32, i32> {
+        let start = usize::try_from(req.offset).map_err(|_| libc::EINVAL)?;
+        match req.op {
+            Op::Read => {
+                let data = self.disk.data.read().unwrap_or_else(|e| e.into_inner());
+                let mut pos = start;
+                for iov in req.iovecs {
+                    let src = data.get(pos..pos + iov.iov_len).ok_or(libc::EINVAL)?;
+                    // SAFETY: the caller guarantees the iovec is valid writable memory of
+                    // iov_len bytes; it cannot overlap `data`, which this process owns.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), iov.iov_base.cast(), iov.iov_len)
+                    };
+                    pos += iov.iov_len;
+                }
+                Ok((pos - start) as u32)
+            }
+            Op::Write => {
+                let mut data = self.disk.data.write().unwrap_or_else(|e| e.into_inner());
+                let mut pos = start;
+                for iov in req.iovecs {
+                    let dst = data.get_mut(pos..pos + iov.iov_len).ok_or(libc::EINVAL)?;
+                    // SAFETY: the caller guarantees the iovec is valid readable memory of
+                    // iov_len bytes; it cannot overlap `data`, which this process owns.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(iov.iov_base.cast(), dst.as_mut_ptr(), iov.iov_len)
+                    };
+                    pos += iov.iov_len;
+                }
+                Ok((pos - start) as u32)
+            }
+            Op::Flush => Ok(0),
+            Op::Discard | Op::WriteZeroes { .. } => {
+                let mut data = self.disk.data.write().unwrap_or_else(|e| e.into_inner());
+                let end = start.checked_add(req.len as usize).ok_or(libc::EINVAL)?;
+                data.get_mut(start..end).ok_or(libc::EINVAL)?.fill(0);
+                Ok(0)
+            }
+        }
+    }
+}
+
+impl BackendQueue for MemQueue {
+    unsafe fn submit(&mut self, req: &IoRequest<'_>, tag: u32) -> Result<()> {
+        // SAFETY: forwarded from our caller's guarantee.
+        let result = unsafe { self.execute(req) };
+        self.done.push((tag, result));
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.done);
+    }
+
+    fn wait(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
