@@ -221,17 +221,17 @@ impl BackendQueue for FileQueue {
     unsafe fn submit(&mut self, req: &IoRequest<'_>, tag: u32) -> Result<()> {
         let fd = types::Fixed(0);
         let user_data = u64::from(tag);
-        let state = self
-            .tags
-            .get_mut(tag as usize)
-            .ok_or(Error::Submit(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+        let state = self.tags.get_mut(tag as usize).ok_or(Error::Submit(
+            std::io::Error::from_raw_os_error(libc::EINVAL),
+        ))?;
         state.op = Some(req.op);
         state.offset = req.offset;
         state.len = req.len;
         let entry = match req.op {
             Op::Read | Op::Write if self.direct && !is_aligned(req.iovecs, req.offset) => {
-                let bounce = Bounce::new(req.len as usize)
-                    .ok_or(Error::Submit(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
+                let bounce = Bounce::new(req.len as usize).ok_or(Error::Submit(
+                    std::io::Error::from_raw_os_error(libc::ENOMEM),
+                ))?;
                 let mut pos = 0;
                 for iov in req.iovecs {
                     if req.op == Op::Write {
@@ -277,7 +277,11 @@ impl BackendQueue for FileQueue {
                 .user_data(user_data),
             Op::Discard => Self::fallocate_entry(PUNCH, req.offset, req.len, tag),
             Op::WriteZeroes { unmap } => {
-                let mode = if unmap && !self.block_device { PUNCH } else { ZERO };
+                let mode = if unmap && !self.block_device {
+                    PUNCH
+                } else {
+                    ZERO
+                };
                 Self::fallocate_entry(mode, req.offset, req.len, tag)
             }
         };
@@ -395,7 +399,10 @@ mod tests {
     fn refuses_bad_images() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.img");
-        let opts = FileOptions { read_only: false, direct: false };
+        let opts = FileOptions {
+            read_only: false,
+            direct: false,
+        };
         let e = FileBackend::open(&missing, opts).unwrap_err().to_string();
         assert!(e.contains("truncate -s"), "{e}");
         assert!(!missing.exists(), "open must not create the image");
@@ -409,24 +416,71 @@ mod tests {
     #[test]
     fn buffered_read_write_flush_zero() {
         let img = image(1 << 20);
-        let backend = FileBackend::open(img.path(), FileOptions { read_only: false, direct: false }).unwrap();
+        let backend = FileBackend::open(
+            img.path(),
+            FileOptions {
+                read_only: false,
+                direct: false,
+            },
+        )
+        .unwrap();
         let mut q = backend.queue(4).unwrap();
         let mut data = vec![0xabu8; 4096];
         let iovs = [iov(&mut data)];
-        let r = run(&mut q, IoRequest { op: Op::Write, offset: 8192, len: 4096, iovecs: &iovs });
+        let r = run(
+            &mut q,
+            IoRequest {
+                op: Op::Write,
+                offset: 8192,
+                len: 4096,
+                iovecs: &iovs,
+            },
+        );
         assert_eq!(r, Ok(4096));
-        assert_eq!(run(&mut q, IoRequest { op: Op::Flush, offset: 0, len: 0, iovecs: &[] }), Ok(0));
+        assert_eq!(
+            run(
+                &mut q,
+                IoRequest {
+                    op: Op::Flush,
+                    offset: 0,
+                    len: 0,
+                    iovecs: &[]
+                }
+            ),
+            Ok(0)
+        );
         let on_disk = std::fs::read(img.path()).unwrap();
         assert!(on_disk[8192..12288].iter().all(|&b| b == 0xab));
         assert!(on_disk[..8192].iter().all(|&b| b == 0));
         // Unaligned buffer: goes through the bounce path only with O_DIRECT, plain here.
         let mut back = vec![0u8; 4096];
         let iovs = [iov(&mut back)];
-        assert_eq!(run(&mut q, IoRequest { op: Op::Read, offset: 8192, len: 4096, iovecs: &iovs }), Ok(4096));
+        assert_eq!(
+            run(
+                &mut q,
+                IoRequest {
+                    op: Op::Read,
+                    offset: 8192,
+                    len: 4096,
+                    iovecs: &iovs
+                }
+            ),
+            Ok(4096)
+        );
         assert_eq!(back, data);
-        let wz = IoRequest { op: Op::WriteZeroes { unmap: false }, offset: 8192, len: 2048, iovecs: &[] };
+        let wz = IoRequest {
+            op: Op::WriteZeroes { unmap: false },
+            offset: 8192,
+            len: 2048,
+            iovecs: &[],
+        };
         assert_eq!(run(&mut q, wz), Ok(0));
-        let d = IoRequest { op: Op::Discard, offset: 10240, len: 2048, iovecs: &[] };
+        let d = IoRequest {
+            op: Op::Discard,
+            offset: 10240,
+            len: 2048,
+            iovecs: &[],
+        };
         assert_eq!(run(&mut q, d), Ok(0));
         let on_disk = std::fs::read(img.path()).unwrap();
         assert!(on_disk[8192..12288].iter().all(|&b| b == 0));
@@ -435,7 +489,13 @@ mod tests {
     #[test]
     fn direct_with_unaligned_buffers_bounces() {
         let img = image(1 << 20);
-        let Ok(backend) = FileBackend::open(img.path(), FileOptions { read_only: false, direct: true }) else {
+        let Ok(backend) = FileBackend::open(
+            img.path(),
+            FileOptions {
+                read_only: false,
+                direct: true,
+            },
+        ) else {
             eprintln!("filesystem of the temp dir refuses O_DIRECT; bounce path not exercised");
             return;
         };
@@ -447,10 +507,32 @@ mod tests {
         }
         let expected = store[1..].to_vec();
         let iovs = [iov(&mut store[1..])];
-        assert_eq!(run(&mut q, IoRequest { op: Op::Write, offset: 4096, len: 4096, iovecs: &iovs }), Ok(4096));
+        assert_eq!(
+            run(
+                &mut q,
+                IoRequest {
+                    op: Op::Write,
+                    offset: 4096,
+                    len: 4096,
+                    iovecs: &iovs
+                }
+            ),
+            Ok(4096)
+        );
         let mut back = vec![0u8; 4096 + 3];
         let iovs = [iov(&mut back[3..])];
-        assert_eq!(run(&mut q, IoRequest { op: Op::Read, offset: 4096, len: 4096, iovecs: &iovs }), Ok(4096));
+        assert_eq!(
+            run(
+                &mut q,
+                IoRequest {
+                    op: Op::Read,
+                    offset: 4096,
+                    len: 4096,
+                    iovecs: &iovs
+                }
+            ),
+            Ok(4096)
+        );
         assert_eq!(&back[3..], &expected[..]);
         let on_disk = std::fs::read(img.path()).unwrap();
         assert_eq!(&on_disk[4096..8192], &expected[..]);

@@ -72,7 +72,11 @@ impl MemQueue {
                     // SAFETY: the caller guarantees the iovec is valid writable memory of
                     // iov_len bytes; it cannot overlap `data`, which this process owns.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), iov.iov_base.cast(), iov.iov_len)
+                        std::ptr::copy_nonoverlapping(
+                            src.as_ptr(),
+                            iov.iov_base.cast(),
+                            iov.iov_len,
+                        )
                     };
                     pos += iov.iov_len;
                 }
@@ -86,7 +90,11 @@ impl MemQueue {
                     // SAFETY: the caller guarantees the iovec is valid readable memory of
                     // iov_len bytes; it cannot overlap `data`, which this process owns.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(iov.iov_base.cast(), dst.as_mut_ptr(), iov.iov_len)
+                        std::ptr::copy_nonoverlapping(
+                            iov.iov_base.cast(),
+                            dst.as_mut_ptr(),
+                            iov.iov_len,
+                        )
                     };
                     pos += iov.iov_len;
                 }

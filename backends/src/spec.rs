@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use crate::{Backend, Error, FileBackend, FileOptions, MemBackend, NullBackend, Result, SECTOR_SIZE};
+use crate::{
+    Backend, Error, FileBackend, FileOptions, MemBackend, NullBackend, Result, SECTOR_SIZE,
+};
 
 /// A parsed image spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,11 +40,9 @@ impl ImageSpec {
                 _ if kind.contains('/') || kind.starts_with('.') => {
                     return Ok(Self::Path(spec.into()))
                 }
-                _ => {
-                    return Err(bad(format!(
-                        "unknown kind {kind:?}: use a file path, mem:SIZE or null:SIZE (e.g. mem:256M)"
-                    )))
-                }
+                _ => return Err(bad(format!(
+                    "unknown kind {kind:?}: use a file path, mem:SIZE or null:SIZE (e.g. mem:256M)"
+                ))),
             };
             if size == 0 || size % SECTOR_SIZE != 0 {
                 return Err(bad(format!(
@@ -76,7 +76,11 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
                 'M' => 20,
                 'G' => 30,
                 'T' => 40,
-                _ => return Err(format!("unknown size unit {c:?} in {text:?}: use K, M, G or T")),
+                _ => {
+                    return Err(format!(
+                        "unknown size unit {c:?} in {text:?}: use K, M, G or T"
+                    ))
+                }
             };
             (&t[..i], shift)
         }
@@ -125,7 +129,10 @@ mod tests {
     #[test]
     fn specs() {
         assert_eq!(ImageSpec::parse("mem:1M").unwrap(), ImageSpec::Mem(1 << 20));
-        assert_eq!(ImageSpec::parse("null:1G").unwrap(), ImageSpec::Null(1 << 30));
+        assert_eq!(
+            ImageSpec::parse("null:1G").unwrap(),
+            ImageSpec::Null(1 << 30)
+        );
         assert_eq!(
             ImageSpec::parse("/tmp/a.img").unwrap(),
             ImageSpec::Path("/tmp/a.img".into())
@@ -136,7 +143,10 @@ mod tests {
         );
         let e = ImageSpec::parse("nbd:foo").unwrap_err().to_string();
         assert!(e.contains("unknown kind"), "{e}");
-        assert!(ImageSpec::parse("mem:100").is_err(), "not a multiple of 512");
+        assert!(
+            ImageSpec::parse("mem:100").is_err(),
+            "not a multiple of 512"
+        );
         assert!(ImageSpec::parse("mem:0").is_err());
         assert!(ImageSpec::parse("mem:lots").is_err());
         assert!(ImageSpec::parse("").is_err());

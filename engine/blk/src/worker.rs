@@ -1,0 +1,370 @@
+//! One queue's request loop: avail ring → parse → backend → used ring.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use virtiod_backend::{Backend, BackendQueue, Completion, IoRequest, Op};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+use crate::request::{self, Request, RequestError, RequestType, ID_LEN};
+use crate::stats::{OpKind, QueueStats};
+use crate::{BlkConfig, Stats, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+
+/// Errors that stop a queue (the driver broke the ring itself, or the backend failed).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The backend could not set up or submit.
+    #[error("storage backend: {0}")]
+    Backend(#[from] virtiod_backend::Error),
+    /// The rings are not in the driver's memory.
+    #[error("virtqueue: {0}")]
+    Queue(#[from] virtio_queue::Error),
+}
+
+/// A request the backend is executing.
+struct Slot<M> {
+    head: u16,
+    status: GuestAddress,
+    kind: OpKind,
+    /// Bytes the device writes into the chain on success (excluding the status byte).
+    written: u32,
+    data_len: u64,
+    iovecs: Vec<libc::iovec>,
+    /// Keeps the driver memory the iovecs point into mapped until completion.
+    mem: Option<Arc<M>>,
+}
+
+// SAFETY: the raw pointers in `iovecs` point into `mem`, which the slot keeps alive; a slot
+// is only used by the thread that owns its worker.
+unsafe impl<M: Send + Sync> Send for Slot<M> {}
+
+/// Serves one virtqueue of a virtio-blk device.
+pub struct QueueWorker<M> {
+    cfg: Arc<BlkConfig>,
+    io: Box<dyn BackendQueue>,
+    stats: Arc<Stats>,
+    queue_index: usize,
+    slots: Vec<Slot<M>>,
+    free: Vec<u32>,
+    req: Request,
+    done: Vec<Completion>,
+    /// Used ring entries added since the last notification decision.
+    pending_used: bool,
+}
+
+impl<M> QueueWorker<M>
+where
+    M: GuestMemory + Send + Sync,
+{
+    /// A worker for queue `queue_index` of a device; it can hold `cfg.queue_size` requests
+    /// in flight.
+    pub fn new(
+        cfg: Arc<BlkConfig>,
+        backend: &dyn Backend,
+        stats: Arc<Stats>,
+        queue_index: usize,
+    ) -> Result<Self, WorkerError> {
+        let depth = u32::from(cfg.queue_size.max(1));
+        let io = backend.queue(depth)?;
+        let slots = (0..depth)
+            .map(|_| Slot {
+                head: 0,
+                status: GuestAddress(0),
+                kind: OpKind::Other,
+                written: 0,
+                data_len: 0,
+                iovecs: Vec::with_capacity(8),
+                mem: None,
+            })
+            .collect();
+        Ok(Self {
+            cfg,
+            io,
+            stats,
+            queue_index,
+            slots,
+            free: (0..depth).rev().collect(),
+            req: Request::default(),
+            done: Vec::with_capacity(depth as usize),
+            pending_used: false,
+        })
+    }
+
+    /// A descriptor that becomes readable when backend completions are ready (register it
+    /// with the thread's event loop and call [`Self::process_completions`] on it).
+    pub fn completion_fd(&self) -> Option<RawFd> {
+        self.io.completion_fd()
+    }
+
+    /// Requests started and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn queue_stats(&self) -> &QueueStats {
+        &self.stats.queues[self.queue_index]
+    }
+
+    /// Take every available request off `queue` and start it. Returns whether the driver
+    /// must be notified (used entries were added and the driver wants an interrupt).
+    pub fn process_queue(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<bool, WorkerError> {
+        loop {
+            queue.disable_notification(mem.as_ref())?;
+            while !self.free.is_empty() {
+                let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) else {
+                    break;
+                };
+                let parsed = request::parse(chain, &self.cfg, &mut self.req);
+                self.start(queue, mem, parsed)?;
+            }
+            self.io.commit()?;
+            if self.io.completion_fd().is_none() {
+                self.reap(queue, mem.as_ref())?;
+            }
+            if self.free.is_empty() {
+                // Out of slots: leave the rest on the ring until completions free some.
+                break;
+            }
+            if !queue.enable_notification(mem.as_ref())? {
+                break;
+            }
+        }
+        self.notify_decision(queue, mem.as_ref())
+    }
+
+    /// Complete what the backend finished. Returns whether the driver must be notified.
+    pub fn process_completions(&mut self, queue: &mut Queue, mem: &M) -> Result<bool, WorkerError> {
+        self.reap(queue, mem)?;
+        self.notify_decision(queue, mem)
+    }
+
+    /// Wait until every in-flight request has completed and is in the used ring.
+    pub fn drain(&mut self, queue: &mut Queue, mem: &M) -> Result<bool, WorkerError> {
+        while self.in_flight() > 0 {
+            self.io.wait()?;
+            self.reap(queue, mem)?;
+        }
+        self.notify_decision(queue, mem)
+    }
+
+    fn notify_decision(&mut self, queue: &mut Queue, mem: &M) -> Result<bool, WorkerError> {
+        if !std::mem::take(&mut self.pending_used) {
+            return Ok(false);
+        }
+        Ok(queue.needs_notification(mem)?)
+    }
+
+    fn complete_now(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        head: u16,
+        status: Option<GuestAddress>,
+        code: u8,
+        written: u32,
+        kind: OpKind,
+    ) -> Result<(), WorkerError> {
+        let used_len = match status {
+            Some(addr) if mem.write_obj(code, addr).is_ok() => written + 1,
+            _ => 0,
+        };
+        self.queue_stats()
+            .completed(kind, u64::from(written), code == VIRTIO_BLK_S_OK);
+        queue.add_used(mem, head, used_len)?;
+        self.pending_used = true;
+        Ok(())
+    }
+
+    fn start(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<M>,
+        parsed: Result<RequestType, RequestError>,
+    ) -> Result<(), WorkerError> {
+        let head = self.req.head;
+        let status = self.req.status;
+        let kind = match parsed {
+            Ok(kind) => kind,
+            Err(err) => {
+                tracing::debug!(queue = self.queue_index, head, %err, "refused request");
+                let code = if matches!(err, RequestError::Unsupported(_)) {
+                    VIRTIO_BLK_S_UNSUPP
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                };
+                return self.complete_now(queue, mem, head, status, code, 0, OpKind::Other);
+            }
+        };
+        let status = status.unwrap_or(GuestAddress(0)); // parse succeeded: status is set
+        let (op, op_kind) = match kind {
+            RequestType::GetId => {
+                let mut id = [0u8; ID_LEN as usize];
+                id[..self.cfg.serial.len()].copy_from_slice(&self.cfg.serial);
+                let mut pos = 0usize;
+                let want = self.req.data_len as usize;
+                let mut ok = true;
+                for seg in &self.req.data {
+                    let n = (want - pos).min(seg.len as usize);
+                    ok &= mem.write_slice(&id[pos..pos + n], seg.addr).is_ok();
+                    pos += n;
+                }
+                let code = if ok {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                };
+                return self.complete_now(
+                    queue,
+                    mem,
+                    head,
+                    Some(status),
+                    code,
+                    pos as u32,
+                    OpKind::Other,
+                );
+            }
+            RequestType::In => (Op::Read, OpKind::Read),
+            RequestType::Out => (Op::Write, OpKind::Write),
+            RequestType::Flush => (Op::Flush, OpKind::Flush),
+            RequestType::Discard => (Op::Discard, OpKind::Discard),
+            RequestType::WriteZeroes { unmap } => (Op::WriteZeroes { unmap }, OpKind::WriteZeroes),
+        };
+        let Some(tag) = self.free.pop() else {
+            // Not reached: process_queue only pops chains while a slot is free.
+            return self.complete_now(
+                queue,
+                mem,
+                head,
+                Some(status),
+                VIRTIO_BLK_S_IOERR,
+                0,
+                op_kind,
+            );
+        };
+        let slot = &mut self.slots[tag as usize];
+        slot.head = head;
+        slot.status = status;
+        slot.kind = op_kind;
+        slot.data_len = self.req.data_len;
+        slot.written = if op == Op::Read {
+            self.req.data_len as u32
+        } else {
+            0
+        };
+        slot.iovecs.clear();
+        let perm = if op == Op::Read {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        let mut mapped = true;
+        for seg in &self.req.data {
+            match mem.get_slices(seg.addr, seg.len as usize, perm) {
+                Ok(slices) => {
+                    for s in slices {
+                        match s {
+                            Ok(s) => slot.iovecs.push(libc::iovec {
+                                iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                                iov_len: s.len(),
+                            }),
+                            Err(_) => mapped = false,
+                        }
+                    }
+                }
+                Err(_) => mapped = false,
+            }
+        }
+        if !mapped || slot.iovecs.len() > crate::config::MAX_SEGMENTS as usize {
+            self.free.push(tag);
+            return self.complete_now(
+                queue,
+                mem,
+                head,
+                Some(status),
+                VIRTIO_BLK_S_IOERR,
+                0,
+                op_kind,
+            );
+        }
+        slot.mem = Some(mem.clone());
+        let (offset, len) = match op {
+            Op::Discard | Op::WriteZeroes { .. } => {
+                (self.req.sector * 512, self.req.num_sectors * 512)
+            }
+            _ => (self.req.sector * 512, self.req.data_len),
+        };
+        let io_req = IoRequest {
+            op,
+            offset,
+            len,
+            iovecs: &slot.iovecs,
+        };
+        // SAFETY: the iovecs point into driver memory checked by get_slices, and the slot
+        // holds both the iovec array and an Arc of that memory until the completion for `tag`
+        // is reaped (`reap` releases them only then).
+        let submitted = unsafe { self.io.submit(&io_req, tag) };
+        if let Err(err) = submitted {
+            tracing::warn!(queue = self.queue_index, %err, "backend refused a request");
+            self.slots[tag as usize].mem = None;
+            self.free.push(tag);
+            return self.complete_now(
+                queue,
+                mem,
+                head,
+                Some(status),
+                VIRTIO_BLK_S_IOERR,
+                0,
+                op_kind,
+            );
+        }
+        self.queue_stats()
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn reap(&mut self, queue: &mut Queue, mem: &M) -> Result<(), WorkerError> {
+        self.io.reap(&mut self.done);
+        let mut done = std::mem::take(&mut self.done);
+        for (tag, result) in done.drain(..) {
+            let Some(slot) = self.slots.get_mut(tag as usize) else {
+                continue;
+            };
+            let Some(slot_mem) = slot.mem.take() else {
+                continue; // not in flight: ignore a stray completion
+            };
+            let (code, written) = match result {
+                Ok(_) => (VIRTIO_BLK_S_OK, slot.written),
+                Err(errno) => {
+                    tracing::warn!(
+                        queue = self.queue_index,
+                        errno,
+                        "I/O error from the backend"
+                    );
+                    (VIRTIO_BLK_S_IOERR, 0)
+                }
+            };
+            let (head, status, kind, data_len) = (slot.head, slot.status, slot.kind, slot.data_len);
+            let used_len = if slot_mem.write_obj(code, status).is_ok() {
+                written + 1
+            } else {
+                0
+            };
+            drop(slot_mem);
+            self.free.push(tag);
+            let qs = &self.stats.queues[self.queue_index];
+            qs.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            qs.completed(
+                kind,
+                if code == VIRTIO_BLK_S_OK { data_len } else { 0 },
+                code == VIRTIO_BLK_S_OK,
+            );
+            queue.add_used(mem, head, used_len)?;
+            self.pending_used = true;
+        }
+        self.done = done;
+        Ok(())
+    }
+}
