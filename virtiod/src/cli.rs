@@ -1,0 +1,111 @@
+//! Command-line interface.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Software-defined virtio devices served from user space.
+#[derive(Debug, Parser)]
+#[command(name = "virtiod", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Logging options (every command).
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log level (error, warn, info, debug, trace) or a tracing filter; RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve one disk image as a virtio-blk device.
+    #[command(after_help = "Examples:\n  \
+        virtiod serve --vhost-user /run/virtiod/disk0.sock disk.img\n  \
+        virtiod serve --vhost-user /tmp/vu.sock --queues 4 --serial vol-7 /dev/nvme0n1p3\n  \
+        virtiod serve --vhost-user /tmp/vu.sock --read-only base.img\n  \
+        virtiod serve --vhost-user /tmp/vu.sock mem:256M\n\n\
+        IMAGE is a raw image file or block device, mem:SIZE (RAM) or null:SIZE (discards writes).")]
+    Serve(ServeArgs),
+}
+
+/// `virtiod serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Serve over vhost-user on this unix socket (for QEMU, cloud-hypervisor, libblkio).
+    #[arg(long, value_name = "SOCKET")]
+    pub vhost_user: std::path::PathBuf,
+    /// Refuse writes (the driver sees a read-only disk).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Number of request queues (one thread each).
+    #[arg(long, default_value_t = 1, value_parser = parse_queues)]
+    pub queues: u16,
+    /// Size of each queue (a power of two).
+    #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+    /// Use the page cache instead of O_DIRECT.
+    #[arg(long)]
+    pub buffered: bool,
+    /// Serial number returned to the driver (at most 20 bytes).
+    #[arg(long, default_value = "virtiod")]
+    pub serial: String,
+    /// The image: a file or block device path, mem:SIZE or null:SIZE.
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+}
+
+fn parse_queues(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if n == 0 || n > 64 {
+        return Err(format!("{n} queues: give 1 to 64"));
+    }
+    Ok(n)
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !n.is_power_of_two() || !(2..=32768).contains(&n) {
+        return Err(format!(
+            "queue size {n}: give a power of two from 2 to 32768 (e.g. 256)"
+        ));
+    }
+    Ok(n as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_queues() {
+        assert!(parse_queues("0").is_err());
+        assert!(parse_queues("65").is_err());
+        assert_eq!(parse_queues("4"), Ok(4));
+        assert!(parse_queue_size("100").is_err());
+        assert!(parse_queue_size("0").is_err());
+        assert!(parse_queue_size("65536").is_err());
+        assert_eq!(parse_queue_size("1024"), Ok(1024));
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
