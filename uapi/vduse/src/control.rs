@@ -68,10 +68,16 @@ impl DeviceConfig {
             )));
         }
         if self.vq_num == 0 || self.vq_num > 0xffff {
-            return Err(Error::InvalidConfig(format!("vq_num {} is not in 1..=65535", self.vq_num)));
+            return Err(Error::InvalidConfig(format!(
+                "vq_num {} is not in 1..=65535",
+                self.vq_num
+            )));
         }
         if self.vq_align as usize > MAX_CONFIG_SIZE {
-            return Err(Error::InvalidConfig(format!("vq_align {} exceeds 4096", self.vq_align)));
+            return Err(Error::InvalidConfig(format!(
+                "vq_align {} exceeds 4096",
+                self.vq_align
+            )));
         }
         let header = sys::vduse_dev_config {
             name,
@@ -122,6 +128,7 @@ pub(crate) fn validate_name(name: &str) -> Result<[u8; sys::VDUSE_NAME_MAX]> {
 pub struct VduseControl {
     file: File,
     api_version: u64,
+    kernel_api_version: u64,
 }
 
 impl VduseControl {
@@ -144,16 +151,26 @@ impl VduseControl {
         let mut kernel_version = 0u64;
         raw::ioctl_inout(&file, sys::VDUSE_GET_API_VERSION, &mut kernel_version)
             .map_err(|e| Error::ioctl("VDUSE_GET_API_VERSION", e))?;
-        // Version 0 is all we use; every kernel with VDUSE supports it.
-        let api_version = kernel_version.min(sys::VDUSE_API_VERSION);
+        // Version 0 is all we use, and every kernel with VDUSE supports it; newer
+        // versions (VQ groups, ASIDs) stay off until this crate learns them.
+        let api_version = sys::VDUSE_API_VERSION;
         raw::ioctl_in(&file, sys::VDUSE_SET_API_VERSION, &api_version)
             .map_err(|e| Error::ioctl("VDUSE_SET_API_VERSION", e))?;
-        Ok(VduseControl { file, api_version })
+        Ok(VduseControl {
+            file,
+            api_version,
+            kernel_api_version: kernel_version,
+        })
     }
 
     /// The negotiated API version (always 0 for now).
     pub fn api_version(&self) -> u64 {
         self.api_version
+    }
+
+    /// The newest API version the kernel offered.
+    pub fn kernel_api_version(&self) -> u64 {
+        self.kernel_api_version
     }
 
     /// Creates a VDUSE device; `/dev/vduse/NAME` appears on success.
@@ -216,7 +233,11 @@ mod tests {
     fn bad_configs_are_refused_with_a_reason() {
         let mut cfg = DeviceConfig::block("blk0", 1, vec![]);
         cfg.features = VIRTIO_F_VERSION_1;
-        assert!(cfg.to_ioctl_bytes().unwrap_err().to_string().contains("ACCESS_PLATFORM"));
+        assert!(cfg
+            .to_ioctl_bytes()
+            .unwrap_err()
+            .to_string()
+            .contains("ACCESS_PLATFORM"));
         let cfg = DeviceConfig::block("a/b", 1, vec![]);
         assert!(matches!(cfg.to_ioctl_bytes(), Err(Error::InvalidConfig(_))));
         let cfg = DeviceConfig::block("x".repeat(256), 1, vec![]);

@@ -344,7 +344,11 @@ mod tests {
 
     #[test]
     fn perm_round_trip() {
-        for p in [IotlbPerm::ReadOnly, IotlbPerm::WriteOnly, IotlbPerm::ReadWrite] {
+        for p in [
+            IotlbPerm::ReadOnly,
+            IotlbPerm::WriteOnly,
+            IotlbPerm::ReadWrite,
+        ] {
             assert_eq!(IotlbPerm::from_raw(p.to_raw()), Some(p));
         }
         assert_eq!(IotlbPerm::from_raw(0), None);
@@ -353,10 +357,20 @@ mod tests {
 
     #[test]
     fn entry_len_and_contains() {
-        let e = IotlbEntry { start: 0x1000, last: 0x1fff, offset: 0, perm: IotlbPerm::ReadWrite };
+        let e = IotlbEntry {
+            start: 0x1000,
+            last: 0x1fff,
+            offset: 0,
+            perm: IotlbPerm::ReadWrite,
+        };
         assert_eq!(e.len(), Some(0x1000));
         assert!(e.contains(0x1000) && e.contains(0x1fff) && !e.contains(0x2000));
-        let all = IotlbEntry { start: 0, last: u64::MAX, offset: 0, perm: IotlbPerm::ReadWrite };
+        let all = IotlbEntry {
+            start: 0,
+            last: u64::MAX,
+            offset: 0,
+            perm: IotlbPerm::ReadWrite,
+        };
         assert_eq!(all.len(), None);
     }
 

@@ -103,9 +103,15 @@ mod tests {
     #[test]
     fn messages_say_what_to_do() {
         assert!(Error::NotAvailable.to_string().contains("modprobe vduse"));
-        let e = Error::open("/dev/vduse/control".into(), io::Error::from_raw_os_error(libc::EACCES));
+        let e = Error::open(
+            "/dev/vduse/control".into(),
+            io::Error::from_raw_os_error(libc::EACCES),
+        );
         assert!(e.to_string().contains("CAP_SYS_ADMIN"), "{e}");
-        let e = Error::open("/dev/vduse/x".into(), io::Error::from_raw_os_error(libc::EPERM));
+        let e = Error::open(
+            "/dev/vduse/x".into(),
+            io::Error::from_raw_os_error(libc::EPERM),
+        );
         assert!(matches!(e, Error::PermissionDenied { .. }));
         assert!(Error::DeviceExists("blk0".into())
             .to_string()

@@ -89,7 +89,10 @@ fn map_entry(entry: &IotlbEntry, fd: OwnedFd) -> Result<Option<Arc<MmapRegion<()
         .ok_or_else(|| fail("entry covers the whole 64-bit space".into()))?;
     let len = usize::try_from(len).map_err(|_| fail("entry too large".into()))?;
     if entry.offset % page_size() != 0 {
-        return Err(fail(format!("mmap offset {:#x} is not page-aligned", entry.offset)));
+        return Err(fail(format!(
+            "mmap offset {:#x} is not page-aligned",
+            entry.offset
+        )));
     }
     let region = MmapRegionBuilder::new(len)
         .with_file_offset(FileOffset::new(File::from(fd), entry.offset))

@@ -167,7 +167,10 @@ fn invalidation_drops_overlaps_and_old_snapshots_stay_usable() {
     let mut iotlb = IotlbMemory::new();
     iotlb.map_range(&src, 0, u64::MAX).unwrap();
     let old = iotlb.memory().unwrap();
-    assert!(Arc::ptr_eq(&old, &iotlb.memory().unwrap()), "cached until a change");
+    assert!(
+        Arc::ptr_eq(&old, &iotlb.memory().unwrap()),
+        "cached until a change"
+    );
     // The driver unmaps page 1 and maps a different page there read-only.
     src.entries.borrow_mut()[1] = entry(PAGE, 1, 16 * PAGE, IotlbPerm::ReadOnly);
     assert_eq!(iotlb.invalidate(PAGE + 8, PAGE + 9), 1);

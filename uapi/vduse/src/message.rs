@@ -228,15 +228,30 @@ mod tests {
     #[test]
     fn decodes_each_request_type() {
         let m = Message::decode(&raw(0, 7, &3u32.to_ne_bytes()));
-        assert_eq!(m, Message { request_id: 7, request: Request::GetVqState { index: 3 } });
+        assert_eq!(
+            m,
+            Message {
+                request_id: 7,
+                request: Request::GetVqState { index: 3 }
+            }
+        );
         let m = Message::decode(&raw(1, 8, &[0x0f]));
         assert_eq!(m.request, Request::SetStatus { status: 0x0f });
         let mut p = Vec::new();
         p.extend_from_slice(&0x1000u64.to_ne_bytes());
         p.extend_from_slice(&u64::MAX.to_ne_bytes());
         let m = Message::decode(&raw(2, 9, &p));
-        assert_eq!(m.request, Request::UpdateIotlb { start: 0x1000, last: u64::MAX });
-        assert_eq!(Message::decode(&raw(42, 1, &[])).request, Request::Unknown(42));
+        assert_eq!(
+            m.request,
+            Request::UpdateIotlb {
+                start: 0x1000,
+                last: u64::MAX
+            }
+        );
+        assert_eq!(
+            Message::decode(&raw(42, 1, &[])).request,
+            Request::Unknown(42)
+        );
     }
 
     #[test]
@@ -244,17 +259,30 @@ mod tests {
         for request in [
             Request::GetVqState { index: 1 },
             Request::SetStatus { status: 0x8f },
-            Request::UpdateIotlb { start: 4096, last: 8191 },
+            Request::UpdateIotlb {
+                start: 4096,
+                last: 8191,
+            },
             Request::Unknown(99),
         ] {
-            let m = Message { request_id: 0xdead, request };
+            let m = Message {
+                request_id: 0xdead,
+                request,
+            };
             assert_eq!(Message::decode(&m.encode()), m);
         }
     }
 
     #[test]
     fn responses_have_the_c_layout() {
-        let b = Response::vq_state(5, 2, VqState::Split { avail_index: 0x1234 }).encode();
+        let b = Response::vq_state(
+            5,
+            2,
+            VqState::Split {
+                avail_index: 0x1234,
+            },
+        )
+        .encode();
         assert_eq!(u32_at(&b, 0), 5);
         assert_eq!(u32_at(&b, 4), sys::VDUSE_REQ_RESULT_OK);
         assert_eq!(u32_at(&b, 24), 2);
@@ -269,7 +297,15 @@ mod tests {
             last_used_idx: 4,
         };
         let b = Response::vq_state(1, 0, packed).encode();
-        assert_eq!([u16_at(&b, 28), u16_at(&b, 30), u16_at(&b, 32), u16_at(&b, 34)], [1, 2, 3, 4]);
+        assert_eq!(
+            [
+                u16_at(&b, 28),
+                u16_at(&b, 30),
+                u16_at(&b, 32),
+                u16_at(&b, 34)
+            ],
+            [1, 2, 3, 4]
+        );
         let r = Response::vq_state(9, 1, VqState::Split { avail_index: 77 });
         assert_eq!(Response::decode(&r.encode()), r);
     }

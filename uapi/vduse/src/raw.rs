@@ -43,7 +43,11 @@ pub(crate) fn ioctl_none(fd: &impl AsRawFd, req: u64) -> io::Result<libc::c_int>
 }
 
 /// An ioctl whose argument the kernel only reads (`_IOW`).
-pub(crate) fn ioctl_in<T: IoctlArg>(fd: &impl AsRawFd, req: u64, arg: &T) -> io::Result<libc::c_int> {
+pub(crate) fn ioctl_in<T: IoctlArg>(
+    fd: &impl AsRawFd,
+    req: u64,
+    arg: &T,
+) -> io::Result<libc::c_int> {
     // SAFETY: `arg` is a valid, initialised T for the duration of the call and the request's
     // encoded size is size_of::<T>() (checked in sys by the layout asserts), so the kernel
     // reads only inside it.

@@ -262,11 +262,7 @@ pub const VDUSE_CREATE_DEV: u64 = ioc(IOC_WRITE, 0x02, size_of::<vduse_dev_confi
 /// `_IOW(VDUSE_BASE, 0x03, char[VDUSE_NAME_MAX])`
 pub const VDUSE_DESTROY_DEV: u64 = ioc(IOC_WRITE, 0x03, VDUSE_NAME_MAX);
 /// `_IOWR(VDUSE_BASE, 0x10, struct vduse_iotlb_entry)`
-pub const VDUSE_IOTLB_GET_FD: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    0x10,
-    size_of::<vduse_iotlb_entry>(),
-);
+pub const VDUSE_IOTLB_GET_FD: u64 = ioc(IOC_READ | IOC_WRITE, 0x10, size_of::<vduse_iotlb_entry>());
 /// `_IOR(VDUSE_BASE, 0x11, __u64)`
 pub const VDUSE_DEV_GET_FEATURES: u64 = ioc(IOC_READ, 0x11, 8);
 /// `_IOW(VDUSE_BASE, 0x12, struct vduse_config_data)`
