@@ -15,8 +15,9 @@ pub const CONFIG_SPACE_SIZE: usize = 60;
 /// Most buffers one request may carry (`UIO_MAXIOV`, the limit of `preadv`/`pwritev`).
 pub const MAX_SEGMENTS: u32 = 1024;
 
-/// Largest single buffer the device accepts (advertised as `size_max`).
-pub const SIZE_MAX: u32 = 1 << 30;
+/// Largest single buffer the driver should use (advertised as `size_max`). Kept so that
+/// `size_max * seg_max` fits an `i32`, which some drivers (libblkio) compute.
+pub const SIZE_MAX: u32 = 1 << 20;
 
 /// Largest DISCARD / WRITE_ZEROES range in sectors (advertised limit).
 pub const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;

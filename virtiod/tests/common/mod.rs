@@ -1,0 +1,230 @@
+//! Test support: run the real `virtiod` binary and drive it with libblkio's vhost-user driver.
+#![allow(dead_code)]
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// A scratch directory removed at drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("virtiod-it-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+    /// A zero-filled image of `len` bytes.
+    pub fn image(&self, file: &str, len: u64) -> PathBuf {
+        let p = self.path(file);
+        std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running daemon, killed at drop if still running.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+pub fn virtiod() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_virtiod"))
+}
+
+impl Daemon {
+    /// `virtiod serve --vhost-user SOCKET EXTRA... IMAGE`, waiting until the socket accepts.
+    pub fn start(socket: &Path, image: &str, extra: &[&str]) -> Self {
+        let mut cmd = virtiod();
+        cmd.arg("serve")
+            .arg("--vhost-user")
+            .arg(socket)
+            .args(extra)
+            .arg(image);
+        cmd.stdin(Stdio::null());
+        let child = cmd.spawn().expect("spawn virtiod");
+        let mut d = Daemon {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Some(status) = d.child.try_wait().unwrap() {
+                panic!("virtiod exited early: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "virtiod did not listen on {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // That probe connection was a (short-lived) frontend; let the daemon go back to accept.
+        std::thread::sleep(Duration::from_millis(50));
+        d
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety implications.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_timeout(Duration::from_secs(30))
+    }
+
+    pub fn wait_timeout(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "virtiod did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A libblkio virtio-blk-vhost-user client with one buffer region.
+pub struct Client {
+    pub blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+}
+
+impl Client {
+    pub fn connect(socket: &Path, num_queues: i32, buf_len: usize) -> blkio::Result<Self> {
+        Self::connect_with(socket, num_queues, buf_len, false)
+    }
+
+    /// libblkio refuses to start on a read-only device unless told `read-only`.
+    pub fn connect_with(
+        socket: &Path,
+        num_queues: i32,
+        buf_len: usize,
+        read_only: bool,
+    ) -> blkio::Result<Self> {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
+        blkio.set_str("path", socket.to_str().unwrap())?;
+        blkio.set_bool("read-only", read_only)?;
+        blkio.connect()?;
+        blkio.set_i32("num-queues", num_queues)?;
+        let queues = blkio.start()?.queues;
+        let region = blkio.alloc_mem_region(buf_len)?;
+        blkio.map_mem_region(&region)?;
+        Ok(Self {
+            blkio,
+            queues,
+            region,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").unwrap()
+    }
+
+    /// The buffer region as a byte slice.
+    pub fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is `len` bytes of memory allocated by libblkio for us and stays
+        // mapped while `self` lives; no request is in flight while the slice is used.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+
+    pub fn buf_ptr(&self, offset: usize) -> *mut u8 {
+        assert!(offset < self.region.len);
+        (self.region.addr + offset) as *mut u8
+    }
+
+    /// Wait for `n` completions on queue `q`; returns their (user_data, ret).
+    pub fn wait(&mut self, q: usize, n: usize) -> Vec<(usize, i32)> {
+        let mut out = Vec::new();
+        let mut completions: Vec<MaybeUninit<Completion>> =
+            (0..n.max(1)).map(|_| MaybeUninit::uninit()).collect();
+        while out.len() < n {
+            let want = n - out.len();
+            let mut timeout = Duration::from_secs(30);
+            let got = self.queues[q]
+                .do_io(&mut completions[..want], 1, Some(&mut timeout), None)
+                .expect("do_io");
+            assert!(got > 0, "timed out waiting for completions");
+            for c in &completions[..got] {
+                // SAFETY: do_io initialised the first `got` entries.
+                let c = unsafe { c.assume_init_ref() };
+                out.push((c.user_data, c.ret));
+            }
+        }
+        out
+    }
+
+    /// One synchronous request helper: submit with `f`, wait for it, return ret.
+    pub fn sync(&mut self, q: usize, f: impl FnOnce(&mut Blkioq)) -> i32 {
+        f(&mut self.queues[q]);
+        self.wait(q, 1)[0].1
+    }
+
+    pub fn read(&mut self, q: usize, offset: u64, buf_off: usize, len: usize) -> i32 {
+        let p = self.buf_ptr(buf_off);
+        self.sync(q, |bq| bq.read(offset, p, len, 0, ReqFlags::empty()))
+    }
+
+    pub fn write(&mut self, q: usize, offset: u64, buf_off: usize, len: usize) -> i32 {
+        let p = self.buf_ptr(buf_off);
+        self.sync(q, |bq| bq.write(offset, p, len, 0, ReqFlags::empty()))
+    }
+
+    pub fn flush(&mut self, q: usize) -> i32 {
+        self.sync(q, |bq| bq.flush(0, ReqFlags::empty()))
+    }
+}
+
+/// The test pattern: a function of the absolute disk offset, so any range can be checked.
+pub fn pattern_byte(offset: u64, seed: u64) -> u8 {
+    let x = (offset / 8)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(seed);
+    (x >> ((offset % 8) * 8)) as u8 ^ (x >> 56) as u8
+}
+
+pub fn fill_pattern(buf: &mut [u8], disk_offset: u64, seed: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern_byte(disk_offset + i as u64, seed);
+    }
+}
+
+pub fn check_pattern(buf: &[u8], disk_offset: u64, seed: u64) -> Result<(), String> {
+    for (i, b) in buf.iter().enumerate() {
+        let want = pattern_byte(disk_offset + i as u64, seed);
+        if *b != want {
+            return Err(format!(
+                "byte at disk offset {} is {:#x}, expected {:#x}",
+                disk_offset + i as u64,
+                b,
+                want
+            ));
+        }
+    }
+    Ok(())
+}
