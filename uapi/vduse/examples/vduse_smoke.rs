@@ -2,10 +2,12 @@
 //!
 //! Creates a RAM-backed virtio-blk VDUSE device, attaches it with vdpa netlink, waits for
 //! its /dev/vdX, runs the given command with `VDUSE_DEV=/dev/vdX` in the environment,
-//! then detaches and destroys the device. Exit code: the command's.
+//! then detaches and destroys the device. Exit code: the command's. `--reopen` closes and
+//! re-opens /dev/vduse/NAME between two runs of the command (a daemon restart);
+//! `--vhost` binds the device to vhost_vdpa and waits for /dev/vhost-vdpa-N instead.
 //!
 //! ```text
-//! vduse_smoke [--name NAME] [--mib N] [--vhost] -- sh -c 'dd if=/dev/urandom of=$VDUSE_DEV ...'
+//! vduse_smoke [--name NAME] [--mib N] [--vhost] [--reopen] -- sh -c 'dd if=/dev/urandom of=$VDUSE_DEV ...'
 //! ```
 //!
 //! The virtqueue handling is deliberately crude (split ring, no indirect descriptors, no
@@ -44,6 +46,7 @@ struct Args {
     name: String,
     mib: u64,
     vhost: bool,
+    reopen: bool,
     command: Vec<String>,
 }
 
@@ -52,6 +55,7 @@ fn parse_args() -> Result<Args, String> {
         name: "vduse-smoke".into(),
         mib: 1,
         vhost: false,
+        reopen: false,
         command: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -65,6 +69,7 @@ fn parse_args() -> Result<Args, String> {
                     .ok_or("--mib needs a number")?
             }
             "--vhost" => args.vhost = true,
+            "--reopen" => args.reopen = true,
             "--" => {
                 args.command = it.collect();
                 break;
@@ -97,7 +102,7 @@ struct Server {
 }
 
 impl Server {
-    fn run(mut self) -> Result<u64, String> {
+    fn run(mut self) -> Result<Server, String> {
         loop {
             let mut fds = [
                 libc::pollfd {
@@ -126,7 +131,8 @@ impl Server {
                 return Err(format!("poll: {e}"));
             }
             if fds[2].revents != 0 {
-                return Ok(self.requests);
+                let _ = self.stop.read();
+                return Ok(self);
             }
             if fds[0].revents != 0 {
                 self.handle_message()?;
@@ -374,6 +380,61 @@ fn main() -> ExitCode {
     }
 }
 
+/// The server thread and the eventfd that stops it.
+struct Worker {
+    stop: EventFd,
+    handle: thread::JoinHandle<Result<Server, String>>,
+}
+
+impl Worker {
+    fn spawn(server: Server) -> Result<Worker, String> {
+        let stop = server.stop.try_clone().map_err(|e| e.to_string())?;
+        Ok(Worker {
+            stop,
+            handle: thread::spawn(move || server.run()),
+        })
+    }
+
+    /// Stops the thread and hands back the server (and with it the device fd).
+    fn finish(self) -> Result<Server, String> {
+        self.stop.write(1).map_err(|e| e.to_string())?;
+        self.handle
+            .join()
+            .map_err(|_| "server thread panicked".to_string())?
+    }
+}
+
+impl Server {
+    fn new(dev: VduseDevice, disk: Vec<u8>) -> Result<Self, String> {
+        Ok(Server {
+            dev: Arc::new(dev),
+            kick: EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?,
+            stop: EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?,
+            disk,
+            iotlb: IotlbMemory::new(),
+            ring: None,
+            requests: 0,
+        })
+    }
+
+    /// After a re-open: take over a queue the driver already runs. Every request the
+    /// previous server took was completed, so the used index is where to resume.
+    fn resume(&mut self) -> Result<(), String> {
+        let info = self.dev.vq_info(0).map_err(|e| e.to_string())?;
+        if !info.ready {
+            return Ok(()); // the driver will send DRIVER_OK later
+        }
+        self.start_queue()?;
+        let ring = self.ring.as_mut().unwrap();
+        ring.last_avail = ring.used_idx;
+        log(format!(
+            "resumed queue 0 at avail/used index {}",
+            ring.used_idx
+        ));
+        self.process_queue()
+    }
+}
+
 fn run(args: &Args) -> Result<u8, String> {
     let ctl = VduseControl::open().map_err(|e| e.to_string())?;
     log(format!(
@@ -386,34 +447,37 @@ fn run(args: &Args) -> Result<u8, String> {
     ctl.create_device(&config).map_err(|e| e.to_string())?;
     log(format!("created /dev/vduse/{}", args.name));
 
-    let dev = Arc::new(VduseDevice::open(&args.name).map_err(|e| e.to_string())?);
+    let dev = VduseDevice::open(&args.name).map_err(|e| e.to_string())?;
     dev.setup_vq(0, QUEUE_SIZE).map_err(|e| e.to_string())?;
-    let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
-    let server = Server {
-        dev: Arc::clone(&dev),
-        kick: EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?,
-        stop: stop.try_clone().map_err(|e| e.to_string())?,
-        disk: vec![0u8; disk_bytes as usize],
-        iotlb: IotlbMemory::new(),
-        ring: None,
-        requests: 0,
-    };
-    let worker = thread::spawn(move || server.run());
+    let mut worker = Worker::spawn(Server::new(dev, vec![0u8; disk_bytes as usize])?)?;
 
     let mut vdpa = None;
-    let outcome = attach_and_run(args, &mut vdpa);
+    let mut outcome = attach_and_run(args, &mut vdpa);
+    if args.reopen && outcome == Ok(0) {
+        // Simulate a daemon restart: close /dev/vduse/NAME, open it again, carry on.
+        let mut old = worker.finish()?;
+        log(format!(
+            "closing the device after {} requests",
+            old.requests
+        ));
+        let disk = std::mem::take(&mut old.disk);
+        drop(old);
+        let dev = VduseDevice::open(&args.name).map_err(|e| e.to_string())?;
+        log("re-opened the existing device");
+        let mut server = Server::new(dev, disk)?;
+        server.resume()?;
+        worker = Worker::spawn(server)?;
+        outcome = run_command(args, &find_node(args)?);
+    }
 
     // Tear down in the kernel's order: detach, close, destroy.
     let del = match &mut vdpa {
         Some(client) => client.del_device(&args.name).map_err(|e| e.to_string()),
         None => Ok(()),
     };
-    stop.write(1).map_err(|e| e.to_string())?;
-    let served = worker
-        .join()
-        .map_err(|_| "server thread panicked".to_string())??;
-    log(format!("served {served} requests"));
-    drop(dev);
+    let server = worker.finish()?;
+    log(format!("served {} requests", server.requests));
+    drop(server);
     let mut destroyed = ctl.destroy_device(&args.name);
     for _ in 0..50 {
         if destroyed.is_ok() {
@@ -427,6 +491,25 @@ fn run(args: &Args) -> Result<u8, String> {
     let code = outcome?;
     del?;
     Ok(code)
+}
+
+fn find_node(args: &Args) -> Result<PathBuf, String> {
+    let node = wait_for_node(&args.name, Duration::from_secs(30))?;
+    log(format!("device node {}", node.display()));
+    Ok(node)
+}
+
+fn run_command(args: &Args, node: &std::path::Path) -> Result<u8, String> {
+    if args.command.is_empty() {
+        return Ok(0);
+    }
+    let status = Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .env("VDUSE_DEV", node)
+        .status()
+        .map_err(|e| format!("run {:?}: {e}", args.command))?;
+    log(format!("command exited with {status}"));
+    Ok(status.code().unwrap_or(1).clamp(0, 255) as u8)
 }
 
 /// Attaches the device (leaving the client in `vdpa` once it is attached), waits for its
@@ -446,16 +529,5 @@ fn attach_and_run(args: &Args, vdpa: &mut Option<VdpaClient>) -> Result<u8, Stri
     if args.vhost {
         vdpa::bind_driver(&args.name, Driver::Vhost).map_err(|e| e.to_string())?;
     }
-    let node = wait_for_node(&args.name, Duration::from_secs(30))?;
-    log(format!("device node {}", node.display()));
-    if args.command.is_empty() {
-        return Ok(0);
-    }
-    let status = Command::new(&args.command[0])
-        .args(&args.command[1..])
-        .env("VDUSE_DEV", &node)
-        .status()
-        .map_err(|e| format!("run {:?}: {e}", args.command))?;
-    log(format!("command exited with {status}"));
-    Ok(status.code().unwrap_or(1).clamp(0, 255) as u8)
+    run_command(args, &find_node(args)?)
 }

@@ -88,7 +88,7 @@ fn map_entry(entry: &IotlbEntry, fd: OwnedFd) -> Result<Option<Arc<MmapRegion<()
         .len()
         .ok_or_else(|| fail("entry covers the whole 64-bit space".into()))?;
     let len = usize::try_from(len).map_err(|_| fail("entry too large".into()))?;
-    if entry.offset % page_size() != 0 {
+    if entry.offset & (page_size() - 1) != 0 {
         return Err(fail(format!(
             "mmap offset {:#x} is not page-aligned",
             entry.offset
