@@ -37,9 +37,9 @@ impl FileBackend {
     /// Open an existing image. Never creates or truncates anything.
     pub fn open(path: &Path, opts: FileOptions) -> Result<Self> {
         let shown = path.display().to_string();
-        let open_err = |source: std::io::Error, hint| Error::Open {
+        let open_err = |cause: std::io::Error, hint| Error::Open {
             path: shown.clone(),
-            source,
+            cause,
             hint,
         };
         let mut flags = libc::O_CLOEXEC;
@@ -53,18 +53,16 @@ impl FileBackend {
             .open(path)
             .map_err(|e| {
                 let hint = match e.raw_os_error() {
-                    Some(libc::ENOENT) => {
-                        ": no such file; create an image first (e.g. truncate -s 1G IMAGE)"
-                    }
+                    Some(libc::ENOENT) => "; create the image first (e.g. truncate -s 1G IMAGE)",
                     Some(libc::EINVAL) if opts.direct => {
-                        ": the filesystem refuses O_DIRECT; pass --buffered to use the page cache"
+                        "; the filesystem refuses O_DIRECT: pass --buffered to use the page cache"
                     }
                     Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS)
                         if !opts.read_only =>
                     {
-                        ": no write access; fix the permissions or pass --read-only"
+                        "; no write access: fix the permissions or pass --read-only"
                     }
-                    Some(libc::EISDIR) => ": that is a directory, give an image file",
+                    Some(libc::EISDIR) => "; give an image file, not a directory",
                     _ => "",
                 };
                 open_err(e, hint)
@@ -74,7 +72,7 @@ impl FileBackend {
         if !block_device && !meta.is_file() {
             return Err(open_err(
                 std::io::Error::from_raw_os_error(libc::EINVAL),
-                ": not a regular file or block device",
+                "; give a regular file or a block device",
             ));
         }
         let size = file.seek(SeekFrom::End(0)).map_err(|e| open_err(e, ""))?;
@@ -186,10 +184,10 @@ struct FileQueue {
 }
 
 fn is_aligned(iovecs: &[libc::iovec], offset: u64) -> bool {
-    offset % DIRECT_ALIGN as u64 == 0
-        && iovecs
-            .iter()
-            .all(|v| (v.iov_base as usize) % DIRECT_ALIGN == 0 && v.iov_len % DIRECT_ALIGN == 0)
+    offset.is_multiple_of(DIRECT_ALIGN as u64)
+        && iovecs.iter().all(|v| {
+            (v.iov_base as usize).is_multiple_of(DIRECT_ALIGN) && v.iov_len % DIRECT_ALIGN == 0
+        })
 }
 
 impl FileQueue {

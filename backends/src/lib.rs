@@ -38,12 +38,12 @@ pub enum Error {
         reason: String,
     },
     /// The image file could not be opened.
-    #[error("cannot open image {path}: {source}{hint}")]
+    #[error("cannot open image {path}: {cause}{hint}")]
     Open {
         /// Path of the image.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
         /// A hint on what to do, may be empty.
         hint: &'static str,
     },

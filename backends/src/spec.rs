@@ -40,9 +40,11 @@ impl ImageSpec {
                 _ if kind.contains('/') || kind.starts_with('.') => {
                     return Ok(Self::Path(spec.into()))
                 }
-                _ => return Err(bad(format!(
+                _ => {
+                    return Err(bad(format!(
                     "unknown kind {kind:?}: use a file path, mem:SIZE or null:SIZE (e.g. mem:256M)"
-                ))),
+                )))
+                }
             };
             if size == 0 || size % SECTOR_SIZE != 0 {
                 return Err(bad(format!(

@@ -7,9 +7,8 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Write `total` bytes of pattern at queue depth `depth` with `chunk`-sized requests on queue `q`.
-fn stream(
-    client: &mut Client,
+/// A patterned stream of requests on one queue.
+struct Job {
     q: usize,
     base: u64,
     total: u64,
@@ -17,7 +16,20 @@ fn stream(
     depth: usize,
     seed: u64,
     write: bool,
-) {
+}
+
+/// Write (or read and verify) `total` bytes of pattern at queue depth `depth` with
+/// `chunk`-sized requests on queue `q`.
+fn stream(client: &mut Client, job: Job) {
+    let Job {
+        q,
+        base,
+        total,
+        chunk,
+        depth,
+        seed,
+        write,
+    } = job;
     assert!(chunk * depth <= client.region.len);
     let mut next = 0u64;
     let mut in_flight = 0usize;
@@ -65,8 +77,30 @@ fn write_64mib_read_back_and_sigterm_keeps_every_byte() {
     let daemon = Daemon::start(&sock, img.to_str().unwrap(), &[]);
     let mut client = Client::connect(&sock, 1, 16 * 128 * 1024).unwrap();
     assert_eq!(client.capacity(), 64 * MIB);
-    stream(&mut client, 0, 0, 64 * MIB, 128 * 1024, 16, 7, true);
-    stream(&mut client, 0, 0, 64 * MIB, 128 * 1024, 16, 7, false);
+    stream(
+        &mut client,
+        Job {
+            q: 0,
+            base: 0,
+            total: 64 * MIB,
+            chunk: 128 * 1024,
+            depth: 16,
+            seed: 7,
+            write: true,
+        },
+    );
+    stream(
+        &mut client,
+        Job {
+            q: 0,
+            base: 0,
+            total: 64 * MIB,
+            chunk: 128 * 1024,
+            depth: 16,
+            seed: 7,
+            write: false,
+        },
+    );
     // No FLUSH: SIGTERM itself must complete and flush whatever was acknowledged.
     let status = daemon.terminate();
     assert!(status.success(), "exit status {status}");
@@ -178,26 +212,41 @@ fn multiqueue_serves_each_queue() {
     let img = dir.image("disk.img", 16 * MIB);
     let sock = dir.path("vu.sock");
     let _daemon = Daemon::start(&sock, img.to_str().unwrap(), &["--queues", "4"]);
-    let mut client = Client::connect(&sock, 4, 8 * 64 * 1024).unwrap();
+    const CHUNK: usize = 64 * 1024;
+    const DEPTH: usize = 8;
+    let mut client = Client::connect(&sock, 4, 4 * DEPTH * CHUNK).unwrap();
     assert_eq!(client.blkio.get_i32("num-queues").unwrap(), 4);
-    // Interleave: each queue writes its own 4 MiB quarter, with requests in flight on all
-    // queues at once.
-    for q in 0..4 {
-        stream(
-            &mut client,
-            q,
-            q as u64 * 4 * MIB,
-            4 * MIB,
-            64 * 1024,
-            8,
-            11,
-            true,
-        );
-    }
-    for q in 0..4 {
-        // Read each quarter back through a different queue than wrote it.
-        let base = ((q + 1) % 4) as u64 * 4 * MIB;
-        stream(&mut client, q, base, 4 * MIB, 64 * 1024, 8, 11, false);
+    // Each queue writes its own 4 MiB quarter; in every round all four queues have DEPTH
+    // requests in flight at once before any completion is collected.
+    for write in [true, false] {
+        for round in 0..(4 * MIB as usize / (DEPTH * CHUNK)) {
+            for q in 0..4 {
+                // Read back through a different queue than the one that wrote.
+                let quarter = if write { q } else { (q + 1) % 4 };
+                for i in 0..DEPTH {
+                    let off = (quarter as u64 * 4 * MIB) + ((round * DEPTH + i) * CHUNK) as u64;
+                    let buf_off = (q * DEPTH + i) * CHUNK;
+                    let p = client.buf_ptr(buf_off);
+                    if write {
+                        fill_pattern(&mut client.buf()[buf_off..buf_off + CHUNK], off, 11);
+                        client.queues[q].write(off, p, CHUNK, buf_off, ReqFlags::empty());
+                    } else {
+                        client.queues[q].read(off, p, CHUNK, buf_off, ReqFlags::empty());
+                    }
+                }
+            }
+            for q in 0..4 {
+                for (buf_off, ret) in client.wait(q, DEPTH) {
+                    assert_eq!(ret, 0);
+                    if !write {
+                        let quarter = (q + 1) % 4;
+                        let i = buf_off / CHUNK - q * DEPTH;
+                        let off = (quarter as u64 * 4 * MIB) + ((round * DEPTH + i) * CHUNK) as u64;
+                        check_pattern(&client.buf()[buf_off..buf_off + CHUNK], off, 11).unwrap();
+                    }
+                }
+            }
+        }
     }
     let file = std::fs::read(&img).unwrap();
     check_pattern(&file, 0, 11).unwrap();

@@ -155,17 +155,17 @@ where
         Ok(queue.needs_notification(mem)?)
     }
 
+    /// Complete the request in `self.req` without the backend.
     fn complete_now(
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        head: u16,
-        status: Option<GuestAddress>,
         code: u8,
         written: u32,
         kind: OpKind,
     ) -> Result<(), WorkerError> {
-        let used_len = match status {
+        let head = self.req.head;
+        let used_len = match self.req.status {
             Some(addr) if mem.write_obj(code, addr).is_ok() => written + 1,
             _ => 0,
         };
@@ -193,7 +193,7 @@ where
                 } else {
                     VIRTIO_BLK_S_IOERR
                 };
-                return self.complete_now(queue, mem, head, status, code, 0, OpKind::Other);
+                return self.complete_now(queue, mem, code, 0, OpKind::Other);
             }
         };
         let status = status.unwrap_or(GuestAddress(0)); // parse succeeded: status is set
@@ -214,15 +214,7 @@ where
                 } else {
                     VIRTIO_BLK_S_IOERR
                 };
-                return self.complete_now(
-                    queue,
-                    mem,
-                    head,
-                    Some(status),
-                    code,
-                    pos as u32,
-                    OpKind::Other,
-                );
+                return self.complete_now(queue, mem, code, pos as u32, OpKind::Other);
             }
             RequestType::In => (Op::Read, OpKind::Read),
             RequestType::Out => (Op::Write, OpKind::Write),
@@ -232,15 +224,7 @@ where
         };
         let Some(tag) = self.free.pop() else {
             // Not reached: process_queue only pops chains while a slot is free.
-            return self.complete_now(
-                queue,
-                mem,
-                head,
-                Some(status),
-                VIRTIO_BLK_S_IOERR,
-                0,
-                op_kind,
-            );
+            return self.complete_now(queue, mem, VIRTIO_BLK_S_IOERR, 0, op_kind);
         };
         let slot = &mut self.slots[tag as usize];
         slot.head = head;
@@ -277,15 +261,7 @@ where
         }
         if !mapped || slot.iovecs.len() > crate::config::MAX_SEGMENTS as usize {
             self.free.push(tag);
-            return self.complete_now(
-                queue,
-                mem,
-                head,
-                Some(status),
-                VIRTIO_BLK_S_IOERR,
-                0,
-                op_kind,
-            );
+            return self.complete_now(queue, mem, VIRTIO_BLK_S_IOERR, 0, op_kind);
         }
         slot.mem = Some(mem.clone());
         let (offset, len) = match op {
@@ -308,15 +284,7 @@ where
             tracing::warn!(queue = self.queue_index, %err, "backend refused a request");
             self.slots[tag as usize].mem = None;
             self.free.push(tag);
-            return self.complete_now(
-                queue,
-                mem,
-                head,
-                Some(status),
-                VIRTIO_BLK_S_IOERR,
-                0,
-                op_kind,
-            );
+            return self.complete_now(queue, mem, VIRTIO_BLK_S_IOERR, 0, op_kind);
         }
         self.queue_stats()
             .in_flight
@@ -368,3 +336,7 @@ where
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod tests;
