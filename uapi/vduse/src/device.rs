@@ -144,22 +144,8 @@ impl VduseDevice {
 
     /// Makes reads non-blocking (then use [`Self::try_read_request`] after poll).
     pub fn set_nonblocking(&self, nonblocking: bool) -> Result<()> {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 {
-            return Err(Error::ioctl("fcntl(F_GETFL)", io::Error::last_os_error()));
-        }
-        let flags = if nonblocking {
-            flags | libc::O_NONBLOCK
-        } else {
-            flags & !libc::O_NONBLOCK
-        };
-        // SAFETY: as above.
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
-            return Err(Error::ioctl("fcntl(F_SETFL)", io::Error::last_os_error()));
-        }
-        Ok(())
+        raw::set_nonblocking(&self.file, nonblocking)
+            .map_err(|e| Error::ioctl("fcntl(O_NONBLOCK)", e))
     }
 
     /// `VDUSE_VQ_SETUP`: declares queue `index` with at most `max_size` entries. Call for

@@ -62,16 +62,6 @@ pub struct IotlbMemory {
     snapshot: Option<Arc<GuestMemoryMmap<()>>>,
 }
 
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory side effects.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 {
-        size as u64
-    } else {
-        4096
-    }
-}
-
 fn map_entry(entry: &IotlbEntry, fd: OwnedFd) -> Result<Option<Arc<MmapRegion<()>>>> {
     let fail = |reason: String| Error::IotlbMap {
         start: entry.start,
@@ -88,7 +78,7 @@ fn map_entry(entry: &IotlbEntry, fd: OwnedFd) -> Result<Option<Arc<MmapRegion<()
         .len()
         .ok_or_else(|| fail("entry covers the whole 64-bit space".into()))?;
     let len = usize::try_from(len).map_err(|_| fail("entry too large".into()))?;
-    if entry.offset & (page_size() - 1) != 0 {
+    if entry.offset & (crate::raw::page_size() - 1) != 0 {
         return Err(fail(format!(
             "mmap offset {:#x} is not page-aligned",
             entry.offset

@@ -1,4 +1,4 @@
-//! The only place of this crate's VDUSE layer that calls `ioctl(2)`: small typed wrappers,
+//! The only `unsafe` of this crate's VDUSE layer: `ioctl(2)` and `fcntl(2)` wrappers,
 //! each with the reason it is sound.
 
 use std::io;
@@ -92,4 +92,29 @@ pub(crate) fn vq_state_union(
     // SAFETY: both union members are plain u16 structs valid for any bit pattern, and the
     // union is always fully initialised (Default initialises the larger member).
     unsafe { (state.split, state.packed) }
+}
+
+/// Sets or clears `O_NONBLOCK` on `fd`.
+pub(crate) fn set_nonblocking(fd: &impl AsRawFd, nonblocking: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL on a descriptor the caller keeps open; no memory is passed.
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    let flags = if nonblocking {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: as above, F_SETFL with an integer argument.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) })?;
+    Ok(())
+}
+
+/// The system page size (a power of two).
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory side effects.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 {
+        size as u64
+    } else {
+        4096
+    }
 }
