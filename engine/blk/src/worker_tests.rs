@@ -1,0 +1,1 @@
+//! Good requests through a real worker, notification suppression, and broken rings.
