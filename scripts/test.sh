@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install what the tests need and run all of them: formatting, lints, unit and integration
+# tests (the real daemon driven by libblkio), the QEMU-guest vhost-user-blk test, and the
+# end-to-end VDUSE suite in a VM. `.ci/run` runs exactly this.
+#
+# usage: scripts/test.sh            # everything
+#        QUICK=1 scripts/test.sh    # skip the VM suites
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+t0=$(date +%s)
+step() { echo; echo "=== $* [$(( $(date +%s) - t0 ))s]"; }
+
+step "setup"
+bash scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+step "cargo test (unit + integration, release build)"
+cargo test --workspace --release 2>&1 | tee target/test-output.txt
+
+if [ "${QUICK:-0}" != 1 ]; then
+  step "QEMU guest on virtiod's vhost-user-blk socket"
+  SERVER=virtiod VIRTIOD="$PWD/target/release/virtiod" bash tests/vm/qemu-vhost-user-blk.sh
+  for suite in tests/vm/suite-*.sh; do
+    [ -e "$suite" ] || continue
+    step "VM suite $suite"
+    bash "$suite"
+  done
+fi
+
+step "all tests passed"
+# The plain closing line CI reads: count cargo's results.
+passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+echo "tests: $passed passed, $failed failed"
