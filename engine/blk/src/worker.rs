@@ -3,7 +3,7 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtiod_backend::{Backend, BackendQueue, Completion, IoRequest, Op};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
@@ -109,6 +109,21 @@ where
     /// Take every available request off `queue` and start it. Returns whether the driver
     /// must be notified (used entries were added and the driver wants an interrupt).
     pub fn process_queue(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<bool, WorkerError> {
+        let mut mem = mem.clone();
+        self.process_queue_remap(queue, &mut mem, &mut || None)
+    }
+
+    /// Like [`Self::process_queue`], for transports whose driver memory is mapped on demand
+    /// (VDUSE's IOTLB): when a chain refers to memory that is not mapped, `remap` is called
+    /// once for that chain; if it returns a new memory snapshot, `mem` is replaced and the
+    /// chain is parsed again. Otherwise the chain fails as usual.
+    pub fn process_queue_remap(
+        &mut self,
+        queue: &mut Queue,
+        mem: &mut Arc<M>,
+        remap: &mut dyn FnMut() -> Option<Arc<M>>,
+    ) -> Result<bool, WorkerError> {
+        let mut retried = false;
         loop {
             queue.disable_notification(mem.as_ref())?;
             while !self.free.is_empty() {
@@ -116,6 +131,22 @@ where
                     break;
                 };
                 let parsed = request::parse(chain, &self.cfg, &mut self.req);
+                let unmapped = matches!(
+                    parsed,
+                    Err(RequestError::BadAddress
+                        | RequestError::EmptyChain
+                        | RequestError::BrokenChain
+                        | RequestError::NoStatus)
+                );
+                if unmapped && !retried {
+                    if let Some(fresh) = remap() {
+                        *mem = fresh;
+                        queue.go_to_previous_position();
+                        retried = true;
+                        continue;
+                    }
+                }
+                retried = false;
                 self.start(queue, mem, parsed)?;
             }
             self.io.commit()?;
