@@ -299,6 +299,27 @@ impl Harness {
         );
     }
 
+    /// Start both rings at index `idx` (to test index wrap-around).
+    pub fn start_at(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        self.used_seen = idx;
+        self.set_avail_idx(idx);
+        self.put(self.used + 2, &idx.to_le_bytes());
+        self.queue.set_next_avail(idx);
+        self.queue.set_next_used(idx);
+    }
+
+    /// `avail_event`, written by the device when EVENT_IDX is on.
+    pub fn avail_event(&self) -> u16 {
+        let at = self.used + 4 + 8 * u64::from(QSIZE);
+        u16::from_le_bytes(self.get(at, 2).try_into().unwrap())
+    }
+
+    /// The used ring's flags (VRING_USED_F_NO_NOTIFY).
+    pub fn used_flags(&self) -> u16 {
+        u16::from_le_bytes(self.get(self.used, 2).try_into().unwrap())
+    }
+
     /// Parse the next available chain without consuming it.
     pub fn parse_next(&mut self) -> (Result<RequestType, RequestError>, Request) {
         let next_avail = self.queue.next_avail();

@@ -1,11 +1,8 @@
 //! Malformed requests: each shape is refused with its own [`RequestError`], answered with the
 //! right status and used length, writes nothing it should not, and the queue keeps working.
 
-#[path = "harness_tests.rs"]
-mod harness;
-
 use super::*;
-use harness::*;
+use crate::worker::tests::harness::*;
 use RequestError::*;
 
 #[test]

@@ -124,12 +124,15 @@ where
         remap: &mut dyn FnMut() -> Option<Arc<M>>,
     ) -> Result<bool, WorkerError> {
         let mut retried = false;
+        let mut pending_seen = false;
         loop {
             queue.disable_notification(mem.as_ref())?;
+            let mut popped = false;
             while !self.free.is_empty() {
                 let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) else {
                     break;
                 };
+                popped = true;
                 let parsed = request::parse(chain, &self.cfg, &mut self.req);
                 let unmapped = matches!(
                     parsed,
@@ -149,6 +152,12 @@ where
                 retried = false;
                 self.start(queue, mem, parsed)?;
             }
+            if pending_seen && !popped {
+                // The ring said requests were pending, yet none could be taken: the avail
+                // index is more than a queue size ahead or the ring is not in memory.
+                // Looping again would spin forever.
+                return Err(virtio_queue::Error::InvalidAvailRingIndex.into());
+            }
             self.io.commit()?;
             if self.io.completion_fd().is_none() {
                 self.reap(queue, mem.as_ref())?;
@@ -160,6 +169,7 @@ where
             if !queue.enable_notification(mem.as_ref())? {
                 break;
             }
+            pending_seen = true;
         }
         self.notify_decision(queue, mem.as_ref())
     }
@@ -299,6 +309,8 @@ where
             Op::Discard | Op::WriteZeroes { .. } => {
                 (self.req.sector * 512, self.req.num_sectors * 512)
             }
+            // The sector of a FLUSH is not checked (it can be anything): don't use it.
+            Op::Flush => (0, 0),
             _ => (self.req.sector * 512, self.req.data_len),
         };
         let io_req = IoRequest {
@@ -370,4 +382,4 @@ where
 
 #[cfg(test)]
 #[path = "worker_tests.rs"]
-mod tests;
+pub(crate) mod tests;
