@@ -32,10 +32,23 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where a VDUSE device goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttachArg {
+    /// virtio_vdpa: the host gets a block device /dev/vdX (containers, no VM).
+    Virtio,
+    /// vhost_vdpa: /dev/vhost-vdpa-N for a VM or a user-space driver.
+    Vhost,
+    /// Create the device only; attach it yourself (vdpa dev add name NAME mgmtdev vduse).
+    None,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve one disk image as a virtio-blk device.
     #[command(after_help = "Examples:\n  \
+        virtiod serve --vduse vd0 disk.img                    # the host gets /dev/vdX\n  \
+        virtiod serve --vduse vd1 --attach vhost disk.img     # /dev/vhost-vdpa-N for a VM\n  \
         virtiod serve --vhost-user /run/virtiod/disk0.sock disk.img\n  \
         virtiod serve --vhost-user /tmp/vu.sock --queues 4 --serial vol-7 /dev/nvme0n1p3\n  \
         virtiod serve --vhost-user /tmp/vu.sock --read-only base.img\n  \
@@ -46,10 +59,17 @@ pub enum Command {
 
 /// `virtiod serve`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("transport").required(true).args(["vhost_user", "vduse"])))]
 pub struct ServeArgs {
     /// Serve over vhost-user on this unix socket (for QEMU, cloud-hypervisor, libblkio).
     #[arg(long, value_name = "SOCKET")]
-    pub vhost_user: std::path::PathBuf,
+    pub vhost_user: Option<std::path::PathBuf>,
+    /// Serve through VDUSE as the device NAME (/dev/vduse/NAME; needs root and the vduse module).
+    #[arg(long, value_name = "NAME")]
+    pub vduse: Option<String>,
+    /// VDUSE only: which vDPA bus driver gets the device.
+    #[arg(long, value_enum, default_value_t = AttachArg::Virtio, requires = "vduse")]
+    pub attach: AttachArg,
     /// Refuse writes (the driver sees a read-only disk).
     #[arg(long)]
     pub read_only: bool,

@@ -16,8 +16,24 @@ fn main() {
         cli::Command::Serve(args) => serve::run(args),
     };
     if let Err(err) = result {
-        // One line: what failed and what to do.
-        eprintln!("virtiod: error: {err:#}");
+        eprintln!("virtiod: error: {}", one_line(&err));
         std::process::exit(1);
     }
+}
+
+/// One line: what failed and what to do, each cause once (libraries often repeat their
+/// source's text in their own message).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
 }

@@ -1,1 +1,47 @@
-//! placeholder
+//! VDUSE transport: this process *is* the virtio-blk device on the kernel's vDPA bus.
+//!
+//! Attached to `virtio_vdpa` the host gets `/dev/vdX`; attached to `vhost_vdpa` a VM (or a
+//! user-space driver) gets `/dev/vhost-vdpa-N`. The request path is the same engine as
+//! vhost-user ([`virtiod_blk::QueueWorker`]): one thread per queue, each with its own worker
+//! and backend I/O context; a control thread answers the kernel's messages (status changes,
+//! queue state, IOTLB invalidations) and starts/stops the queues.
+//!
+//! Driver memory is the VDUSE IOTLB (IOVA space) mapped with [`vduse::IotlbMemory`]: mapped
+//! at DRIVER_OK, and again on demand when a request refers to an IOVA not mapped yet
+//! (virtio-vdpa maps its bounce buffer lazily).
+
+mod control;
+mod device;
+mod queue;
+
+pub use device::{Attach, VduseBlk, VduseOptions};
+
+/// Errors of the VDUSE transport. Each says what failed and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// VDUSE itself failed (module missing, permission, name in use...).
+    #[error(transparent)]
+    Vduse(#[from] vduse::Error),
+    /// The vDPA bus failed (netlink, sysfs).
+    #[error(transparent)]
+    Vdpa(#[from] vduse::vdpa::VdpaError),
+    /// Setting up the engine failed.
+    #[error("cannot set up queue {queue}")]
+    Worker {
+        /// Queue index.
+        queue: usize,
+        /// Cause.
+        source: virtiod_blk::WorkerError,
+    },
+    /// The device node did not appear.
+    #[error("{0}")]
+    Attach(String),
+    /// A thread or event fd could not be created.
+    #[error("{what}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}

@@ -38,7 +38,7 @@ pub enum Error {
     #[error("{0}")]
     Socket(String),
     /// The device engine could not be set up.
-    #[error("cannot set up queue {queue}: {source}")]
+    #[error("cannot set up queue {queue}")]
     Worker {
         /// Queue index.
         queue: usize,

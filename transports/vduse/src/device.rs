@@ -1,0 +1,282 @@
+//! Creating, attaching and destroying one VDUSE virtio-blk device.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vduse::vdpa::{self, Driver, VdpaClient};
+use vduse::{DeviceConfig, IotlbMemory, VduseControl, VduseDevice};
+use virtiod_backend::Backend;
+use virtiod_blk::{BlkConfig, QueueWorker, Stats};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::queue::{QueueCtx, QueueHandle};
+use crate::Error;
+
+/// `VIRTIO_F_ACCESS_PLATFORM`: VDUSE requires it (the driver's addresses are IOVAs).
+const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+/// virtio device id of a block device.
+const VIRTIO_ID_BLOCK: u32 = 2;
+/// How long to wait for the device node after attaching.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Which vDPA bus driver gets the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// `virtio_vdpa`: the host kernel drives it, a block device `/dev/vdX` appears.
+    Virtio,
+    /// `vhost_vdpa`: `/dev/vhost-vdpa-N` for a VM or a user-space driver.
+    Vhost,
+    /// Create the VDUSE device only; the operator adds it to the vDPA bus
+    /// (`vdpa dev add name NAME mgmtdev vduse`).
+    None,
+}
+
+/// How to expose the device.
+#[derive(Debug, Clone)]
+pub struct VduseOptions {
+    /// Device name (`/dev/vduse/NAME`, and the vdpa device name).
+    pub name: String,
+    /// Bus driver choice.
+    pub attach: Attach,
+}
+
+/// State shared by the control thread and the queue threads.
+pub(crate) struct Shared {
+    pub dev: VduseDevice,
+    pub cfg: Arc<BlkConfig>,
+    pub iotlb: Mutex<IotlbMemory>,
+    pub queues: Vec<QueueHandle>,
+    pub stop: AtomicBool,
+    pub stop_evt: EventFd,
+}
+
+/// A virtio-blk device served through VDUSE. Dropping it without [`VduseBlk::shutdown`]
+/// still detaches and destroys the device.
+pub struct VduseBlk {
+    shared: Option<Arc<Shared>>,
+    threads: Vec<JoinHandle<()>>,
+    name: String,
+    /// The VDUSE device exists and must be destroyed.
+    created: bool,
+    attached: bool,
+    node: Option<PathBuf>,
+    backend: Arc<dyn Backend>,
+    stats: Arc<Stats>,
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Os { what, source }
+}
+
+impl VduseBlk {
+    /// Create the VDUSE device, start serving it and attach it as `opts` says. Returns once
+    /// the device node is usable (see [`Self::node`]).
+    pub fn create(
+        cfg: BlkConfig,
+        backend: Arc<dyn Backend>,
+        opts: &VduseOptions,
+    ) -> Result<Self, Error> {
+        let control = VduseControl::open()?;
+        let dev_cfg = DeviceConfig {
+            name: opts.name.clone(),
+            device_id: VIRTIO_ID_BLOCK,
+            vendor_id: 0,
+            features: cfg.features() | VIRTIO_F_ACCESS_PLATFORM,
+            vq_num: u32::from(cfg.num_queues),
+            vq_align: 4096,
+            config: cfg.config_space().to_vec(),
+        };
+        if let Ok(mut vdpa) = VdpaClient::open() {
+            if vdpa
+                .list_devices()
+                .is_ok_and(|devs| devs.iter().any(|d| d.name == opts.name))
+            {
+                return Err(Error::Attach(format!(
+                    "a vdpa device named {} already exists: choose another name or remove it (vdpa dev del {})",
+                    opts.name, opts.name
+                )));
+            }
+        }
+        control.create_device(&dev_cfg)?;
+        let mut this = Self {
+            shared: None,
+            threads: Vec::new(),
+            name: opts.name.clone(),
+            created: true,
+            attached: false,
+            node: None,
+            backend: backend.clone(),
+            stats: Arc::new(Stats::new(cfg.num_queues as usize)),
+        };
+        // From here on, a failure destroys the device again (Drop).
+        this.start(cfg, backend)?;
+        if opts.attach != Attach::None {
+            this.attach(opts.attach)?;
+        }
+        Ok(this)
+    }
+
+    fn start(&mut self, cfg: BlkConfig, backend: Arc<dyn Backend>) -> Result<(), Error> {
+        let dev = VduseDevice::open(&self.name)?;
+        let cfg = Arc::new(cfg);
+        let mut queues = Vec::new();
+        for index in 0..cfg.num_queues as usize {
+            dev.setup_vq(index as u32, cfg.queue_size)?;
+            let worker = QueueWorker::new(cfg.clone(), backend.as_ref(), self.stats.clone(), index)
+                .map_err(|source| Error::Worker {
+                    queue: index,
+                    source,
+                })?;
+            queues.push(QueueHandle {
+                ctx: Mutex::new(QueueCtx {
+                    worker,
+                    queue: None,
+                    mem: None,
+                }),
+                kick: EventFd::new(EFD_NONBLOCK).map_err(os("creating a kick eventfd"))?,
+                wake: EventFd::new(EFD_NONBLOCK).map_err(os("creating an eventfd"))?,
+            });
+        }
+        let shared = Arc::new(Shared {
+            dev,
+            cfg,
+            iotlb: Mutex::new(IotlbMemory::new()),
+            queues,
+            stop: AtomicBool::new(false),
+            stop_evt: EventFd::new(EFD_NONBLOCK).map_err(os("creating an eventfd"))?,
+        });
+        self.shared = Some(shared.clone());
+        for index in 0..shared.queues.len() {
+            let s = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vduse-q{index}"))
+                .spawn(move || crate::queue::run(&s, index))
+                .map_err(os("starting a queue thread"))?;
+            self.threads.push(t);
+        }
+        let s = shared.clone();
+        let t = std::thread::Builder::new()
+            .name("vduse-control".into())
+            .spawn(move || crate::control::run(&s))
+            .map_err(os("starting the control thread"))?;
+        self.threads.push(t);
+        Ok(())
+    }
+
+    fn attach(&mut self, attach: Attach) -> Result<(), Error> {
+        let mut vdpa = VdpaClient::open()?;
+        vdpa.add_device(&self.name, "vduse")?;
+        self.attached = true;
+        let want_vhost = attach == Attach::Vhost;
+        if want_vhost {
+            vdpa::bind_driver(&self.name, Driver::Vhost)?;
+        }
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
+        let mut rebound = want_vhost;
+        loop {
+            if let Some(node) = vdpa::find_device_node(&self.name)? {
+                let is_vhost = node.to_string_lossy().contains("vhost-vdpa");
+                if is_vhost == want_vhost && node.exists() {
+                    self.node = Some(node);
+                    return Ok(());
+                }
+                if is_vhost != want_vhost && !rebound {
+                    // Another bus driver won the race for it: hand it to the one asked for.
+                    let driver = if want_vhost {
+                        Driver::Vhost
+                    } else {
+                        Driver::Virtio
+                    };
+                    vdpa::bind_driver(&self.name, driver)?;
+                    rebound = true;
+                }
+            }
+            if Instant::now() > deadline {
+                let module = if want_vhost {
+                    "vhost_vdpa"
+                } else {
+                    "virtio_vdpa and virtio_blk"
+                };
+                return Err(Error::Attach(format!(
+                    "vdpa device {} was added but no device node appeared within {}s: load {module} (modprobe)",
+                    self.name,
+                    ATTACH_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The device node: `/dev/vdX` or `/dev/vhost-vdpa-N` (None with [`Attach::None`]).
+    pub fn node(&self) -> Option<&Path> {
+        self.node.as_deref()
+    }
+
+    /// Request counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// The device name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Detach from the vDPA bus (the kernel driver completes its I/O and resets the device),
+    /// complete anything still in flight, flush the backend, and destroy the device.
+    pub fn shutdown(mut self) -> Result<(), Error> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<(), Error> {
+        let mut first_err = None;
+        if std::mem::take(&mut self.attached) {
+            match VdpaClient::open().and_then(|mut v| v.del_device(&self.name)) {
+                Ok(()) => tracing::info!(name = %self.name, "detached from the vDPA bus"),
+                Err(e) => first_err = Some(Error::from(e)),
+            }
+        }
+        if let Some(shared) = self.shared.take() {
+            shared.stop.store(true, Ordering::Release);
+            let _ = shared.stop_evt.write(1);
+            for q in &shared.queues {
+                let _ = q.wake.write(1);
+            }
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+            crate::control::stop_queues(&shared);
+            drop(shared); // closes /dev/vduse/NAME once the last reference goes
+        }
+        if let Err(e) = self.backend.flush() {
+            tracing::error!(%e, "final flush failed");
+            first_err.get_or_insert(Error::Os {
+                what: "flushing the image",
+                source: e,
+            });
+        }
+        if !std::mem::take(&mut self.created) {
+            return first_err.map_or(Ok(()), Err);
+        }
+        match VduseControl::open().and_then(|c| c.destroy_device(&self.name)) {
+            Ok(()) => tracing::info!(name = %self.name, "VDUSE device destroyed"),
+            Err(e) => {
+                first_err.get_or_insert(Error::from(e));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for VduseBlk {
+    fn drop(&mut self) {
+        if self.created {
+            if let Err(e) = self.teardown() {
+                tracing::warn!(%e, "cleaning up the VDUSE device");
+            }
+        }
+    }
+}
