@@ -1,0 +1,440 @@
+//! A hostile vhost-user frontend: it owns the "guest" memory (memfd-backed, shared with the
+//! daemon), writes descriptor tables and avail rings byte by byte, kicks, and watches the
+//! used ring. Nothing here validates what it writes: that is the point.
+//!
+//! Every byte of guest memory is mirrored in a shadow copy; after each request
+//! [`Driver::verify`] checks that the daemon wrote nothing outside the ranges the case allows
+//! (the used ring of queue 0 and, e.g., one status byte). Fresh buffers are surrounded by at
+//! least [`GUARD`] bytes of [`CANARY`], so any stray write shows up as a changed canary.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Queue size used for every queue (the daemon's default).
+pub const QSIZE: u16 = 256;
+/// Descriptor flags.
+pub const F_NEXT: u16 = 1;
+pub const F_WRITE: u16 = 2;
+pub const F_INDIRECT: u16 = 4;
+/// virtio-blk status codes and request types.
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+
+/// Region A: rings and the buffer arena.
+pub const A_BASE: u64 = 0x1_0000;
+pub const A_LEN: u64 = 2 << 20;
+/// Region B starts exactly where A ends (a buffer may straddle the two).
+pub const B_BASE: u64 = A_BASE + A_LEN;
+pub const B_LEN: u64 = 1 << 20;
+/// Region C, after a hole: `B_BASE + B_LEN .. C_BASE` is not guest memory.
+pub const C_BASE: u64 = 0x1000_0000;
+pub const C_LEN: u64 = 1 << 20;
+/// An address in no region.
+pub const HOLE: u64 = 0x4000_0000;
+
+/// Fill byte of memory the daemon must never write.
+pub const CANARY: u8 = 0xCC;
+/// Canary bytes on each side of every allocated buffer.
+pub const GUARD: u64 = 64;
+
+const ARENA: u64 = A_BASE + 0x8000;
+const WAIT: Duration = Duration::from_secs(10);
+
+/// One split-ring descriptor as the driver writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+impl Desc {
+    /// Device-readable buffer.
+    pub fn r(addr: u64, len: u32) -> Self {
+        Self {
+            addr,
+            len,
+            flags: 0,
+            next: 0,
+        }
+    }
+    /// Device-writable buffer.
+    pub fn w(addr: u64, len: u32) -> Self {
+        Self {
+            addr,
+            len,
+            flags: F_WRITE,
+            next: 0,
+        }
+    }
+    /// Last byte (where a status goes).
+    pub fn last(&self) -> u64 {
+        self.addr + u64::from(self.len) - 1
+    }
+    /// The 16 bytes of the descriptor in a table.
+    pub fn bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&self.next.to_le_bytes());
+        b
+    }
+}
+
+/// `descs` chained in table order (index i → i + 1), the last without NEXT.
+pub fn linked(descs: &[Desc]) -> Vec<Desc> {
+    let n = descs.len();
+    descs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut d = *d;
+            if i + 1 < n {
+                d.flags |= F_NEXT;
+                d.next = (i + 1) as u16;
+            }
+            d
+        })
+        .collect()
+}
+
+/// The 16-byte request header.
+pub fn header(kind: u32, sector: u64) -> Vec<u8> {
+    let mut h = kind.to_le_bytes().to_vec();
+    h.extend_from_slice(&[0; 4]);
+    h.extend_from_slice(&sector.to_le_bytes());
+    h
+}
+
+/// Where one queue's rings live (guest addresses).
+#[derive(Debug, Clone, Copy)]
+pub struct Rings {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+pub const Q0: Rings = Rings {
+    desc: A_BASE,
+    avail: A_BASE + 0x1000,
+    used: A_BASE + 0x2000,
+};
+pub const Q1: Rings = Rings {
+    desc: A_BASE + 0x3000,
+    avail: A_BASE + 0x4000,
+    used: A_BASE + 0x5000,
+};
+
+fn memfd(len: u64) -> File {
+    // SAFETY: memfd_create reads a NUL-terminated name and returns a new fd (or -1), which we
+    // own from here on; no memory of ours is handed to the kernel beyond the name.
+    let file = unsafe {
+        let fd = libc::memfd_create(c"virtiod-hostile".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        File::from_raw_fd(fd)
+    };
+    file.set_len(len).unwrap();
+    file
+}
+
+/// The frontend side of one vhost-user connection, with its guest memory.
+pub struct Driver {
+    pub fe: Frontend,
+    pub mem: GuestMemoryMmap<()>,
+    shadow: Vec<(u64, Vec<u8>)>,
+    kicks: Vec<EventFd>,
+    _calls: Vec<EventFd>,
+    next_alloc: u64,
+    avail_idx: [u16; 2],
+    used_seen: [u16; 2],
+}
+
+impl Driver {
+    /// Connect and set up queue 0 (enabled) and, if the device has a second queue, queue 1
+    /// (started with a kick fd but never enabled).
+    pub fn connect(socket: &Path) -> Self {
+        let regions = [(A_BASE, A_LEN), (B_BASE, B_LEN), (C_BASE, C_LEN)];
+        let ranges: Vec<_> = regions
+            .iter()
+            .map(|&(base, len)| {
+                let file = FileOffset::new(memfd(len), 0);
+                (GuestAddress(base), len as usize, Some(file))
+            })
+            .collect();
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&ranges).unwrap();
+        let shadow: Vec<(u64, Vec<u8>)> = regions
+            .iter()
+            .map(|&(base, len)| (base, vec![CANARY; len as usize]))
+            .collect();
+        for (base, bytes) in &shadow {
+            mem.write_slice(bytes, GuestAddress(*base)).unwrap();
+        }
+        let mut fe = Frontend::connect(socket, 2).expect("connect to the daemon");
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        // Everything but EVENT_IDX: the test polls the used ring and always kicks.
+        fe.set_features(offered & !(1 << VIRTIO_RING_F_EVENT_IDX))
+            .unwrap();
+        let proto = fe.get_protocol_features().unwrap();
+        let want = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        fe.set_protocol_features(proto & want).unwrap();
+        let num_queues = fe.get_queue_num().unwrap().min(2) as usize;
+        let table: Vec<_> = mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).unwrap())
+            .collect();
+        fe.set_mem_table(&table).unwrap();
+        let mut d = Self {
+            fe,
+            mem,
+            shadow,
+            kicks: Vec::new(),
+            _calls: Vec::new(),
+            next_alloc: ARENA,
+            avail_idx: [0; 2],
+            used_seen: [0; 2],
+        };
+        for (q, rings) in [Q0, Q1].into_iter().enumerate().take(num_queues) {
+            d.setup_queue(q, rings, q == 0);
+        }
+        d
+    }
+
+    fn host(&self, gpa: u64) -> u64 {
+        self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
+    }
+
+    fn setup_queue(&mut self, q: usize, rings: Rings, enable: bool) {
+        // Rings start zeroed (flags, idx), unlike the canary-filled arena.
+        self.put(rings.avail, &[0; 4 + 2 * QSIZE as usize + 2]);
+        self.put(rings.used, &[0; 4 + 8 * QSIZE as usize + 2]);
+        let config = VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: self.host(rings.desc),
+            used_ring_addr: self.host(rings.used),
+            avail_ring_addr: self.host(rings.avail),
+            log_addr: None,
+        };
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        self.fe.set_vring_num(q, QSIZE).unwrap();
+        self.fe.set_vring_addr(q, &config).unwrap();
+        self.fe.set_vring_base(q, 0).unwrap();
+        self.fe.set_vring_call(q, &call).unwrap();
+        self.fe.set_vring_kick(q, &kick).unwrap();
+        if enable {
+            self.fe.set_vring_enable(q, true).unwrap();
+        }
+        self.kicks.push(kick);
+        self._calls.push(call);
+    }
+
+    /// Capacity in sectors, from the configuration space.
+    pub fn capacity(&mut self) -> u64 {
+        let (_, cfg) = self
+            .fe
+            .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0; 8])
+            .unwrap();
+        u64::from_le_bytes(cfg[..8].try_into().unwrap())
+    }
+
+    fn shadow_mut(&mut self, gpa: u64) -> Option<(&mut Vec<u8>, usize)> {
+        self.shadow
+            .iter_mut()
+            .find(|(base, bytes)| (*base..*base + bytes.len() as u64).contains(&gpa))
+            .map(|(base, bytes)| (bytes, (gpa - *base) as usize))
+    }
+
+    /// Write driver bytes (any mapped address, also across adjacent regions).
+    pub fn put(&mut self, gpa: u64, bytes: &[u8]) {
+        self.mem.write_slice(bytes, GuestAddress(gpa)).unwrap();
+        for (i, b) in bytes.iter().enumerate() {
+            let (shadow, off) = self.shadow_mut(gpa + i as u64).unwrap();
+            shadow[off] = *b;
+        }
+    }
+
+    /// Read guest bytes as the daemon left them.
+    pub fn get(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        self.mem.read_slice(&mut buf, GuestAddress(gpa)).unwrap();
+        buf
+    }
+
+    /// A fresh canary-filled buffer in region A, with canaries on both sides.
+    pub fn alloc(&mut self, len: u64) -> u64 {
+        let addr = (self.next_alloc + GUARD).next_multiple_of(64);
+        self.next_alloc = addr + len + GUARD;
+        // The last page of A is left to the cases that straddle into B.
+        assert!(self.next_alloc <= B_BASE - 0x1000, "test arena exhausted");
+        addr
+    }
+
+    /// A device-readable buffer holding `bytes`.
+    pub fn readable(&mut self, bytes: &[u8]) -> Desc {
+        let addr = self.alloc(bytes.len() as u64);
+        self.put(addr, bytes);
+        Desc::r(addr, bytes.len() as u32)
+    }
+
+    /// A device-writable buffer of `len` canary bytes.
+    pub fn writable(&mut self, len: u32) -> Desc {
+        Desc::w(self.alloc(u64::from(len)), len)
+    }
+
+    /// Write raw descriptors at `table` (a ring's table or an indirect table).
+    pub fn write_table(&mut self, table: u64, descs: &[Desc]) {
+        let bytes: Vec<u8> = descs.iter().flat_map(|d| d.bytes()).collect();
+        self.put(table, &bytes);
+    }
+
+    /// An indirect descriptor whose table holds `descs` verbatim.
+    pub fn indirect(&mut self, descs: &[Desc]) -> Desc {
+        let table = self.alloc(16 * descs.len() as u64);
+        self.write_table(table, descs);
+        Desc {
+            addr: table,
+            len: 16 * descs.len() as u32,
+            flags: F_INDIRECT,
+            next: 0,
+        }
+    }
+
+    /// Put `heads` on queue `q`'s avail ring, publish the new avail index and kick.
+    pub fn make_available(&mut self, q: usize, heads: &[u16]) {
+        let rings = [Q0, Q1][q];
+        for &head in heads {
+            let slot = rings.avail + 4 + 2 * u64::from(self.avail_idx[q] % QSIZE);
+            self.put(slot, &head.to_le_bytes());
+            self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
+        }
+        self.publish_avail_idx(q, self.avail_idx[q]);
+    }
+
+    /// Store `idx` as queue `q`'s avail index (whatever it is) and kick.
+    pub fn publish_avail_idx(&mut self, q: usize, idx: u16) {
+        let addr = [Q0, Q1][q].avail + 2;
+        self.mem
+            .store(idx.to_le(), GuestAddress(addr), Ordering::Release)
+            .unwrap();
+        let (shadow, off) = self.shadow_mut(addr).unwrap();
+        shadow[off..off + 2].copy_from_slice(&idx.to_le_bytes());
+        self.kicks[q].write(1).unwrap();
+    }
+
+    /// Queue `q`'s used index as the daemon last published it.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        let addr = [Q0, Q1][q].used + 2;
+        u16::from_le(
+            self.mem
+                .load(GuestAddress(addr), Ordering::Acquire)
+                .unwrap(),
+        )
+    }
+
+    /// Wait for `n` new used entries on queue `q`; returns their (id, len).
+    pub fn wait_used(&mut self, q: usize, n: u16) -> Vec<(u32, u32)> {
+        let want = self.used_seen[q].wrapping_add(n);
+        let deadline = Instant::now() + WAIT;
+        while self.used_idx(q) != want {
+            assert!(
+                Instant::now() < deadline,
+                "queue {q}: used index {} after {WAIT:?}, expected {want}",
+                self.used_idx(q)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let used = [Q0, Q1][q].used;
+        (0..n)
+            .map(|_| {
+                let slot = used + 4 + 8 * u64::from(self.used_seen[q] % QSIZE);
+                self.used_seen[q] = self.used_seen[q].wrapping_add(1);
+                let e = self.get(slot, 8);
+                (
+                    u32::from_le_bytes(e[0..4].try_into().unwrap()),
+                    u32::from_le_bytes(e[4..8].try_into().unwrap()),
+                )
+            })
+            .collect()
+    }
+
+    /// Give the daemon time to (wrongly) act, then check queue `q` used nothing.
+    pub fn assert_nothing_used(&mut self, q: usize, settle: Duration) {
+        std::thread::sleep(settle);
+        assert_eq!(
+            self.used_idx(q),
+            self.used_seen[q],
+            "queue {q} used an entry"
+        );
+    }
+
+    /// Check that guest memory equals the shadow everywhere except queue 0's used ring and
+    /// the `allowed` (address, length) ranges, then accept what the daemon wrote there.
+    pub fn verify(&mut self, case: &str, allowed: &[(u64, u64)]) {
+        let used = Q0.used..Q0.used + 0x1000;
+        for i in 0..self.shadow.len() {
+            let base = self.shadow[i].0;
+            let actual = self.get(base, self.shadow[i].1.len());
+            let expected = &mut self.shadow[i].1;
+            for (off, (a, e)) in actual.iter().zip(expected.iter_mut()).enumerate() {
+                let gpa = base + off as u64;
+                if a == e || used.contains(&gpa) {
+                    continue;
+                }
+                let ok = allowed
+                    .iter()
+                    .any(|&(addr, len)| (addr..addr + len).contains(&gpa));
+                assert!(
+                    ok,
+                    "{case}: the daemon wrote {a:#04x} at guest address {gpa:#x} (expected {e:#04x})"
+                );
+                *e = *a;
+            }
+        }
+    }
+
+    /// Write `table` into queue 0's descriptor table at index 0, make `head` available,
+    /// wait for its completion and check memory. Returns the used length.
+    pub fn exec_table(
+        &mut self,
+        case: &str,
+        table: &[Desc],
+        head: u16,
+        allowed: &[(u64, u64)],
+    ) -> u32 {
+        self.write_table(Q0.desc, table);
+        self.make_available(0, &[head]);
+        let used = self.wait_used(0, 1);
+        assert_eq!(
+            used[0].0,
+            u32::from(head),
+            "{case}: used id is the head index"
+        );
+        self.verify(case, allowed);
+        used[0].1
+    }
+}
