@@ -12,10 +12,12 @@ mod common;
 #[path = "common/frontend.rs"]
 mod frontend;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::{Daemon, Scratch};
 use frontend::*;
+use vhost::{VhostBackend, VringConfigData};
 
 /// Sectors 0..8 hold [`known`]; every case ends by reading them back.
 const KNOWN_SECTOR: u64 = 0;
@@ -41,6 +43,16 @@ fn exec(d: &mut Driver, case: &str, descs: &[Desc], allowed: &[(u64, u64)]) -> u
 /// nothing else written; `None`: no status can be written, used length 0, nothing written.
 fn refuse(d: &mut Driver, case: &str, descs: &[Desc], status: Option<u8>) {
     refuse_table(d, case, &linked(descs), 0, status);
+}
+
+/// Refused with IOERR.
+fn ioerr(d: &mut Driver, case: &str, descs: &[Desc]) {
+    refuse(d, case, descs, Some(S_IOERR));
+}
+
+/// Refused without a status (used length 0).
+fn no_status(d: &mut Driver, case: &str, descs: &[Desc]) {
+    refuse(d, case, descs, None);
 }
 
 fn refuse_table(d: &mut Driver, case: &str, table: &[Desc], head: u16, status: Option<u8>) {
@@ -91,77 +103,40 @@ fn parts(d: &mut Driver, kind: u32, sector: u64) -> (Desc, Desc) {
 fn outside_memory(d: &mut Driver) {
     let (h, s) = parts(d, T_IN, 0);
     let data = d.writable(512);
-    refuse(
-        d,
-        "header in a hole",
-        &[Desc::r(HOLE, 16), data, s],
-        Some(S_IOERR),
-    );
-    refuse(
-        d,
-        "IN data in a hole",
-        &[h, Desc::w(HOLE, 512), s],
-        Some(S_IOERR),
-    );
+    ioerr(d, "header in a hole", &[Desc::r(HOLE, 16), data, s]);
+    ioerr(d, "IN data in a hole", &[h, Desc::w(HOLE, 512), s]);
     let (ho, so) = parts(d, T_OUT, VICTIM);
-    refuse(
-        d,
-        "OUT data in a hole",
-        &[ho, Desc::r(HOLE, 512), so],
-        Some(S_IOERR),
-    );
-    refuse(d, "status in a hole", &[h, data, Desc::w(HOLE, 1)], None);
+    ioerr(d, "OUT data in a hole", &[ho, Desc::r(HOLE, 512), so]);
+    no_status(d, "status in a hole", &[h, data, Desc::w(HOLE, 1)]);
     let wraps = Desc::w(u64::MAX - 255, 512);
-    refuse(
-        d,
-        "data wraps the address space",
-        &[h, wraps, s],
-        Some(S_IOERR),
-    );
-    refuse(
-        d,
-        "status at u64::MAX",
-        &[h, data, Desc::w(u64::MAX, 1)],
-        None,
-    );
-    refuse(
-        d,
-        "status past u64::MAX",
-        &[h, data, Desc::w(u64::MAX, 2)],
-        None,
-    );
+    ioerr(d, "data wraps the address space", &[h, wraps, s]);
+    no_status(d, "status at u64::MAX", &[h, data, Desc::w(u64::MAX, 1)]);
+    no_status(d, "status past u64::MAX", &[h, data, Desc::w(u64::MAX, 2)]);
     let (hf, sf) = parts(d, T_FLUSH, 0);
     // 2 GiB of "header": far past the end of the region it starts in.
     let huge_header = Desc::r(hf.addr, 1 << 31);
-    refuse(d, "header 2 GiB long", &[huge_header, sf], Some(S_IOERR));
+    ioerr(d, "header 2 GiB long", &[huge_header, sf]);
     let huge_header = Desc::r(hf.addr, u32::MAX);
-    refuse(d, "header + status over 4 GiB", &[huge_header, sf], None);
+    no_status(d, "header + status over 4 GiB", &[huge_header, sf]);
 }
 
 fn straddling(d: &mut Driver) {
     // Into the hole after region B.
     let end_b = B_BASE + B_LEN;
     let (h, s) = parts(d, T_IN, 0);
-    refuse(
+    ioerr(
         d,
         "IN data into the hole",
         &[h, Desc::w(end_b - 256, 512), s],
-        Some(S_IOERR),
     );
     let (ho, so) = parts(d, T_OUT, VICTIM);
-    refuse(
+    ioerr(
         d,
         "OUT data into the hole",
         &[ho, Desc::r(end_b - 256, 512), so],
-        Some(S_IOERR),
     );
     let data = d.writable(512);
-    refuse(
-        d,
-        "status into the hole",
-        &[h, data, Desc::w(end_b - 1, 2)],
-        None,
-    );
+    no_status(d, "status into the hole", &[h, data, Desc::w(end_b - 1, 2)]);
     // Across the boundary of the adjacent regions A and B: one buffer, two mappings.
     let pattern: Vec<u8> = (0..512u32).map(|i| (i * 13) as u8).collect();
     d.put(B_BASE - 256, &pattern);
@@ -214,7 +189,7 @@ fn loops_and_long_chains(d: &mut Driver) {
     ring[0] = to(h, 1);
     refuse_table(d, "loop through the whole table", &ring, 0, None);
     let looped = d.indirect(&[to(h, 1), to(data, 1)]);
-    refuse(d, "loop inside an indirect table", &[looped], None);
+    no_status(d, "loop inside an indirect table", &[looped]);
     // 1025 data segments (more than preadv takes), all on one canary buffer.
     let (hb, sb) = parts(d, T_IN, 0);
     let mut many = vec![hb];
@@ -227,7 +202,7 @@ fn loops_and_long_chains(d: &mut Driver) {
     recovers(d, case);
     // Total length over 4 GiB: the chain is cut, there is no status.
     let huge = Desc::w(data.addr, u32::MAX);
-    refuse(d, "chain longer than 4 GiB", &[h, huge, huge, s], None);
+    no_status(d, "chain longer than 4 GiB", &[h, huge, huge, s]);
 }
 
 fn bad_indirect_tables(d: &mut Driver) {
@@ -235,26 +210,20 @@ fn bad_indirect_tables(d: &mut Driver) {
     let data = d.writable(512);
     let inner = d.indirect(&linked(&[h, data, s]));
     let nested_first = d.indirect(&[inner]);
-    refuse(
+    no_status(
         d,
         "indirect table starting with an indirect",
         &[nested_first],
-        None,
     );
     let mut header_then_nested = h;
     header_then_nested.flags |= F_NEXT;
     header_then_nested.next = 1;
     let nested_later = d.indirect(&[header_then_nested, inner]);
-    refuse(
-        d,
-        "indirect inside an indirect table",
-        &[nested_later],
-        None,
-    );
+    no_status(d, "indirect inside an indirect table", &[nested_later]);
     for len in [0, 8, 40] {
         let mut odd = d.indirect(&linked(&[h, data, s]));
         odd.len = len;
-        refuse(d, &format!("indirect table of {len} bytes"), &[odd], None);
+        no_status(d, &format!("indirect table of {len} bytes"), &[odd]);
     }
     let hole = Desc {
         addr: HOLE,
@@ -262,7 +231,7 @@ fn bad_indirect_tables(d: &mut Driver) {
         flags: F_INDIRECT,
         next: 0,
     };
-    refuse(d, "indirect table in a hole", &[hole], None);
+    no_status(d, "indirect table in a hole", &[hole]);
     // The table's first two entries are mapped, the third (status) is in the hole.
     let end_b = B_BASE + B_LEN;
     let table = linked(&[h, data, s]);
@@ -276,7 +245,7 @@ fn bad_indirect_tables(d: &mut Driver) {
         flags: F_INDIRECT,
         next: 0,
     };
-    refuse(d, "indirect table running into the hole", &[cut], None);
+    no_status(d, "indirect table running into the hole", &[cut]);
     // INDIRECT together with NEXT (a driver must not): the table is used, NEXT ignored.
     let mut both = d.indirect(&linked(&[h, data, s]));
     both.flags |= F_NEXT;
@@ -302,51 +271,26 @@ fn lengths_and_directions(d: &mut Driver) {
     assert_eq!(d.get(s.addr, 1)[0], S_OK);
     assert_eq!(d.get(data.addr, 512), known()[..512]);
     d.put(data.addr, &[CANARY; 512]);
-    refuse(
-        d,
-        "empty status descriptor",
-        &[h, data, Desc::w(s.addr, 0)],
-        None,
-    );
+    no_status(d, "empty status descriptor", &[h, data, Desc::w(s.addr, 0)]);
     let short = d.readable(&header(T_IN, 0)[..8]);
-    refuse(d, "8-byte header", &[short, data, s], Some(S_IOERR));
+    ioerr(d, "8-byte header", &[short, data, s]);
     let readable = d.readable(&[0x11; 512]);
-    refuse(
-        d,
-        "IN with device-readable data",
-        &[h, readable, s],
-        Some(S_IOERR),
-    );
+    ioerr(d, "IN with device-readable data", &[h, readable, s]);
     let (ho, so) = parts(d, T_OUT, VICTIM);
-    refuse(
-        d,
-        "OUT with device-writable data",
-        &[ho, data, so],
-        Some(S_IOERR),
-    );
-    refuse(
-        d,
-        "readable after writable",
-        &[h, data, readable, s],
-        Some(S_IOERR),
-    );
+    ioerr(d, "OUT with device-writable data", &[ho, data, so]);
+    ioerr(d, "readable after writable", &[h, data, readable, s]);
     let odd = d.writable(100);
-    refuse(d, "IN of 100 bytes", &[h, odd, s], Some(S_IOERR));
+    ioerr(d, "IN of 100 bytes", &[h, odd, s]);
     let (hf, sf) = parts(d, T_FLUSH, 0);
-    refuse(d, "FLUSH with data", &[hf, data, sf], Some(S_IOERR));
+    ioerr(d, "FLUSH with data", &[hf, data, sf]);
     // A status byte the device may not write: nothing is written, not even the data.
     let ro_status = d.readable(&[0x77]);
-    refuse(
-        d,
-        "status in a read-only descriptor",
-        &[h, data, ro_status],
-        None,
-    );
-    refuse(d, "FLUSH with a read-only status", &[hf, ro_status], None);
+    no_status(d, "status in a read-only descriptor", &[h, data, ro_status]);
+    no_status(d, "FLUSH with a read-only status", &[hf, ro_status]);
     let mut with_status = header(T_FLUSH, 0);
     with_status.push(0x77);
     let one = d.readable(&with_status);
-    refuse(d, "status inside the readable header", &[one], None);
+    no_status(d, "status inside the readable header", &[one]);
     assert_eq!(d.get(ro_status.addr, 1), [0x77]);
 }
 
@@ -360,29 +304,21 @@ fn huge_sectors(d: &mut Driver, capacity: u64) {
     ] {
         let (h, s) = parts(d, T_IN, sector);
         let data = d.writable(512);
-        refuse(
-            d,
-            &format!("IN at sector {sector:#x}"),
-            &[h, data, s],
-            Some(S_IOERR),
-        );
+        ioerr(d, &format!("IN at sector {sector:#x}"), &[h, data, s]);
         let (ho, so) = parts(d, T_OUT, sector);
         let payload = d.readable(&[0x33; 512]);
-        refuse(
-            d,
-            &format!("OUT at sector {sector:#x}"),
-            &[ho, payload, so],
-            Some(S_IOERR),
-        );
+        ioerr(d, &format!("OUT at sector {sector:#x}"), &[ho, payload, so]);
     }
+    // FLUSH has no range: its sector is ignored, whatever it is.
+    let (h, s) = parts(d, T_FLUSH, u64::MAX);
+    assert_eq!(
+        exec(d, "FLUSH at sector u64::MAX", &[h, s], &[(s.addr, 1)]),
+        1
+    );
+    assert_eq!(d.get(s.addr, 1)[0], S_OK, "FLUSH at sector u64::MAX");
     let (h, s) = parts(d, T_IN, capacity - 1);
     let two = d.writable(1024);
-    refuse(
-        d,
-        "IN across the end of the disk",
-        &[h, two, s],
-        Some(S_IOERR),
-    );
+    ioerr(d, "IN across the end of the disk", &[h, two, s]);
     assert_eq!(read_ok(d, capacity - 1, 512), vec![0; 512], "last sector");
     let ranges = [
         (T_WRITE_ZEROES, u64::MAX - 1, 2),
@@ -399,7 +335,7 @@ fn huge_sectors(d: &mut Driver, capacity: u64) {
         let seg = d.readable(&seg);
         let s = d.writable(1);
         let case = format!("type {kind} range {start:#x}+{count:#x}");
-        refuse(d, &case, &[h, seg, s], Some(S_IOERR));
+        ioerr(d, &case, &[h, seg, s]);
     }
 }
 
@@ -427,12 +363,7 @@ fn unknown_types(d: &mut Driver) {
         Some(S_UNSUPP),
     );
     let (h, s) = parts(d, T_GET_ID, 0);
-    refuse(
-        d,
-        "GET_ID into a hole",
-        &[h, Desc::w(HOLE, 20), s],
-        Some(S_IOERR),
-    );
+    ioerr(d, "GET_ID into a hole", &[h, Desc::w(HOLE, 20), s]);
 }
 
 /// Queue 1 has rings and a kick fd but was never enabled: a kick must do nothing.
@@ -446,6 +377,37 @@ fn never_enabled_queue(d: &mut Driver) {
     recovers(d, "kick on a never-enabled queue");
 }
 
+/// Ring set-up messages the device must refuse. The vhost-user library answers a refused
+/// message by closing the connection; the daemon then serves the next frontend, with the
+/// disk intact.
+fn ring_setup_abuse(sock: &Path) {
+    let unmapped = VringConfigData {
+        queue_max_size: QSIZE,
+        queue_size: QSIZE,
+        flags: 0,
+        desc_table_addr: 0x1000,
+        used_ring_addr: 0x2000,
+        avail_ring_addr: 0x3000,
+        log_addr: None,
+    };
+    let cases = [
+        "queue size 0",
+        "queue size over the maximum",
+        "rings outside the memory table",
+    ];
+    for case in cases {
+        let mut d = Driver::connect(sock);
+        recovers(&mut d, case);
+        let refused = match case {
+            "queue size 0" => d.fe.set_vring_num(0, 0),
+            "queue size over the maximum" => d.fe.set_vring_num(0, 2 * QSIZE),
+            _ => d.fe.set_vring_addr(0, &unmapped),
+        };
+        assert!(refused.is_err(), "{case}: must be refused");
+        d.verify(case, &[]);
+    }
+}
+
 /// The same chain made available twice in one kick: both are answered.
 fn head_twice(d: &mut Driver) {
     let (h, s) = parts(d, T_FLUSH, 0);
@@ -455,6 +417,19 @@ fn head_twice(d: &mut Driver) {
     d.verify("one head twice", &[(s.addr, 1)]);
     assert_eq!(d.get(s.addr, 1)[0], S_OK);
     recovers(d, "one head twice");
+}
+
+/// After a ring-breaking `case`, queue 0 answers nothing, not even a good request made
+/// available afterwards (with a sane avail index): it stays stopped until the frontend
+/// reconnects. Nothing is written anywhere.
+fn assert_queue_stopped(d: &mut Driver, case: &str) {
+    d.assert_nothing_used(0, SETTLE);
+    d.verify(case, &[]);
+    let (h, s) = parts(d, T_FLUSH, 0);
+    d.write_table(Q0.desc, &linked(&[h, s]));
+    d.make_available(0, &[0]);
+    d.assert_nothing_used(0, SETTLE);
+    d.verify(case, &[]);
 }
 
 #[test]
@@ -484,8 +459,7 @@ fn hostile_driver_cannot_escape_or_stop_the_daemon() {
     let (h, s) = parts(&mut d, T_FLUSH, 0);
     d.write_table(Q0.desc, &linked(&[h, s]));
     d.make_available(0, &[QSIZE]);
-    d.assert_nothing_used(0, SETTLE);
-    d.verify("head index out of range", &[]);
+    assert_queue_stopped(&mut d, "head index out of range");
     drop(d);
     assert!(daemon.child.try_wait().unwrap().is_none(), "daemon alive");
 
@@ -494,9 +468,11 @@ fn hostile_driver_cannot_escape_or_stop_the_daemon() {
     recovers(&mut d, "new connection");
     let used = d.used_idx(0);
     d.publish_avail_idx(0, used.wrapping_add(QSIZE + 44));
-    d.assert_nothing_used(0, SETTLE);
-    d.verify("avail index jumps past the queue size", &[]);
+    assert_queue_stopped(&mut d, "avail index jumps past the queue size");
     drop(d);
+    assert!(daemon.child.try_wait().unwrap().is_none(), "daemon alive");
+
+    ring_setup_abuse(&sock);
     assert!(daemon.child.try_wait().unwrap().is_none(), "daemon alive");
 
     // A new connection is served, with every byte written before intact.

@@ -201,8 +201,13 @@ impl VhostUserBlk {
             return Ok(());
         };
         let mut state = vring.get_mut();
-        let notify = Self::run(&mut q.worker, &mut state, &mem, device_event == 0)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let notify =
+            Self::run(&mut q.worker, &mut state, &mem, device_event == 0).map_err(|err| {
+                // Returning the error ends this queue's thread: say so, or the queue just
+                // goes silent.
+                tracing::error!(queue, %err, "queue stopped until the frontend reconnects");
+                std::io::Error::other(err.to_string())
+            })?;
         if notify {
             state.signal_used_queue()?;
         }

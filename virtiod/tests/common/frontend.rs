@@ -14,7 +14,9 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -200,6 +202,9 @@ impl Driver {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK;
         fe.set_protocol_features(proto & want).unwrap();
+        // Every request from here on is acknowledged: set-up is done before the first kick,
+        // and a refused request is an error here.
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let num_queues = fe.get_queue_num().unwrap().min(2) as usize;
         let table: Vec<_> = mem
             .iter()
@@ -272,9 +277,12 @@ impl Driver {
     /// Write driver bytes (any mapped address, also across adjacent regions).
     pub fn put(&mut self, gpa: u64, bytes: &[u8]) {
         self.mem.write_slice(bytes, GuestAddress(gpa)).unwrap();
-        for (i, b) in bytes.iter().enumerate() {
-            let (shadow, off) = self.shadow_mut(gpa + i as u64).unwrap();
-            shadow[off] = *b;
+        let mut done = 0;
+        while done < bytes.len() {
+            let (shadow, off) = self.shadow_mut(gpa + done as u64).unwrap();
+            let n = (shadow.len() - off).min(bytes.len() - done);
+            shadow[off..off + n].copy_from_slice(&bytes[done..done + n]);
+            done += n;
         }
     }
 
@@ -400,8 +408,17 @@ impl Driver {
             let base = self.shadow[i].0;
             let actual = self.get(base, self.shadow[i].1.len());
             let expected = &mut self.shadow[i].1;
-            for (off, (a, e)) in actual.iter().zip(expected.iter_mut()).enumerate() {
-                let gpa = base + off as u64;
+            const PAGE: usize = 4096;
+            let pages = actual.chunks(PAGE).zip(expected.chunks_mut(PAGE));
+            let changed = pages.enumerate().filter(|(_, (a, e))| a != e);
+            let bytes = changed.flat_map(|(page, (a, e))| {
+                let at = base + (page * PAGE) as u64;
+                a.iter()
+                    .zip(e.iter_mut())
+                    .enumerate()
+                    .map(move |(off, b)| (at + off as u64, b))
+            });
+            for (gpa, (a, e)) in bytes {
                 if a == e || used.contains(&gpa) {
                     continue;
                 }
