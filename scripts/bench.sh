@@ -191,7 +191,7 @@ awk -F'\t' -v rounds="$ROUNDS" -v secs="$RUN_SECONDS" '
     for (i = 1; i <= nk; i++) {
       k = order[i]; split(k, p, SUBSEP)
       for (f = 4; f <= 8; f++) m[k, f] = median(v[k, f])
-      printf "| %-19s | %-7s | %9.0f | %8s | %8s | %15s | %8s |\n", p[1], p[2], m[k, 4], m[k, 5], m[k, 6], m[k, 7], m[k, 8]
+      printf "| %-19s | %-7s | %9.0f | %8s | %8s | %15s | %8s |\n", p[1], p[2], m[k, 4], num(m[k, 5], 1), num(m[k, 6], 1), num(m[k, 7], 2), num(m[k, 8], 1)
     }
     print "\nTargets (virtiod vs peer, medians):\n"
     ratio("null QD32 interrupt IOPS virtiod/qsd", "null-qd32-irq", "virtiod", "qsd", 4, ">=", 1.5)
@@ -203,11 +203,16 @@ awk -F'\t' -v rounds="$ROUNDS" -v secs="$RUN_SECONDS" '
     for (i = 1; i <= nk; i++) { split(order[i], p, SUBSEP); if (p[2] == "virtiod" && m[order[i], 8] + 0 > rss) rss = m[order[i], 8] + 0 }
     printf "  %-40s %8.1f MiB  target <= 8 MiB  %s\n", "virtiod RSS (max over workloads)", rss, rss <= 8 ? "MET" : "MISSED"
   }
-  function ratio(label, wl, a, b, f, op, want,   x, y, r, ok) {
+  function num(x, d) { return x == "-" ? x : sprintf("%." d "f", x) }
+  # Ratio of the medians, and the median of the per-round ratios (each round runs the two
+  # back to back, so the paired ratio cancels slow drifts of the machine load).
+  function ratio(label, wl, a, b, f, op, want,   x, y, r, ok, va, vb, na, nb, i, pr) {
     x = m[wl SUBSEP a, f]; y = m[wl SUBSEP b, f]
     if (x == "" || y == "" || x == "-" || y == "-" || y + 0 == 0) { printf "  %-40s %8s       (not measured)\n", label, "-"; return }
+    na = split(v[wl SUBSEP a, f], va, " "); nb = split(v[wl SUBSEP b, f], vb, " "); pr = ""
+    for (i = 1; i <= na && i <= nb; i++) if (vb[i] + 0 > 0) pr = pr " " va[i] / vb[i]
     r = x / y; ok = (op == ">=") ? r >= want : r <= want
-    printf "  %-40s %8.2f      target %s %-4s  %s\n", label, r, op, want, ok ? "MET" : "MISSED"
+    printf "  %-40s %8.2f      target %s %-4s  %-6s  (paired per-round median %.2f)\n", label, r, op, want, ok ? "MET" : "MISSED", median(pr)
   }
 ' "$RESULTS"
 
