@@ -105,7 +105,7 @@ fn flush() {
     let mut h = Harness::new();
     let chain = h.bare_chain(T_FLUSH, 0);
     h.expect(&chain, OK, 1);
-    // The sector field of a FLUSH is ignored.
+    // The sector field of a FLUSH is ignored (regression: `sector * 512` overflowed).
     let chain = h.bare_chain(T_FLUSH, u64::MAX);
     h.expect(&chain, OK, 1);
     assert_eq!(h.stats.requests(OpKind::Flush), 2);
