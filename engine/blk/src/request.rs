@@ -365,7 +365,7 @@ fn check_io_range(
     len: u64,
     segments: usize,
 ) -> Result<(), RequestError> {
-    if len % 512 != 0 || len > u64::from(u32::MAX) {
+    if !len.is_multiple_of(512) || len > u64::from(u32::MAX) {
         return Err(RequestError::BadLength);
     }
     if segments > crate::config::MAX_SEGMENTS as usize {

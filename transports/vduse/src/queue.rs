@@ -93,16 +93,20 @@ pub(crate) fn service(shared: &Arc<Shared>, index: usize) {
     let (Some(queue), Some(mem)) = (queue.as_mut(), mem.as_mut()) else {
         return;
     };
+    // Another queue may already have mapped what this one misses: hand out the newest
+    // snapshot whenever it differs from the one this queue is using.
+    let mut using = Arc::as_ptr(mem);
     let mut remap = || {
         let mut iotlb = shared.iotlb.lock().unwrap_or_else(|e| e.into_inner());
-        match iotlb.map_range(&shared.dev, 0, u64::MAX) {
-            Ok(n) if n > 0 => iotlb.memory().ok(),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!(%e, "mapping driver memory failed");
-                None
-            }
+        if let Err(e) = iotlb.map_range(&shared.dev, 0, u64::MAX) {
+            tracing::warn!(%e, "mapping driver memory failed");
         }
+        let newest = iotlb.memory().ok()?;
+        if std::ptr::eq(Arc::as_ptr(&newest), using) {
+            return None;
+        }
+        using = Arc::as_ptr(&newest);
+        Some(newest)
     };
     let result = worker
         .process_completions(queue, mem.as_ref())

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# End-to-end VDUSE suite: boots the 6.12 test kernel under QEMU and runs guest/vduse-e2e.sh
+# against the release virtiod (and virtiod-blkcheck for the vhost-vdpa path).
+# usage: tests/vm/suite-vduse.sh   (env VIRTIOD_BIN_DIR, default target/release)
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+bin=${VIRTIOD_BIN_DIR:-$here/../../target/release}
+for b in virtiod virtiod-blkcheck; do
+  [ -x "$bin/$b" ] || { echo "suite-vduse: $bin/$b missing: cargo build --release -p virtiod -p virtiod-blkcheck" >&2; exit 2; }
+done
+exec bash "$here/run-in-vm.sh" --timeout "${VM_TIMEOUT:-600}" \
+  --bin "$bin/virtiod" --bin "$bin/virtiod-blkcheck" "$here/guest/vduse-e2e.sh"
