@@ -94,7 +94,7 @@ stop $pid vdro "$node"
 # --- 5. --attach vhost: libblkio's vhost-vdpa driver in user space ---
 serve vdh /tmp/vh.log --attach vhost /tmp/disk2.img
 case "$node" in /dev/vhost-vdpa-*) ;; *) fail "--attach vhost printed $node" ;; esac
-virtiod-blkcheck virtio-blk-vhost-vdpa "$node" 8 >/tmp/blkcheck.log 2>&1 || fail "blkcheck: $(cat /tmp/blkcheck.log)"
+timeout 120 virtiod-blkcheck virtio-blk-vhost-vdpa "$node" 8 >/tmp/blkcheck.log 2>&1 || fail "blkcheck: $(cat /tmp/blkcheck.log)"
 ok "$(cat /tmp/blkcheck.log)"
 stop $pid vdh "$node"
 

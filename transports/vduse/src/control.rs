@@ -101,9 +101,15 @@ fn handle(shared: &Arc<Shared>, id: u32, request: Request) -> Response {
         Request::UpdateIotlb { start, last } => {
             // Take the new snapshot first, then hand it to the queues: never hold the IOTLB
             // lock while taking a queue lock (queue threads take them the other way round).
+            // Re-map what is still (or newly) there at once: the kernel updates its IOTLB
+            // before telling us, and the rings must stay reachable (vhost-vdpa drivers map
+            // their buffers after DRIVER_OK, which invalidates everything).
             let fresh = {
                 let mut iotlb = shared.iotlb.lock().unwrap_or_else(|e| e.into_inner());
                 iotlb.invalidate(start, last);
+                if let Err(e) = iotlb.map_range(&shared.dev, 0, u64::MAX) {
+                    tracing::warn!(%e, "re-mapping driver memory failed");
+                }
                 iotlb.memory()
             };
             if let Ok(mem) = fresh {

@@ -108,9 +108,18 @@ pub(crate) fn service(shared: &Arc<Shared>, index: usize) {
         using = Arc::as_ptr(&newest);
         Some(newest)
     };
-    let result = worker
+    let mut result = worker
         .process_completions(queue, mem.as_ref())
         .and_then(|n1| Ok(n1 | worker.process_queue_remap(queue, mem, &mut remap)?));
+    if result.is_err() {
+        // The rings themselves may sit in memory mapped since our last snapshot.
+        if let Some(fresh) = remap() {
+            *mem = fresh;
+            result = worker
+                .process_completions(queue, mem.as_ref())
+                .and_then(|n1| Ok(n1 | worker.process_queue_remap(queue, mem, &mut remap)?));
+        }
+    }
     match result {
         Ok(true) => {
             if let Err(e) = shared.dev.inject_vq_irq(index as u32) {
