@@ -22,6 +22,16 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 step "cargo test (unit + integration, release build)"
 cargo test --workspace --release 2>&1 | tee target/test-output.txt
 
+step "release binaries for the VM suites"
+cargo build --workspace --release
+
+step "fuzz targets, briefly (each runs longer by hand: see docs/reliability.md)"
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+(cd fuzz && for t in $(cargo fuzz list); do
+  mkdir -p "corpus/$t"
+  cargo fuzz run --sanitizer none "$t" "corpus/$t" -- -max_total_time="${FUZZ_SECONDS:-20}" 2>&1 | tail -2
+done)
+
 if [ "${QUICK:-0}" != 1 ]; then
   step "QEMU guest on virtiod's vhost-user-blk socket"
   SERVER=virtiod VIRTIOD="$PWD/target/release/virtiod" bash tests/vm/qemu-vhost-user-blk.sh
