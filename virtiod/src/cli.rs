@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// VDUSE only: which vDPA bus driver gets the device.
     #[arg(long, value_enum, default_value_t = AttachArg::Virtio, requires = "vduse")]
     pub attach: AttachArg,
+    /// VDUSE only: where the in-flight log lives, so that a restarted daemon (after a crash or
+    /// SIGKILL) re-opens the device and completes every request that was in flight.
+    #[arg(long, value_name = "DIR", default_value = "/run/virtiod")]
+    pub state_dir: std::path::PathBuf,
     /// Refuse writes (the driver sees a read-only disk).
     #[arg(long)]
     pub read_only: bool,

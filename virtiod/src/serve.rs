@@ -36,7 +36,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
     match (&args.vhost_user, &args.vduse) {
         (Some(socket), _) => serve_vhost_user(cfg, backend, socket, signals),
-        (None, Some(name)) => serve_vduse(cfg, backend, name, args.attach, signals),
+        (None, Some(name)) => serve_vduse(cfg, backend, name, &args, signals),
         (None, None) => anyhow::bail!("give --vhost-user SOCKET or --vduse NAME"),
     }
 }
@@ -56,6 +56,7 @@ fn serve_vduse(
     let opts = VduseOptions {
         name: name.to_string(),
         attach,
+        state_dir: args.state_dir.clone(),
     };
     let device = VduseBlk::create(cfg, backend, &opts)?;
     match device.node() {

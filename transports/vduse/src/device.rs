@@ -41,6 +41,8 @@ pub struct VduseOptions {
     pub name: String,
     /// Bus driver choice.
     pub attach: Attach,
+    /// Directory of the in-flight log (`vduse-NAME.log`) that makes a restart lossless.
+    pub state_dir: PathBuf,
 }
 
 /// State shared by the control thread and the queue threads.
