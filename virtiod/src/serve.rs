@@ -45,10 +45,10 @@ fn serve_vduse(
     cfg: BlkConfig,
     backend: Arc<dyn Backend>,
     name: &str,
-    attach: AttachArg,
+    args: &ServeArgs,
     mut signals: Signals,
 ) -> anyhow::Result<()> {
-    let attach = match attach {
+    let attach = match args.attach {
         AttachArg::Virtio => Attach::Virtio,
         AttachArg::Vhost => Attach::Vhost,
         AttachArg::None => Attach::None,
