@@ -13,14 +13,17 @@
 //! interrupt ◄── used ring ◄── QueueWorker::process_completions ◄┘ (backend completion)
 //! ```
 
+pub mod chain;
 mod config;
 pub mod request;
 mod stats;
+mod tracker;
 mod worker;
 
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
 pub use request::{Request, RequestError, RequestType};
 pub use stats::{OpKind, QueueStats, Stats};
+pub use tracker::InflightTracker;
 pub use worker::{QueueWorker, WorkerError};
 
 /// Request completed successfully.

@@ -129,6 +129,8 @@ pub struct Request {
     pub data_len: u64,
     descs: Vec<(GuestAddress, u32, bool)>,
     readable: Vec<Segment>,
+    last: Option<Descriptor>,
+    bad_order: bool,
 }
 
 impl Request {
@@ -208,21 +210,47 @@ where
     D: Deref,
     D::Target: GuestMemory,
 {
-    req.reset(chain.head_index());
-    // Step 1: collect the descriptors; the iterator stops at loops, bad indexes and bad
-    // indirect tables, which leaves the last descriptor with NEXT still set.
-    let mut last: Option<Descriptor> = None;
+    let head = chain.head_index();
+    req.reset(head);
+    collect(&mut chain, req);
+    parse_collected(chain.memory(), cfg, req)
+}
+
+/// Parse the chain `descs` whose head is `head` (see [`crate::chain::HeadChain`]).
+pub fn parse_descriptors<M: GuestMemory + ?Sized>(
+    head: u16,
+    descs: impl Iterator<Item = Descriptor>,
+    mem: &M,
+    cfg: &BlkConfig,
+    req: &mut Request,
+) -> Result<RequestType, RequestError> {
+    req.reset(head);
+    collect(descs, req);
+    parse_collected(mem, cfg, req)
+}
+
+/// Step 1: collect the descriptors; the iterator stops at loops, bad indexes and bad
+/// indirect tables, which leaves the last descriptor with NEXT still set.
+fn collect(descs: impl Iterator<Item = Descriptor>, req: &mut Request) {
+    req.last = None;
+    req.bad_order = false;
     let mut seen_writable = false;
-    let mut bad_order = false;
-    for desc in &mut chain {
+    for desc in descs {
         let writable = desc.is_write_only();
-        bad_order |= seen_writable && !writable;
+        req.bad_order |= seen_writable && !writable;
         seen_writable |= writable;
         req.descs.push((desc.addr(), desc.len(), writable));
-        last = Some(desc);
+        req.last = Some(desc);
     }
-    let mem = chain.memory();
-    let last = last.ok_or(RequestError::EmptyChain)?;
+}
+
+fn parse_collected<M: GuestMemory + ?Sized>(
+    mem: &M,
+    cfg: &BlkConfig,
+    req: &mut Request,
+) -> Result<RequestType, RequestError> {
+    let bad_order = req.bad_order;
+    let last = req.last.ok_or(RequestError::EmptyChain)?;
     if last.has_next() {
         return Err(RequestError::BrokenChain);
     }

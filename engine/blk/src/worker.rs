@@ -7,8 +7,10 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtiod_backend::{Backend, BackendQueue, Completion, IoRequest, Op};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
+use crate::chain::HeadChain;
 use crate::request::{self, Request, RequestError, RequestType, ID_LEN};
 use crate::stats::{OpKind, QueueStats};
+use crate::InflightTracker;
 use crate::{BlkConfig, Stats, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 
 /// Errors that stop a queue (the driver broke the ring itself, or the backend failed).
@@ -51,6 +53,8 @@ pub struct QueueWorker<M> {
     done: Vec<Completion>,
     /// Used ring entries added since the last notification decision.
     pending_used: bool,
+    /// The transport's in-flight log, if it keeps one.
+    tracker: Option<Box<dyn InflightTracker>>,
 }
 
 impl<M> QueueWorker<M>
@@ -88,6 +92,7 @@ where
             req: Request::default(),
             done: Vec::with_capacity(depth as usize),
             pending_used: false,
+            tracker: None,
         })
     }
 
@@ -95,6 +100,50 @@ where
     /// with the thread's event loop and call [`Self::process_completions`] on it).
     pub fn completion_fd(&self) -> Option<RawFd> {
         self.io.completion_fd()
+    }
+
+    /// Report every pop and every used entry to `tracker` from now on (see
+    /// [`InflightTracker`]).
+    pub fn set_tracker(&mut self, tracker: Option<Box<dyn InflightTracker>>) {
+        self.tracker = tracker;
+    }
+
+    /// Execute again the requests at `heads`, which were in flight when a previous process
+    /// serving this queue died (they are no longer on the avail ring). Returns whether the
+    /// driver must be notified.
+    pub fn resubmit(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<M>,
+        heads: &[u16],
+    ) -> Result<bool, WorkerError> {
+        for &head in heads {
+            if head >= queue.size() {
+                tracing::warn!(
+                    queue = self.queue_index,
+                    head,
+                    "in-flight log names a head outside the queue"
+                );
+                continue;
+            }
+            if self.free.is_empty() {
+                break;
+            }
+            let descs = HeadChain::new(
+                mem.as_ref(),
+                GuestAddress(queue.desc_table()),
+                queue.size(),
+                head,
+            );
+            let parsed =
+                request::parse_descriptors(head, descs, mem.as_ref(), &self.cfg, &mut self.req);
+            self.start(queue, mem, parsed)?;
+        }
+        self.io.commit()?;
+        if self.io.completion_fd().is_none() {
+            self.reap(queue, mem.as_ref())?;
+        }
+        self.notify_decision(queue, mem.as_ref())
     }
 
     /// Requests started and not yet completed.
@@ -150,6 +199,9 @@ where
                     }
                 }
                 retried = false;
+                if let Some(t) = self.tracker.as_mut() {
+                    t.popped(self.req.head, queue.next_avail());
+                }
                 self.start(queue, mem, parsed)?;
             }
             if pending_seen && !popped {
@@ -213,6 +265,9 @@ where
         self.queue_stats()
             .completed(kind, u64::from(written), code == VIRTIO_BLK_S_OK);
         queue.add_used(mem, head, used_len)?;
+        if let Some(t) = self.tracker.as_mut() {
+            t.used(head, queue.next_used());
+        }
         self.pending_used = true;
         Ok(())
     }
@@ -373,6 +428,9 @@ where
                 code == VIRTIO_BLK_S_OK,
             );
             queue.add_used(mem, head, used_len)?;
+            if let Some(t) = self.tracker.as_mut() {
+                t.used(head, queue.next_used());
+            }
             self.pending_used = true;
         }
         self.done = done;

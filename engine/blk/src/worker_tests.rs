@@ -333,3 +333,90 @@ fn read_only_device_serves_reads() {
     h.expect(&chain, IOERR, 1);
     assert_eq!(h.stats.errors(), 1);
 }
+
+/// Records what an [`InflightTracker`] is told.
+#[derive(Clone, Default)]
+struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<(&'static str, u16, u16)>>>);
+
+impl InflightTracker for Recorder {
+    fn popped(&mut self, head: u16, next_avail: u16) {
+        self.0.lock().unwrap().push(("popped", head, next_avail));
+    }
+    fn used(&mut self, head: u16, next_used: u16) {
+        self.0.lock().unwrap().push(("used", head, next_used));
+    }
+}
+
+#[test]
+fn tracker_sees_every_pop_and_used_entry_in_order() {
+    let mut h = Harness::new();
+    let log = Recorder::default();
+    h.worker.set_tracker(Some(Box::new(log.clone())));
+    let out = h.out_chain(0, &pattern(5, 512));
+    let head_out = h.add_chain(&out);
+    let bad = h.bare_chain(0xdead, 0); // refused at once: still popped, then used
+    let head_bad = h.add_chain(&bad);
+    h.run();
+    let events = log.0.lock().unwrap().clone();
+    assert_eq!(
+        events,
+        // The refused request completes at once; the OUT when the backend batch is reaped.
+        vec![
+            ("popped", head_out, 1),
+            ("popped", head_bad, 2),
+            ("used", head_bad, 1),
+            ("used", head_out, 2),
+        ]
+    );
+}
+
+#[test]
+fn resubmit_executes_heads_that_are_no_longer_on_the_ring() {
+    let mut h = Harness::new();
+    let data = pattern(9, 1024);
+    h.write(16, &pattern(3, 512));
+    let _ = h.take_used();
+    // The driver made an OUT and an IN available; a previous process popped both and died.
+    let out = h.out_chain(4, &data);
+    let head_out = h.add_chain(&out);
+    let read = h.in_chain(16, 512);
+    let head_in = h.add_chain(&read);
+    h.queue.set_next_avail(h.queue.next_avail() + 2); // both already taken off the ring
+    let log = Recorder::default();
+    h.worker.set_tracker(Some(Box::new(log.clone())));
+    let mem = h.mem.clone();
+    h.worker
+        .resubmit(&mut h.queue, &mem, &[head_out, head_in])
+        .unwrap();
+    h.check_untouched();
+    let used = h.take_used();
+    assert_eq!(
+        used,
+        vec![(u32::from(head_out), 1), (u32::from(head_in), 513)]
+    );
+    assert_eq!(h.disk(4 * 512, 1024), data);
+    assert_eq!(h.contents(read[1]), pattern(3, 512));
+    assert_eq!(h.status(out[2]), OK);
+    // Resubmitted requests were popped by the dead process: only their used entries are new.
+    let events = log.0.lock().unwrap().clone();
+    assert!(events.iter().all(|e| e.0 == "used"), "{events:?}");
+    // A broken head (a loop) is answered without a status byte instead of crashing.
+    let a = h.writable(16);
+    let last = QSIZE - 1;
+    h.write_desc(
+        h.desc_table,
+        last,
+        Desc {
+            flags: a.flags | 1,
+            ..a
+        },
+        last,
+    );
+    let next_used = h.used_idx();
+    // A head outside the queue is skipped.
+    h.worker
+        .resubmit(&mut h.queue, &mem, &[QSIZE, last])
+        .unwrap();
+    assert_eq!(h.used_idx(), next_used.wrapping_add(1));
+    assert_eq!(h.take_used(), vec![(u32::from(last), 0)]);
+}
