@@ -336,7 +336,10 @@ fn read_only_device_serves_reads() {
 
 /// Records what an [`InflightTracker`] is told.
 #[derive(Clone, Default)]
-struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<(&'static str, u16, u16)>>>);
+struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<Event>>>);
+
+/// (what, head, index after it)
+type Event = (&'static str, u16, u16);
 
 impl InflightTracker for Recorder {
     fn popped(&mut self, head: u16, next_avail: u16) {
