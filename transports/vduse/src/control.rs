@@ -16,7 +16,12 @@ const STATUS_DRIVER_OK: u8 = 4;
 /// VIRTIO_RING_F_EVENT_IDX
 const EVENT_IDX: u64 = 1 << 29;
 
-pub(crate) fn run(shared: &Arc<Shared>) {
+pub(crate) fn run(shared: &Arc<Shared>, resume: bool) {
+    if resume && shared.log.status() & STATUS_DRIVER_OK != 0 {
+        if let Err(e) = resume_queues(shared) {
+            tracing::error!(%e, "resuming the queues after a restart failed");
+        }
+    }
     let mut fds = [
         libc::pollfd {
             fd: shared.dev.as_raw_fd(),
@@ -74,8 +79,12 @@ fn handle(shared: &Arc<Shared>, id: u32, request: Request) -> Response {
     match request {
         Request::SetStatus { status } => {
             tracing::debug!(status, "SET_STATUS");
+            shared.log.set_status(status);
             if status == 0 {
                 stop_queues(shared);
+                for index in 0..shared.queues.len() {
+                    shared.log.queue(index).reset(0, 0);
+                }
                 shared
                     .iotlb
                     .lock()
@@ -153,6 +162,10 @@ fn start_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
             if ctx.queue.is_some() {
                 continue; // already running (DRIVER_OK set again)
             }
+            shared
+                .log
+                .queue(index)
+                .reset(queue.next_avail(), queue.next_used());
             ctx.queue = Some(queue);
             ctx.mem = Some(mem.clone());
         }
@@ -160,6 +173,61 @@ fn start_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
         // Serve whatever the driver queued before we listened for kicks.
         let _ = handle.kick.write(1);
         tracing::debug!(queue = index, size = info.num, "queue started");
+    }
+    Ok(())
+}
+
+/// After a restart on a device the driver is using: rebuild each queue from the kernel's
+/// addresses and our log, complete what the previous process left in flight, and kick once
+/// (kicks sent while no process listened are lost).
+fn resume_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
+    let features = shared.dev.get_features()?;
+    let mem = current_memory(shared)?;
+    for (index, handle) in shared.queues.iter().enumerate() {
+        let info = shared.dev.vq_info(index as u32)?;
+        if !info.ready {
+            continue;
+        }
+        let qlog = shared.log.queue(index);
+        let resumed = vduse::VqInfo {
+            avail_index: qlog.last_avail(),
+            ..info
+        };
+        let Some(mut queue) = build_queue(shared, &mem, &resumed, features) else {
+            tracing::error!(queue = index, ?info, "the driver's virtqueue is not usable");
+            continue;
+        };
+        let num = u64::from(info.num.max(1));
+        let read_u16 = |addr: u64| {
+            mem.read_obj::<u16>(GuestAddress(addr))
+                .ok()
+                .map(u16::from_le)
+        };
+        let avail_idx = read_u16(info.driver_addr + 2).unwrap_or(resumed.avail_index);
+        let heads = qlog.recover(
+            queue.next_used(),
+            |i| read_u16(info.device_addr + 4 + 8 * (u64::from(i) % num)),
+            avail_idx,
+            |i| read_u16(info.driver_addr + 4 + 2 * (u64::from(i) % num)),
+        );
+        tracing::info!(
+            queue = index,
+            in_flight = heads.len(),
+            next_avail = queue.next_avail(),
+            next_used = queue.next_used(),
+            "resuming queue after a restart"
+        );
+        let mut ctx = lock(handle);
+        if let Err(e) = ctx.worker.resubmit(&mut queue, &mem, &heads) {
+            tracing::warn!(queue = index, %e, "resubmitting in-flight requests failed");
+        }
+        ctx.queue = Some(queue);
+        ctx.mem = Some(mem.clone());
+        drop(ctx);
+        shared.dev.set_vq_kickfd(index as u32, Some(&handle.kick))?;
+        // Used entries may have been published without an interrupt before the crash.
+        let _ = shared.dev.inject_vq_irq(index as u32);
+        let _ = handle.kick.write(1);
     }
     Ok(())
 }

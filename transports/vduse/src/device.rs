@@ -13,6 +13,7 @@ use virtiod_blk::{BlkConfig, QueueWorker, Stats};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::queue::{QueueCtx, QueueHandle};
+use crate::state::{self, Identity, StateLog};
 use crate::Error;
 
 /// `VIRTIO_F_ACCESS_PLATFORM`: VDUSE requires it (the driver's addresses are IOVAs).
@@ -49,6 +50,7 @@ pub struct VduseOptions {
 pub(crate) struct Shared {
     pub dev: VduseDevice,
     pub cfg: Arc<BlkConfig>,
+    pub log: StateLog,
     pub iotlb: Mutex<IotlbMemory>,
     pub queues: Vec<QueueHandle>,
     pub stop: AtomicBool,
@@ -67,6 +69,13 @@ pub struct VduseBlk {
     node: Option<PathBuf>,
     backend: Arc<dyn Backend>,
     stats: Arc<Stats>,
+}
+
+/// Whether the vDPA bus has a device called `name`.
+fn vdpa_has(name: &str) -> bool {
+    VdpaClient::open()
+        .and_then(|mut v| v.list_devices())
+        .is_ok_and(|devs| devs.iter().any(|d| d.name == name))
 }
 
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -91,47 +100,110 @@ impl VduseBlk {
             vq_align: 4096,
             config: cfg.config_space().to_vec(),
         };
-        if let Ok(mut vdpa) = VdpaClient::open() {
-            if vdpa
-                .list_devices()
-                .is_ok_and(|devs| devs.iter().any(|d| d.name == opts.name))
-            {
-                return Err(Error::Attach(format!(
-                    "a vdpa device named {} already exists: choose another name or remove it (vdpa dev del {})",
-                    opts.name, opts.name
-                )));
+        let id = Identity {
+            num_queues: cfg.num_queues,
+            queue_size: cfg.queue_size,
+            features: dev_cfg.features,
+            capacity_sectors: cfg.capacity_sectors,
+        };
+        let log_file = state::log_path(&opts.state_dir, &opts.name);
+        let exists = Path::new("/dev/vduse").join(&opts.name).exists();
+        let (dev, log) = if exists {
+            // A device of that name survives: a previous virtiod died (or still runs).
+            let dev = VduseDevice::open(&opts.name)?;
+            let log = StateLog::open_existing(&opts.state_dir, &opts.name, id)
+                .map_err(|e| Error::Attach(format!("cannot use the in-flight log {}: {e}", log_file.display())))?
+                .ok_or_else(|| {
+                    Error::Attach(format!(
+                        "a VDUSE device named {} already exists but {} has no in-flight log for it: \
+                         restart with the --state-dir it was created with, or remove it (vdpa dev del {})",
+                        opts.name,
+                        opts.state_dir.display(),
+                        opts.name
+                    ))
+                })?;
+            tracing::info!(name = %opts.name, "re-opening the existing VDUSE device");
+            (dev, log)
+        } else {
+            if let Ok(mut vdpa) = VdpaClient::open() {
+                if vdpa
+                    .list_devices()
+                    .is_ok_and(|devs| devs.iter().any(|d| d.name == opts.name))
+                {
+                    return Err(Error::Attach(format!(
+                        "a vdpa device named {} already exists: choose another name or remove it (vdpa dev del {})",
+                        opts.name, opts.name
+                    )));
+                }
             }
-        }
-        control.create_device(&dev_cfg)?;
+            let log = StateLog::create(&opts.state_dir, &opts.name, id).map_err(|e| {
+                Error::Attach(format!(
+                    "cannot create the in-flight log {}: {e} (choose a writable --state-dir)",
+                    log_file.display()
+                ))
+            })?;
+            if let Err(e) = control.create_device(&dev_cfg) {
+                log.remove();
+                return Err(e.into());
+            }
+            match VduseDevice::open(&opts.name) {
+                Ok(dev) => (dev, log),
+                Err(e) => {
+                    log.remove();
+                    let _ = control.destroy_device(&opts.name);
+                    return Err(e.into());
+                }
+            }
+        };
         let mut this = Self {
             shared: None,
             threads: Vec::new(),
             name: opts.name.clone(),
-            created: true,
+            // A re-opened device is only ours to destroy once it serves again; until then a
+            // failure leaves it (and its log) for the next attempt.
+            created: !exists,
             attached: false,
             node: None,
             backend: backend.clone(),
             stats: Arc::new(Stats::new(cfg.num_queues as usize)),
         };
-        // From here on, a failure destroys the device again (Drop).
-        this.start(cfg, backend)?;
-        if opts.attach != Attach::None {
-            this.attach(opts.attach)?;
+        this.start(cfg, backend, dev, log, exists)?;
+        if exists && vdpa_has(&opts.name) {
+            this.attached = true;
+            this.created = true;
+            if opts.attach != Attach::None {
+                this.wait_for_node(opts.attach, false)?;
+            }
+        } else {
+            this.created = true;
+            if opts.attach != Attach::None {
+                this.attach(opts.attach)?;
+            }
         }
         Ok(this)
     }
 
-    fn start(&mut self, cfg: BlkConfig, backend: Arc<dyn Backend>) -> Result<(), Error> {
-        let dev = VduseDevice::open(&self.name)?;
+    fn start(
+        &mut self,
+        cfg: BlkConfig,
+        backend: Arc<dyn Backend>,
+        dev: VduseDevice,
+        log: StateLog,
+        resume: bool,
+    ) -> Result<(), Error> {
         let cfg = Arc::new(cfg);
         let mut queues = Vec::new();
         for index in 0..cfg.num_queues as usize {
-            dev.setup_vq(index as u32, cfg.queue_size)?;
-            let worker = QueueWorker::new(cfg.clone(), backend.as_ref(), self.stats.clone(), index)
-                .map_err(|source| Error::Worker {
-                    queue: index,
-                    source,
-                })?;
+            if !resume {
+                dev.setup_vq(index as u32, cfg.queue_size)?;
+            }
+            let mut worker =
+                QueueWorker::new(cfg.clone(), backend.as_ref(), self.stats.clone(), index)
+                    .map_err(|source| Error::Worker {
+                        queue: index,
+                        source,
+                    })?;
+            worker.set_tracker(Some(Box::new(log.queue(index))));
             queues.push(QueueHandle {
                 ctx: Mutex::new(QueueCtx {
                     worker,
@@ -145,6 +217,7 @@ impl VduseBlk {
         let shared = Arc::new(Shared {
             dev,
             cfg,
+            log,
             iotlb: Mutex::new(IotlbMemory::new()),
             queues,
             stop: AtomicBool::new(false),
@@ -162,7 +235,7 @@ impl VduseBlk {
         let s = shared.clone();
         let t = std::thread::Builder::new()
             .name("vduse-control".into())
-            .spawn(move || crate::control::run(&s))
+            .spawn(move || crate::control::run(&s, resume))
             .map_err(os("starting the control thread"))?;
         self.threads.push(t);
         Ok(())
@@ -176,8 +249,14 @@ impl VduseBlk {
         if want_vhost {
             vdpa::bind_driver(&self.name, Driver::Vhost)?;
         }
+        self.wait_for_node(attach, want_vhost)
+    }
+
+    /// Wait until the bus driver `attach` asks for has made the device node; rebind once if
+    /// another driver took the device (unless `rebound` already).
+    fn wait_for_node(&mut self, attach: Attach, mut rebound: bool) -> Result<(), Error> {
+        let want_vhost = attach == Attach::Vhost;
         let deadline = Instant::now() + ATTACH_TIMEOUT;
-        let mut rebound = want_vhost;
         loop {
             if let Some(node) = vdpa::find_device_node(&self.name)? {
                 let is_vhost = node.to_string_lossy().contains("vhost-vdpa");
@@ -235,7 +314,7 @@ impl VduseBlk {
 
     fn teardown(&mut self) -> Result<(), Error> {
         let mut first_err = None;
-        if std::mem::take(&mut self.attached) {
+        if std::mem::take(&mut self.attached) && self.created {
             match VdpaClient::open().and_then(|mut v| v.del_device(&self.name)) {
                 Ok(()) => tracing::info!(name = %self.name, "detached from the vDPA bus"),
                 Err(e) => first_err = Some(Error::from(e)),
@@ -251,6 +330,9 @@ impl VduseBlk {
                 let _ = t.join();
             }
             crate::control::stop_queues(&shared);
+            if self.created {
+                shared.log.remove(); // a clean stop leaves nothing to recover
+            }
             drop(shared); // closes /dev/vduse/NAME once the last reference goes
         }
         if let Err(e) = self.backend.flush() {
@@ -275,7 +357,7 @@ impl VduseBlk {
 
 impl Drop for VduseBlk {
     fn drop(&mut self) {
-        if self.created {
+        if self.created || self.shared.is_some() {
             if let Err(e) = self.teardown() {
                 tracing::warn!(%e, "cleaning up the VDUSE device");
             }

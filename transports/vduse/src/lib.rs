@@ -13,6 +13,7 @@
 mod control;
 mod device;
 mod queue;
+mod state;
 
 pub use device::{Attach, VduseBlk, VduseOptions};
 
