@@ -1,0 +1,155 @@
+#!/bin/sh
+# Guest half of tests/vm/suite-vduse.sh (busybox ash, inside run-in-vm.sh's 6.12 kernel with
+# the vduse/vdpa modules loaded). Every check prints "ok: ..." or "GUEST-FAIL: ..." and exits.
+set -u
+fail() { echo "GUEST-FAIL: $*"; for f in /tmp/*.log; do [ -e "$f" ] && { echo "--- $f"; tail -20 "$f"; }; done; exit 1; }
+ok() { echo "ok: $* (t=$(cut -d' ' -f1 /proc/uptime)s)"; }
+md5() { md5sum | cut -d' ' -f1; }
+
+# serve NAME LOG ARGS...: start virtiod, wait for the node it prints, put it in $node/$pid.
+serve() {
+  name=$1 log=$2; shift 2
+  rm -f "/tmp/$name.out"; : >"/tmp/$name.out"
+  virtiod serve --vduse "$name" "$@" >"/tmp/$name.out" 2>"$log" &
+  pid=$!
+  i=0
+  while [ ! -s "/tmp/$name.out" ]; do
+    kill -0 $pid 2>/dev/null || fail "virtiod $name exited early: $(tail -3 "$log")"
+    i=$((i+1)); [ $i -le 300 ] || fail "virtiod $name printed no device node"
+    sleep 0.1
+  done
+  node=$(head -1 "/tmp/$name.out")
+}
+
+# stop PID NAME NODE: SIGTERM, exit 0, and nothing left behind.
+stop() {
+  kill -TERM "$1"; wait "$1"; rc=$?
+  [ $rc -eq 0 ] || fail "virtiod $2 exited $rc on SIGTERM"
+  [ ! -e "/dev/vduse/$2" ] || fail "/dev/vduse/$2 left behind"
+  [ -z "$3" ] || [ ! -e "$3" ] || fail "$3 left behind"
+  vdpa dev show "$2" >/dev/null 2>&1 && fail "vdpa device $2 left behind"
+  return 0
+}
+
+dd if=/dev/zero of=/tmp/disk.img bs=1M count=64 2>/dev/null
+
+# --- 1. 16 MiB O_DIRECT round trip on /dev/vda, data in the image after SIGTERM ---
+serve vd0 /tmp/vd0.log --serial e2e-serial-0 /tmp/disk.img
+[ "$node" = /dev/vda ] || fail "expected /dev/vda, virtiod printed $node"
+[ -b /dev/vda ] || fail "/dev/vda is not a block device"
+[ "$(cat /sys/block/vda/serial 2>/dev/null)" = e2e-serial-0 ] || fail "serial: $(cat /sys/block/vda/serial)"
+dd if=/dev/urandom of=/tmp/pat bs=1M count=16 2>/dev/null
+dd if=/tmp/pat of=/dev/vda bs=1M count=16 oflag=direct 2>/dev/null || fail "O_DIRECT write"
+dd if=/dev/vda of=/tmp/back bs=1M count=16 iflag=direct 2>/dev/null || fail "O_DIRECT read"
+[ "$(md5 </tmp/pat)" = "$(md5 </tmp/back)" ] || fail "read-back differs"
+ok "16 MiB O_DIRECT written and read back through $node"
+stop $pid vd0 /dev/vda
+dd if=/tmp/disk.img of=/tmp/img16 bs=1M count=16 2>/dev/null
+[ "$(md5 </tmp/pat)" = "$(md5 </tmp/img16)" ] || fail "image file does not hold the data after SIGTERM"
+ok "image holds the data after SIGTERM; /dev/vduse/vd0 and /dev/vda gone"
+
+# --- 2. a filesystem: mkfs, mount, write, sync, umount, remount, verify ---
+serve vd0 /tmp/vd0b.log /tmp/disk.img
+mkfs.ext4 -q -F "$node" >/tmp/mkfs.log 2>&1 || fail "mkfs.ext4: $(cat /tmp/mkfs.log)"
+mkdir -p /mnt/a && mount -t ext4 "$node" /mnt/a || fail "mount"
+dd if=/dev/urandom of=/mnt/a/f1 bs=1M count=4 2>/dev/null; cp /tmp/pat /mnt/a/f2
+sum1=$(md5 </mnt/a/f1); sync; umount /mnt/a || fail "umount"
+echo 3 >/proc/sys/vm/drop_caches
+mount -t ext4 "$node" /mnt/a || fail "remount"
+[ "$(md5 </mnt/a/f1)" = "$sum1" ] && [ "$(md5 </mnt/a/f2)" = "$(md5 </tmp/pat)" ] || fail "files differ after remount"
+umount /mnt/a
+ok "ext4 on $node survives umount/remount"
+stop $pid vd0 "$node"
+
+# --- 3. multiqueue with parallel writers, and a second device at the same time ---
+dd if=/dev/zero of=/tmp/disk2.img bs=1M count=32 2>/dev/null
+serve vd0 /tmp/mq.log --queues 2 /tmp/disk.img; mq_pid=$pid; mq_node=$node
+serve vd1 /tmp/vd1.log /tmp/disk2.img; two_pid=$pid; two_node=$node
+[ "$mq_node" != "$two_node" ] || fail "two devices got the same node"
+nq=$(ls /sys/block/${mq_node#/dev/}/mq | wc -l)
+[ "$nq" -eq 2 ] || fail "$mq_node has $nq queues, expected 2"
+for j in 0 1 2 3; do
+  dd if=/tmp/pat of="$mq_node" bs=64k count=64 seek=$((j * 64)) oflag=direct 2>/dev/null &
+done
+dd if=/tmp/pat of="$two_node" bs=1M count=16 oflag=direct 2>/dev/null &
+wait_jobs() { for p in $(jobs -p); do [ "$p" = "$mq_pid" ] || [ "$p" = "$two_pid" ] || wait "$p" || fail "writer $p failed"; done; }
+wait_jobs
+for j in 0 1 2 3; do
+  [ "$(dd if="$mq_node" bs=64k count=64 skip=$((j * 64)) iflag=direct 2>/dev/null | md5)" = "$(dd if=/tmp/pat bs=64k count=64 2>/dev/null | md5)" ] \
+    || fail "multiqueue writer $j: data differs"
+done
+[ "$(dd if="$two_node" bs=1M count=16 iflag=direct 2>/dev/null | md5)" = "$(md5 </tmp/pat)" ] || fail "second device data differs"
+ok "4 parallel writers on 2 queues of $mq_node and one on $two_node at once"
+stop $mq_pid vd0 "$mq_node"; stop $two_pid vd1 "$two_node"
+
+# --- 4. read-only ---
+before=$(md5 </tmp/disk.img)
+serve vdro /tmp/ro.log --read-only /tmp/disk.img
+[ "$(cat /sys/block/${node#/dev/}/ro)" = 1 ] || fail "kernel does not see $node read-only"
+dd if=/dev/zero of="$node" bs=4k count=1 oflag=direct 2>/dev/null && fail "write to a read-only device succeeded"
+[ "$(md5 </tmp/disk.img)" = "$before" ] || fail "read-only image changed"
+ok "read-only device refuses writes, image unchanged"
+stop $pid vdro "$node"
+
+# --- 5. --attach vhost: libblkio's vhost-vdpa driver in user space ---
+serve vdh /tmp/vh.log --attach vhost /tmp/disk2.img
+case "$node" in /dev/vhost-vdpa-*) ;; *) fail "--attach vhost printed $node" ;; esac
+timeout 120 virtiod-blkcheck virtio-blk-vhost-vdpa "$node" 8 >/tmp/blkcheck.log 2>&1 || fail "blkcheck: $(cat /tmp/blkcheck.log)"
+ok "$(cat /tmp/blkcheck.log)"
+stop $pid vdh "$node"
+
+# --- 6. bad input: a name in use, a missing image; each a clear one-line error ---
+serve vd0 /tmp/busy.log /tmp/disk.img; busy_pid=$pid; busy_node=$node
+virtiod serve --vduse vd0 /tmp/disk2.img >/dev/null 2>/tmp/err1 && fail "second vd0 started"
+grep -q "in use" /tmp/err1 || fail "name in use: $(cat /tmp/err1)"
+stop $busy_pid vd0 "$busy_node"
+virtiod serve --vduse vd2 /tmp/missing.img >/dev/null 2>/tmp/err2 && fail "missing image accepted"
+grep -q "create the image first" /tmp/err2 || fail "missing image: $(cat /tmp/err2)"
+[ ! -e /tmp/missing.img ] && [ ! -e /dev/vduse/vd2 ] || fail "missing image left something behind"
+ok "name in use and missing image refused: $(grep error /tmp/err1 | head -1)"
+
+# --- 7. restart without losing a write: five SIGKILL + restart cycles during a 48 MiB stream
+# of 4 KiB O_DIRECT writes; the writer sees only pauses, and every byte reads back.
+dd if=/dev/urandom of=/tmp/pat48 bs=1M count=48 2>/dev/null
+serve vdr /tmp/r0.log /tmp/disk.img; first=$node
+[ -e /run/virtiod/vduse-vdr.log ] || fail "no in-flight log in /run/virtiod"
+dd if=/tmp/pat48 of="$node" bs=4k oflag=direct 2>/tmp/dd.err &
+writer=$!
+during=0
+for k in 1 2 3 4 5; do
+  sleep 0.7
+  kill -0 $writer 2>/dev/null && during=$((during+1))
+  kill -KILL $pid; wait $pid 2>/dev/null
+  [ -e /dev/vduse/vdr ] || fail "SIGKILL removed the VDUSE device"
+  serve vdr /tmp/r$k.log /tmp/disk.img
+  [ "$node" = "$first" ] || fail "restart $k printed $node, expected $first"
+  grep -q "re-opening the existing VDUSE device" /tmp/r$k.log || fail "restart $k did not re-open: $(tail -3 /tmp/r$k.log)"
+done
+wait $writer || fail "the writer saw an error across restarts: $(cat /tmp/dd.err)"
+[ "$during" -ge 3 ] || fail "only $during of 5 kills hit the running writer: make the stream longer"
+[ "$(dd if="$node" bs=1M count=48 iflag=direct 2>/dev/null | md5)" = "$(md5 </tmp/pat48)" ] || fail "data differs after restarts"
+grep -h "resuming queue" /tmp/r[1-5].log | sed 's/.*resuming/resuming/' | head -5
+stop $pid vdr "$node"
+[ ! -e /run/virtiod/vduse-vdr.log ] || fail "in-flight log left behind after SIGTERM"
+[ "$(dd if=/tmp/disk.img bs=1M count=48 2>/dev/null | md5)" = "$(md5 </tmp/pat48)" ] || fail "image differs after restarts"
+ok "5 SIGKILL+restart cycles ($during during the writer): no I/O error, 48 MiB identical"
+
+# --- 8. virtiod doctor on a host where VDUSE works: exit 0, /dev/vduse/control OK ---
+virtiod doctor >/tmp/doctor.out 2>&1; rc=$?
+[ $rc -eq 0 ] || fail "virtiod doctor exited $rc: $(grep -E '^(FAIL|WARN)' /tmp/doctor.out)"
+grep -q '^OK   /dev/vduse/control' /tmp/doctor.out || fail "doctor: $(cat /tmp/doctor.out)"
+grep -q '^OK   vdpa management devices' /tmp/doctor.out || fail "doctor: $(cat /tmp/doctor.out)"
+virtiod doctor --json >/tmp/doctor.json || fail "virtiod doctor --json exited non-zero"
+grep -q '"status": "FAIL"' /tmp/doctor.json && fail "doctor --json has a FAIL: $(cat /tmp/doctor.json)"
+ok "virtiod doctor: $(grep -c '^OK' /tmp/doctor.out) checks OK, exit 0"
+
+# --- 9. VDUSE module absent (keep this section last: it unloads the modules) ---
+rmmod vhost_vdpa virtio_vdpa vduse 2>/dev/null
+if [ -e /dev/vduse/control ]; then
+  echo "note: could not unload vduse; skipping the module-absent check"
+else
+  virtiod serve --vduse vd3 /tmp/disk.img >/dev/null 2>/tmp/err3 && fail "started without VDUSE"
+  grep -q "modprobe vduse" /tmp/err3 || fail "no VDUSE: $(cat /tmp/err3)"
+  ok "without the vduse module: $(grep error /tmp/err3)"
+fi
+echo "vduse-e2e: all checks passed"
