@@ -123,7 +123,9 @@ impl Backend for FileBackend {
             direct: self.opts.direct,
             block_device: self.block_device,
             in_flight: 0,
+            unsubmitted: 0,
             done: Vec::new(),
+            cqes: Vec::with_capacity(entries as usize),
         }))
     }
 
@@ -180,7 +182,11 @@ struct FileQueue {
     direct: bool,
     block_device: bool,
     in_flight: u32,
+    /// Entries pushed to the submission queue and not yet submitted.
+    unsubmitted: u32,
     done: Vec<Completion>,
+    /// Reused buffer for completion entries (no allocation per reap).
+    cqes: Vec<(u64, i32)>,
 }
 
 fn is_aligned(iovecs: &[libc::iovec], offset: u64) -> bool {
@@ -197,9 +203,11 @@ impl FileQueue {
             // reaped (our caller's contract, or bounce buffers owned by `self.tags`).
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 self.in_flight += 1;
+                self.unsubmitted += 1;
                 return Ok(());
             }
             self.ring.submit().map_err(Error::Submit)?;
+            self.unsubmitted = 0;
         }
     }
 
@@ -287,7 +295,10 @@ impl BackendQueue for FileQueue {
     }
 
     fn commit(&mut self) -> Result<()> {
-        self.ring.submit().map_err(Error::Submit)?;
+        if self.unsubmitted > 0 {
+            self.ring.submit().map_err(Error::Submit)?;
+            self.unsubmitted = 0;
+        }
         Ok(())
     }
 
@@ -300,12 +311,10 @@ impl BackendQueue for FileQueue {
         // SAFETY: reading 8 bytes into a local buffer from our own non-blocking eventfd.
         let _ = unsafe { libc::read(self.eventfd.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
         out.append(&mut self.done);
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (user_data, result) in cqes {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(user_data, result) in &cqes {
             self.in_flight -= 1;
             let tag = user_data as u32;
             let Some(state) = self.tags.get_mut(tag as usize) else {
@@ -320,7 +329,7 @@ impl BackendQueue for FileQueue {
                 state.op = Some(Op::Discard);
                 let entry = Self::fallocate_entry(PUNCH, state.offset, state.len, tag);
                 let _ = state;
-                if self.push(entry).is_ok() && self.ring.submit().is_ok() {
+                if self.push(entry).is_ok() && self.commit().is_ok() {
                     continue;
                 }
             }
@@ -354,11 +363,13 @@ impl BackendQueue for FileQueue {
             }
             out.push((tag, outcome));
         }
+        self.cqes = cqes;
     }
 
     fn wait(&mut self) -> Result<()> {
         if self.in_flight > 0 {
             self.ring.submit_and_wait(1).map_err(Error::Submit)?;
+            self.unsubmitted = 0;
         }
         Ok(())
     }
