@@ -55,6 +55,24 @@ pub enum Command {
         virtiod serve --vhost-user /tmp/vu.sock mem:256M\n\n\
         IMAGE is a raw image file or block device, mem:SIZE (RAM) or null:SIZE (discards writes).")]
     Serve(ServeArgs),
+    /// Check whether this host can serve VDUSE devices, and what to do about what is missing.
+    #[command(after_help = "Examples:\n  \
+        virtiod doctor                         # one line per check: OK, WARN or FAIL, and the fix\n  \
+        virtiod doctor --json | jq '.[] | select(.status != \"OK\")'\n  \
+        virtiod doctor --state-dir /var/lib/virtiod\n\n\
+        Exit status: 0 when VDUSE serving is possible, 1 when a FAIL line makes it impossible.")]
+    Doctor(DoctorArgs),
+}
+
+/// `virtiod doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print a JSON array of {check, status, detail, fix}.
+    #[arg(long)]
+    pub json: bool,
+    /// The state directory whose filesystem is probed for O_DIRECT.
+    #[arg(long, value_name = "DIR", default_value = "/run/virtiod")]
+    pub state_dir: std::path::PathBuf,
 }
 
 /// `virtiod serve`.

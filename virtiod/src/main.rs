@@ -1,6 +1,7 @@
 //! `virtiod`: serve software-defined virtio devices from user space.
 
 mod cli;
+mod doctor;
 mod logging;
 mod serve;
 
@@ -14,6 +15,11 @@ fn main() {
     }
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),
+        cli::Command::Doctor(args) => match doctor::run(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => Err(e),
+        },
     };
     if let Err(err) = result {
         eprintln!("virtiod: error: {}", one_line(&err));
