@@ -306,11 +306,18 @@ impl BackendQueue for FileQueue {
         Some(self.eventfd.as_raw_fd())
     }
 
-    fn reap(&mut self, out: &mut Vec<Completion>) {
+    fn ack_completion_event(&mut self) {
         let mut counter = [0u8; 8];
         // SAFETY: reading 8 bytes into a local buffer from our own non-blocking eventfd.
         let _ = unsafe { libc::read(self.eventfd.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
         out.append(&mut self.done);
+        if self.ring.completion().is_empty() {
+            // Nothing to do, and no system call: this runs in busy-poll loops.
+            return;
+        }
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));

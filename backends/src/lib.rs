@@ -140,6 +140,9 @@ pub trait BackendQueue: Send {
     /// A file descriptor that becomes readable when completions are ready, if any. Backends
     /// without one complete requests synchronously: call [`Self::reap`] after [`Self::commit`].
     fn completion_fd(&self) -> Option<RawFd>;
+    /// Clear the readiness of [`Self::completion_fd`]; call it when woken by that fd, before
+    /// [`Self::reap`].
+    fn ack_completion_event(&mut self) {}
     /// Move ready completions into `out` (without blocking).
     fn reap(&mut self, out: &mut Vec<Completion>);
     /// Block until at least one completion is ready or nothing is in flight.

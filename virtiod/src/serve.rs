@@ -35,7 +35,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
     match (&args.vhost_user, &args.vduse) {
-        (Some(socket), _) => serve_vhost_user(cfg, backend, socket, signals),
+        (Some(socket), _) => serve_vhost_user(cfg, backend, socket, args.poll_us, signals),
         (None, Some(name)) => serve_vduse(cfg, backend, name, &args, signals),
         (None, None) => anyhow::bail!("give --vhost-user SOCKET or --vduse NAME"),
     }
@@ -57,6 +57,7 @@ fn serve_vduse(
         name: name.to_string(),
         attach,
         state_dir: args.state_dir.clone(),
+        poll: std::time::Duration::from_micros(args.poll_us),
     };
     let device = VduseBlk::create(cfg, backend, &opts)?;
     match device.node() {
@@ -88,9 +89,11 @@ fn serve_vhost_user(
     cfg: BlkConfig,
     backend: Arc<dyn Backend>,
     socket: &Path,
+    poll_us: u64,
     mut signals: Signals,
 ) -> anyhow::Result<()> {
     let device = VhostUserBlk::new(cfg, backend)?;
+    device.set_poll_us(poll_us);
     // Bind last: nothing is created unless everything before succeeded.
     let listener = bind_socket(socket)?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -271,3 +271,41 @@ fn second_client_after_first_disconnects() {
     }
     assert!(daemon.terminate().success());
 }
+
+#[test]
+fn busy_polling_server_serves_every_request() {
+    let dir = Scratch::new("poll");
+    let img = dir.image("disk.img", 16 * MIB);
+    let sock = dir.path("vu.sock");
+    let daemon = Daemon::start(
+        &sock,
+        img.to_str().unwrap(),
+        &["--poll-us", "200", "--queues", "2"],
+    );
+    let mut client = Client::connect(&sock, 2, 8 * 64 * 1024).unwrap();
+    // Queue 0 writes the first half, queue 1 the second; then each reads the other's half.
+    for (q, base, write) in [
+        (0, 0, true),
+        (1, 8 * MIB, true),
+        (1, 0, false),
+        (0, 8 * MIB, false),
+    ] {
+        let job = Job {
+            q,
+            base,
+            total: 8 * MIB,
+            chunk: 64 * 1024,
+            depth: 8,
+            seed: 21,
+            write,
+        };
+        stream(&mut client, job);
+    }
+    // Idle long enough for the poll period to end, then one more request must still be
+    // served (notifications were turned back on).
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(client.read(0, 0, 0, 4096), 0);
+    check_pattern(&client.buf()[..4096], 0, 21).unwrap();
+    assert!(daemon.terminate().success());
+    check_pattern(&std::fs::read(&img).unwrap(), 0, 21).unwrap();
+}

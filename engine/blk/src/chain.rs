@@ -50,7 +50,10 @@ impl<M: GuestMemory + ?Sized> Iterator for HeadChain<'_, M> {
             .checked_add(u64::from(self.next) * size_of::<Descriptor>() as u64)?;
         let desc: Descriptor = self.mem.read_obj(addr).ok()?;
         if desc.refers_to_indirect_table() {
-            if self.indirect || !desc.len().is_multiple_of(16) || desc.len() / 16 > u32::from(u16::MAX) {
+            if self.indirect
+                || !desc.len().is_multiple_of(16)
+                || desc.len() / 16 > u32::from(u16::MAX)
+            {
                 return None;
             }
             self.table = desc.addr();

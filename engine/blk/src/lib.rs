@@ -24,7 +24,7 @@ pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
 pub use request::{Request, RequestError, RequestType};
 pub use stats::{OpKind, QueueStats, Stats};
 pub use tracker::InflightTracker;
-pub use worker::{QueueWorker, WorkerError};
+pub use worker::{Poll, QueueWorker, WorkerError};
 
 /// Request completed successfully.
 pub const VIRTIO_BLK_S_OK: u8 = 0;

@@ -44,6 +44,8 @@ pub struct VduseOptions {
     pub attach: Attach,
     /// Directory of the in-flight log (`vduse-NAME.log`) that makes a restart lossless.
     pub state_dir: PathBuf,
+    /// Busy-poll each queue this long after its last request before sleeping (zero: never).
+    pub poll: Duration,
 }
 
 /// State shared by the control thread and the queue threads.
@@ -55,6 +57,7 @@ pub(crate) struct Shared {
     pub queues: Vec<QueueHandle>,
     pub stop: AtomicBool,
     pub stop_evt: EventFd,
+    pub poll: Duration,
 }
 
 /// A virtio-blk device served through VDUSE. Dropping it without [`VduseBlk::shutdown`]
@@ -167,7 +170,7 @@ impl VduseBlk {
             backend: backend.clone(),
             stats: Arc::new(Stats::new(cfg.num_queues as usize)),
         };
-        this.start(cfg, backend, dev, log, exists)?;
+        this.start(cfg, backend, dev, log, exists, opts.poll)?;
         if exists && vdpa_has(&opts.name) {
             this.attached = true;
             this.created = true;
@@ -190,6 +193,7 @@ impl VduseBlk {
         dev: VduseDevice,
         log: StateLog,
         resume: bool,
+        poll: Duration,
     ) -> Result<(), Error> {
         let cfg = Arc::new(cfg);
         let mut queues = Vec::new();
@@ -222,6 +226,7 @@ impl VduseBlk {
             queues,
             stop: AtomicBool::new(false),
             stop_evt: EventFd::new(EFD_NONBLOCK).map_err(os("creating an eventfd"))?,
+            poll,
         });
         self.shared = Some(shared.clone());
         for index in 0..shared.queues.len() {

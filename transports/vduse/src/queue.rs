@@ -75,7 +75,7 @@ fn serve(shared: &Arc<Shared>, index: usize) -> std::io::Result<()> {
                 TOKEN_WAKE => {
                     let _ = handle.wake.read();
                 }
-                _ => {} // completions: reaped (and the eventfd cleared) by the worker
+                _ => lock(handle).worker.ack_completion_event(),
             }
         }
         if shared.stop.load(Ordering::Acquire) {
@@ -120,13 +120,23 @@ pub(crate) fn service(shared: &Arc<Shared>, index: usize) {
                 .and_then(|n1| Ok(n1 | worker.process_queue_remap(queue, mem, &mut remap)?));
         }
     }
-    match result {
-        Ok(true) => {
-            if let Err(e) = shared.dev.inject_vq_irq(index as u32) {
-                tracing::warn!(queue = index, %e, "injecting an interrupt failed");
-            }
+    let irq = || {
+        if let Err(e) = shared.dev.inject_vq_irq(index as u32) {
+            tracing::warn!(queue = index, %e, "injecting an interrupt failed");
         }
+    };
+    match result {
+        Ok(true) => irq(),
         Ok(false) => {}
-        Err(e) => tracing::warn!(queue = index, %e, "the driver's virtqueue is broken"),
+        Err(e) => {
+            tracing::warn!(queue = index, %e, "the driver's virtqueue is broken");
+            return;
+        }
+    }
+    if !shared.poll.is_zero() {
+        let polled = worker.busy_poll(queue, mem, shared.poll, &mut remap, &mut { irq });
+        if let Err(e) = polled {
+            tracing::warn!(queue = index, %e, "the driver's virtqueue is broken");
+        }
     }
 }

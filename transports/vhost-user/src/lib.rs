@@ -10,15 +10,16 @@ mod socket;
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringState, VringT};
 use virtio_queue::QueueT;
 use virtiod_backend::Backend;
-use virtiod_blk::{BlkConfig, QueueWorker, Stats};
+use virtiod_blk::{BlkConfig, Poll, QueueWorker, Stats};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -87,6 +88,7 @@ pub struct VhostUserBlk {
     stats: Arc<Stats>,
     queues: Vec<Mutex<QueueState>>,
     event_idx: AtomicBool,
+    poll_us: AtomicU64,
 }
 
 /// Event id of a queue thread's backend completion fd (above the ids the library reserves).
@@ -116,7 +118,14 @@ impl VhostUserBlk {
             stats,
             queues,
             event_idx: AtomicBool::new(false),
+            poll_us: AtomicU64::new(0),
         }))
+    }
+
+    /// Busy-poll each queue for up to `us` microseconds after the last request before
+    /// sleeping again (0, the default: always sleep on the kick eventfd).
+    pub fn set_poll_us(&self, us: u64) {
+        self.poll_us.store(us, Ordering::Relaxed);
     }
 
     /// Request counters of this device.
@@ -211,7 +220,27 @@ impl VhostUserBlk {
         if notify {
             state.signal_used_queue()?;
         }
-        Ok(())
+        let budget = Duration::from_micros(self.poll_us.load(Ordering::Relaxed));
+        if budget.is_zero() || !(state.get_queue().ready() && state.is_enabled()) {
+            return Ok(());
+        }
+        // Busy-poll: keep serving without sleeping while requests keep coming.
+        let mut poll = Poll::new(budget);
+        let mut mem = mem;
+        loop {
+            match q
+                .worker
+                .poll_step(&mut poll, state.get_queue_mut(), &mut mem, &mut || None)
+            {
+                Ok(Some(true)) => state.signal_used_queue()?,
+                Ok(Some(false)) => {}
+                Ok(None) => return Ok(()),
+                Err(err) => {
+                    tracing::error!(queue, %err, "queue stopped until the frontend reconnects");
+                    return Err(std::io::Error::other(err.to_string()));
+                }
+            }
+        }
     }
 
     fn run(
@@ -222,6 +251,7 @@ impl VhostUserBlk {
     ) -> Result<bool, virtiod_blk::WorkerError> {
         let mut notify = false;
         if !kick {
+            worker.ack_completion_event();
             notify |= worker.process_completions(state.get_queue_mut(), mem.as_ref())?;
         }
         if state.get_queue().ready() && state.is_enabled() {
