@@ -1,0 +1,418 @@
+//! `devices.toml`: the devices one `virtiod run` serves.
+//!
+//! ```toml
+//! [[device]]
+//! name = "a"
+//! image = "/var/lib/images/a.img"   # or null:SIZE / mem:SIZE
+//! vduse = "vd-a"                    # or: vhost-user = "/run/virtiod/a.sock"
+//! queues = 2
+//! queue-size = 256
+//! read-only = false
+//! serial = "a"
+//! attach = "virtio"                 # VDUSE only: virtio | vhost | none
+//! ```
+//!
+//! Everything is checked before anything starts: unknown keys, duplicate names, sockets or
+//! VDUSE names, both or neither transport, bad values. Each error carries the line and column
+//! it is about.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Largest number of queues per device.
+pub const MAX_QUEUES: u16 = 64;
+/// Longest serial (virtio-blk GET_ID).
+pub const MAX_SERIAL: usize = 20;
+
+/// Which vDPA bus driver gets a VDUSE device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attach {
+    /// virtio_vdpa: /dev/vdX on the host.
+    Virtio,
+    /// vhost_vdpa: /dev/vhost-vdpa-N.
+    Vhost,
+    /// Create the VDUSE device only.
+    None,
+}
+
+/// How a device is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// vhost-user on this socket.
+    VhostUser(PathBuf),
+    /// VDUSE under this name.
+    Vduse {
+        /// `/dev/vduse/NAME`.
+        name: String,
+        /// Where it goes.
+        attach: Attach,
+    },
+}
+
+/// One validated device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Unique name of the device in this daemon.
+    pub name: String,
+    /// `PATH`, `mem:SIZE` or `null:SIZE`.
+    pub image: String,
+    /// The transport.
+    pub transport: Transport,
+    /// Request queues.
+    pub queues: u16,
+    /// Size of each queue.
+    pub queue_size: u16,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Page cache instead of O_DIRECT.
+    pub buffered: bool,
+    /// GET_ID serial (defaults to the name, cut to 20 bytes).
+    pub serial: String,
+}
+
+/// An error at a place in the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based line (0 when the input has no positions, e.g. JSON).
+    pub line: usize,
+    /// 1-based column in characters.
+    pub column: usize,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}:{}: {}", self.line, self.column, self.message)
+        }
+    }
+}
+
+/// Every error found, in text order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    device: Vec<Spanned<RawDevice>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSingle {
+    device: Spanned<RawDevice>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDevice {
+    name: Spanned<String>,
+    image: Spanned<String>,
+    vduse: Option<Spanned<String>>,
+    vhost_user: Option<Spanned<PathBuf>>,
+    queues: Option<Spanned<u16>>,
+    queue_size: Option<Spanned<u16>>,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    buffered: bool,
+    serial: Option<Spanned<String>>,
+    attach: Option<Spanned<Attach>>,
+}
+
+/// Maps byte offsets to line:column.
+struct Positions<'a> {
+    text: &'a str,
+}
+
+impl Positions<'_> {
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let start = span.start.min(self.text.len());
+        let before = self.text.get(..start).unwrap_or("");
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
+        ConfigError {
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn toml(&self, e: &toml::de::Error) -> ConfigError {
+        let message = e.message().trim().replace('\n', " ");
+        match e.span() {
+            Some(span) => self.error(span, message),
+            None => ConfigError {
+                line: 1,
+                column: 1,
+                message,
+            },
+        }
+    }
+}
+
+/// Parse and validate a whole `devices.toml`.
+pub fn parse(text: &str) -> Result<Vec<DeviceSpec>, ConfigErrors> {
+    let pos = Positions { text };
+    let raw: RawFile = toml::from_str(text).map_err(|e| ConfigErrors(vec![pos.toml(&e)]))?;
+    let mut errors = Vec::new();
+    let mut devices = Vec::new();
+    for dev in raw.device {
+        let span = dev.span();
+        match validate(dev.into_inner(), span, &pos) {
+            Ok(d) => devices.push(d),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if devices.is_empty() && errors.is_empty() {
+        errors.push(ConfigError {
+            line: 1,
+            column: 1,
+            message: "no devices: add a [[device]] table with name, image and vduse or vhost-user"
+                .into(),
+        });
+    }
+    check_unique(&devices, &mut errors, &pos, text);
+    errors.sort_by_key(|e| (e.line, e.column));
+    if errors.is_empty() {
+        Ok(devices)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Parse one device: a JSON object, or TOML (its keys bare or under `[device]`), as given to
+/// `virtiod ctl add`.
+pub fn parse_device(text: &str) -> Result<DeviceSpec, ConfigErrors> {
+    if text.trim_start().starts_with('{') {
+        if let Ok(value) = serde_json::from_str::<toml::Table>(text) {
+            // Re-express it as TOML so both forms share one validator (JSON has no spans).
+            let toml_text = toml::to_string(&toml::Table::from_iter([(
+                "device".to_string(),
+                toml::Value::Table(value),
+            )]))
+            .map_err(|e| one(0, e.to_string()))?;
+            return parse_device(&toml_text).map_err(|mut e| {
+                for err in &mut e.0 {
+                    (err.line, err.column) = (0, 0);
+                }
+                e
+            });
+        }
+    }
+    let pos = Positions { text };
+    let raw: Spanned<RawDevice> = if text.contains("[device]") {
+        toml::from_str::<RawSingle>(text).map(|s| s.device)
+    } else {
+        toml::from_str::<RawDevice>(text).map(|d| Spanned::new(0..0, d))
+    }
+    .map_err(|e| ConfigErrors(vec![pos.toml(&e)]))?;
+    let span = raw.span();
+    validate(raw.into_inner(), span, &pos).map_err(ConfigErrors)
+}
+
+fn one(line: usize, message: String) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        line,
+        column: 0,
+        message,
+    }])
+}
+
+fn validate(
+    raw: RawDevice,
+    span: Range<usize>,
+    pos: &Positions<'_>,
+) -> Result<DeviceSpec, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let name = raw.name.get_ref().clone();
+    let mut bad = |span: Range<usize>, msg: String| errors.push(pos.error(span, msg));
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        bad(
+            raw.name.span(),
+            format!("device name {name:?}: use letters, digits, '.', '_' or '-'"),
+        );
+    }
+    if let Err(e) = virtiod_backend::ImageSpec::parse(raw.image.get_ref()) {
+        bad(raw.image.span(), e.to_string());
+    }
+    let transport = match (&raw.vduse, &raw.vhost_user) {
+        (Some(_), Some(v)) => {
+            bad(
+                v.span(),
+                format!("device {name:?} has both vduse and vhost-user: keep one"),
+            );
+            None
+        }
+        (None, None) => {
+            bad(
+                span.clone(),
+                format!("device {name:?} has no transport: add vduse = \"NAME\" or vhost-user = \"/path/to.sock\""),
+            );
+            None
+        }
+        (Some(v), None) => {
+            let vname = v.get_ref();
+            if vname.is_empty() || vname.len() > 255 || vname.contains('/') {
+                bad(
+                    v.span(),
+                    format!("VDUSE name {vname:?}: 1 to 255 bytes, no '/'"),
+                );
+            }
+            Some(Transport::Vduse {
+                name: vname.clone(),
+                attach: raw.attach.as_ref().map_or(Attach::Virtio, |a| *a.get_ref()),
+            })
+        }
+        (None, Some(s)) => {
+            if let Some(a) = &raw.attach {
+                bad(
+                    a.span(),
+                    "attach is for VDUSE devices only: remove it or use vduse = \"NAME\"".into(),
+                );
+            }
+            if s.get_ref().as_os_str().is_empty() {
+                bad(s.span(), "vhost-user socket path is empty".into());
+            }
+            Some(Transport::VhostUser(s.get_ref().clone()))
+        }
+    };
+    let queues = raw.queues.as_ref().map_or(1, |q| *q.get_ref());
+    if let Some(q) = raw
+        .queues
+        .as_ref()
+        .filter(|_| !(1..=MAX_QUEUES).contains(&queues))
+    {
+        bad(q.span(), format!("{queues} queues: give 1 to {MAX_QUEUES}"));
+    }
+    let queue_size = raw.queue_size.as_ref().map_or(256, |q| *q.get_ref());
+    if let Some(q) = raw
+        .queue_size
+        .as_ref()
+        .filter(|_| !queue_size.is_power_of_two() || queue_size < 2)
+    {
+        bad(
+            q.span(),
+            format!("queue size {queue_size}: give a power of two from 2 to 32768 (e.g. 256)"),
+        );
+    }
+    let serial = match &raw.serial {
+        Some(s) if s.get_ref().len() > MAX_SERIAL => {
+            bad(
+                s.span(),
+                format!("serial {:?} is longer than {MAX_SERIAL} bytes", s.get_ref()),
+            );
+            String::new()
+        }
+        Some(s) => s.get_ref().clone(),
+        None => cut(&name, MAX_SERIAL),
+    };
+    match transport {
+        Some(transport) if errors.is_empty() => Ok(DeviceSpec {
+            name,
+            image: raw.image.into_inner(),
+            transport,
+            queues,
+            queue_size,
+            read_only: raw.read_only,
+            buffered: raw.buffered,
+            serial,
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Duplicate names, sockets and VDUSE names across devices. Positions are found again in the
+/// text (the second occurrence is the one reported).
+fn check_unique(
+    devices: &[DeviceSpec],
+    errors: &mut Vec<ConfigError>,
+    pos: &Positions<'_>,
+    text: &str,
+) {
+    let mut seen: HashMap<(&str, String), usize> = HashMap::new();
+    for dev in devices {
+        let mut keys = vec![("name", dev.name.clone())];
+        match &dev.transport {
+            Transport::VhostUser(p) => keys.push(("vhost-user", p.display().to_string())),
+            Transport::Vduse { name, .. } => keys.push(("vduse", name.clone())),
+        }
+        for (key, value) in keys {
+            let count = seen.entry((key, value.clone())).or_insert(0);
+            *count += 1;
+            if *count > 1 {
+                let span = find_nth_value(text, key, &value, *count).unwrap_or(0..0);
+                errors.push(pos.error(
+                    span,
+                    format!("duplicate {key} {value:?}: each device needs its own"),
+                ));
+            }
+        }
+    }
+}
+
+/// Where the `n`-th `key = "value"` assignment is (1-based `n`).
+fn find_nth_value(text: &str, key: &str, value: &str, n: usize) -> Option<Range<usize>> {
+    let mut found = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix(key) {
+            if let Some(v) = rest.trim_start().strip_prefix('=') {
+                let v = v.trim();
+                let v = v.split('#').next().unwrap_or("").trim();
+                if v.trim_matches(|c| c == '"' || c == '\'') == value {
+                    found += 1;
+                    if found == n {
+                        let start = offset + (line.len() - trimmed.len());
+                        return Some(start..start + trimmed.len());
+                    }
+                }
+            }
+        }
+        offset += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

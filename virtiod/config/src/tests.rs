@@ -1,0 +1,169 @@
+use super::*;
+
+const GOOD: &str = r#"
+[[device]]
+name = "a"
+image = "/var/lib/images/a.img"
+vduse = "vd-a"
+queues = 2
+queue-size = 256
+read-only = false
+serial = "a"
+attach = "vhost"
+
+[[device]]
+name = "b"
+image = "mem:64M"
+vhost-user = "/run/virtiod/b.sock"
+"#;
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    parse(text).expect_err("must be refused").0
+}
+
+fn at(text: &str) -> Vec<(usize, usize)> {
+    errors(text).iter().map(|e| (e.line, e.column)).collect()
+}
+
+#[test]
+fn parses_the_documented_example() {
+    let devs = parse(GOOD).unwrap();
+    assert_eq!(devs.len(), 2);
+    assert_eq!(
+        devs[0],
+        DeviceSpec {
+            name: "a".into(),
+            image: "/var/lib/images/a.img".into(),
+            transport: Transport::Vduse {
+                name: "vd-a".into(),
+                attach: Attach::Vhost
+            },
+            queues: 2,
+            queue_size: 256,
+            read_only: false,
+            buffered: false,
+            serial: "a".into(),
+        }
+    );
+    assert_eq!(
+        devs[1].transport,
+        Transport::VhostUser("/run/virtiod/b.sock".into())
+    );
+    assert_eq!((devs[1].queues, devs[1].queue_size), (1, 256));
+    assert_eq!(devs[1].serial, "b", "serial defaults to the name");
+}
+
+#[test]
+fn unknown_key_has_its_line_and_column() {
+    let text = "[[device]]\nname = \"a\"\nimage = \"mem:1M\"\nvhost-user = \"/x.sock\"\n  queue_size = 4\n";
+    let e = errors(text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!((e[0].line, e[0].column), (5, 3), "{e:?}");
+    assert!(e[0].message.contains("queue_size"), "{}", e[0]);
+    assert!(e[0].to_string().starts_with("5:3: "), "{}", e[0]);
+    // An unknown top-level table, too.
+    assert_eq!(at("[devices]\nname = 1\n")[0].0, 1);
+}
+
+#[test]
+fn both_or_neither_transport() {
+    let both = "[[device]]\nname = \"a\"\nimage = \"mem:1M\"\nvduse = \"v\"\nvhost-user = \"/s\"\n";
+    let e = errors(both);
+    assert_eq!((e[0].line, e[0].column), (5, 14), "{e:?}");
+    assert!(e[0].message.contains("both"));
+    let neither = "\n[[device]]\nname = \"a\"\nimage = \"mem:1M\"\n";
+    let e = errors(neither);
+    assert_eq!(e[0].line, 2, "{e:?}");
+    assert!(e[0].message.contains("no transport"));
+}
+
+#[test]
+fn duplicates_point_at_the_second_occurrence() {
+    let text = r#"[[device]]
+name = "a"
+image = "mem:1M"
+vhost-user = "/s.sock"
+
+[[device]]
+name = "a"
+image = "mem:1M"
+vhost-user = "/s.sock"
+
+[[device]]
+name = "c"
+image = "mem:1M"
+vduse = "v"
+
+[[device]]
+name = "d"
+image = "mem:1M"
+vduse = "v"
+"#;
+    let e = errors(text);
+    let got: Vec<(usize, &str)> = e
+        .iter()
+        .map(|e| (e.line, e.message.split(' ').nth(1).unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(7, "name"), (9, "vhost-user"), (19, "vduse")],
+        "{e:?}"
+    );
+}
+
+#[test]
+fn bad_values() {
+    let text = r#"[[device]]
+name = "a b"
+image = "disk:1"
+vhost-user = "/s"
+queues = 65
+queue-size = 100
+serial = "012345678901234567890"
+attach = "virtio"
+"#;
+    let e = errors(text);
+    let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
+    assert_eq!(lines, vec![2, 3, 5, 6, 7, 8], "{e:?}");
+    assert!(e[1].message.contains("mem:SIZE"), "{}", e[1]);
+    // Out of range for the type: toml's own error, still located.
+    assert_eq!(at("[[device]]\nname = \"a\"\nqueues = 70000\n")[0].0, 3);
+    // A wrong attach word.
+    let e =
+        errors("[[device]]\nname = \"a\"\nimage = \"mem:1M\"\nvduse = \"v\"\nattach = \"pci\"\n");
+    assert_eq!(e[0].line, 5, "{e:?}");
+}
+
+#[test]
+fn empty_file_is_refused() {
+    assert!(errors("")[0].message.contains("[[device]]"));
+    assert!(errors("# nothing\n")[0].message.contains("no devices"));
+}
+
+#[test]
+fn syntax_error_is_located() {
+    let e = errors("[[device]]\nname = \"a\nimage = 1\n");
+    assert_eq!(e[0].line, 2, "{e:?}");
+}
+
+#[test]
+fn one_device_as_toml_or_json() {
+    let bare =
+        parse_device("name = \"c\"\nimage = \"mem:16M\"\nvhost-user = \"/tmp/c.sock\"\n").unwrap();
+    assert_eq!(bare.name, "c");
+    let table =
+        parse_device("[device]\nname = \"c\"\nimage = \"mem:16M\"\nvhost-user = \"/tmp/c.sock\"\n")
+            .unwrap();
+    assert_eq!(table, bare);
+    let json = parse_device(
+        r#"{"name": "c", "image": "mem:16M", "vhost-user": "/tmp/c.sock", "queues": 1}"#,
+    )
+    .unwrap();
+    assert_eq!(json, bare);
+    let e = parse_device(r#"{"name": "c", "image": "mem:16M", "bogus": 1}"#).unwrap_err();
+    assert_eq!(e.0[0].line, 0);
+    assert!(e.to_string().contains("bogus"), "{e}");
+    let e = parse_device("name = \"c\"\nimage = \"mem:16M\"\nvhost-user = \"/s\"\nx = 1\n")
+        .unwrap_err();
+    assert_eq!(e.0[0].line, 4, "{e}");
+}
