@@ -62,7 +62,7 @@ else
   case "${SERVER:-qsd}" in
     qsd) line="qemu-storage-daemon --blockdev driver=file,node-name=f0,filename={img}"
       line+=" --export type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=on,num-queues={queues}" ;;
-    virtiod) line="${VIRTIOD:-${CARGO_TARGET_DIR:-$HERE/../../target}/release/virtiod} serve --vhost-user {sock} --queues {queues} {img}" ;;
+    virtiod) line="${VIRTIOD:-${CARGO_TARGET_DIR:-$HERE/../../target}/release/virtiod} serve --vhost-user {sock} --queues {queues} --serial vu-serial-7 {img}"; EXPECT_SERIAL=vu-serial-7 ;;
     *) line=$SERVER ;;
   esac
   line=$(subst "$line")
@@ -81,7 +81,7 @@ done
 [ -S "$sock" ] || { cat "$work/server.log" >&2; die "no socket $sock after 15 s"; }
 log "server pid $server_pid listening on $sock; booting the guest"
 
-vm_args=(--timeout "$VM_TIMEOUT" --env "FIO=$FIO"
+vm_args=(--timeout "$VM_TIMEOUT" --env "FIO=$FIO" --env "EXPECT_SERIAL=${EXPECT_SERIAL:-}"
   --qemu-arg -chardev --qemu-arg "socket,id=vu0,path=$sock"
   --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=vu0,num-queues=$NUM_QUEUES")
 [ "$FIO" = 0 ] || vm_args+=(--with-fio)

@@ -23,6 +23,13 @@ step "$DEV has $bytes bytes, logical block $(blockdev --getss "$DEV"), queues $(
 need=$(( (FIO_OFF_MB > PATTERN_OFF_MB + PATTERN_MB ? FIO_OFF_MB : PATTERN_OFF_MB + PATTERN_MB) * 1048576 ))
 [ "$bytes" -ge "$need" ] || fail "$DEV is $bytes bytes, need $need"
 
+# --- 0. GET_ID: the serial the server was given ---
+if [ -n "${EXPECT_SERIAL:-}" ]; then
+  got=$(cat "/sys/block/${DEV#/dev/}/serial" 2>/dev/null)
+  [ "$got" = "$EXPECT_SERIAL" ] || fail "serial is '$got', expected '$EXPECT_SERIAL'"
+  step "GET_ID returned the serial $got"
+fi
+
 # --- 1. raw O_DIRECT pattern round trip ---
 dd if=/dev/urandom of=/tmp/pat bs=1M count="$PATTERN_MB" 2>/dev/null || fail "make pattern"
 want=$(md5 </tmp/pat)
