@@ -4,6 +4,8 @@
 #   bash scripts/bench.sh                  # 3 alternating rounds of 5 s per workload (~5 min)
 #   BENCH_ROUNDS=5 BENCH_SECONDS=10 bash scripts/bench.sh
 #   BENCH_QUICK=1 bash scripts/bench.sh    # CI smoke: 1 round of 1 s, null workloads + 1 file
+#   VIRTIOD_ARGS="--poll-us 0" bash scripts/bench.sh   # extra virtiod flags (default:
+#                                          # --poll-us 32, like qsd's default 32 µs adaptive poll)
 #
 # Builds release binaries, then for every round and workload runs virtiod, then qsd (then fio
 # for the device limit), each server freshly started and stopped. Prints one table of medians
@@ -21,6 +23,7 @@ fi
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 IMG=$TARGET_DIR/bench-disk-1G.img
 QSD=${QSD:-qemu-storage-daemon}
+VIRTIOD_ARGS=${VIRTIOD_ARGS---poll-us 32}
 
 command -v "$QSD" >/dev/null || { echo "bench: $QSD not found (scripts/setup.sh installs it)" >&2; exit 2; }
 HAVE_FIO=0; command -v fio >/dev/null && HAVE_FIO=1
@@ -64,9 +67,12 @@ start_server() {
   rm -f "$sock"
   local cmd
   case $kind/$backend in
-    virtiod/null) cmd=("$VIRTIOD" serve --vhost-user "$sock" null:1G) ;;
-    virtiod/file) cmd=("$VIRTIOD" serve --vhost-user "$sock" "$IMG") ;;
-    qsd/null) cmd=("$QSD" --blockdev driver=null-co,node-name=n0,size=1073741824
+    # shellcheck disable=SC2206
+    virtiod/null) cmd=("$VIRTIOD" serve --vhost-user "$sock" $VIRTIOD_ARGS null:1G) ;;
+    # shellcheck disable=SC2206
+    virtiod/file) cmd=("$VIRTIOD" serve --vhost-user "$sock" $VIRTIOD_ARGS "$IMG") ;;
+    # read-zeroes=on: qsd's null device then zero-fills reads as virtiod's null: does.
+    qsd/null) cmd=("$QSD" --blockdev driver=null-co,node-name=n0,size=1073741824,read-zeroes=on
       --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path="$sock",writable=on) ;;
     qsd/file) cmd=("$QSD" --blockdev driver=file,node-name=n0,filename="$IMG",aio=io_uring,cache.direct=on
       --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path="$sock",writable=on) ;;
@@ -157,7 +163,7 @@ if [ "$QUICK" = 1 ]; then
   WORKLOADS=("${WORKLOADS[@]:0:4}" "${WORKLOADS[5]}")
 fi
 
-echo "bench: $ROUNDS round(s) x ${RUN_SECONDS}s, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+echo "bench: $ROUNDS round(s) x ${RUN_SECONDS}s, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), virtiod flags: ${VIRTIOD_ARGS:-none}" >&2
 for round in $(seq "$ROUNDS"); do
   for w in "${WORKLOADS[@]}"; do
     # shellcheck disable=SC2086

@@ -32,6 +32,9 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
   cargo fuzz run --sanitizer none "$t" "corpus/$t" -- -max_total_time="${FUZZ_SECONDS:-20}" 2>&1 | tail -2
 done)
 
+step "benchmark smoke (virtiod and qemu-storage-daemon side by side; figures not asserted)"
+BENCH_QUICK=1 bash scripts/bench.sh
+
 if [ "${QUICK:-0}" != 1 ]; then
   step "QEMU guest on virtiod's vhost-user-blk socket"
   SERVER=virtiod VIRTIOD="$PWD/target/release/virtiod" bash tests/vm/qemu-vhost-user-blk.sh
