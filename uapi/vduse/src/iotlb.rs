@@ -16,7 +16,8 @@
 //! Engines that want to fail such requests explicitly can ask [`IotlbMemory::is_writable`].
 //!
 //! Write-only entries cannot be mmapped at all (Linux needs read access on the fd); they
-//! are skipped, so accesses there fail vm-memory's bounds check. VDUSE's own bounce
+//! are skipped, so accesses there fail vm-memory's bounds check. So is an entry that ends
+//! at the very top of the 64-bit space (vm-memory regions cannot end at 2^64). VDUSE's own bounce
 //! buffer and coherent mappings are always read-write.
 //!
 //! # Lifetime
@@ -74,6 +75,12 @@ fn map_entry(entry: &IotlbEntry, fd: OwnedFd) -> Result<Option<Arc<MmapRegion<()
         IotlbPerm::ReadOnly => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE),
         IotlbPerm::WriteOnly => return Ok(None),
     };
+    // vm-memory cannot place a region whose end is 2^64: mapping it would make every later
+    // snapshot fail and with it the whole device. Skip it like a write-only entry; accesses
+    // there fail the bounds check (found by fuzz target vduse_message).
+    if entry.last == u64::MAX {
+        return Ok(None);
+    }
     let len = entry
         .len()
         .ok_or_else(|| fail("entry covers the whole 64-bit space".into()))?;

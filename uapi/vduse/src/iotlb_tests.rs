@@ -198,6 +198,27 @@ fn entry_ending_at_the_top_of_the_space_stops_the_walk() {
     assert_eq!(src.calls.get(), 1);
 }
 
+/// Regression (fuzz target vduse_message): an entry ending at u64::MAX was mapped, and
+/// every later `memory()` then failed ("region end overflows"), taking the whole IOVA space
+/// down with it. It is skipped now; the other entries stay usable.
+#[test]
+fn entry_ending_at_the_top_of_the_space_does_not_break_the_snapshot() {
+    let top = u64::MAX - PAGE + 1;
+    for perm in [IotlbPerm::ReadOnly, IotlbPerm::ReadWrite] {
+        let src = FakeIotlb::new(vec![
+            entry(0, 1, 0, IotlbPerm::ReadWrite),
+            entry(top, 1, PAGE, perm),
+        ]);
+        let mut iotlb = IotlbMemory::new();
+        assert_eq!(iotlb.map_range(&src, 0, u64::MAX).unwrap(), 1);
+        let mem = iotlb.memory().unwrap();
+        assert!(mem.read_obj::<u8>(GuestAddress(0)).is_ok());
+        assert!(mem.read_obj::<u8>(GuestAddress(top)).is_err());
+        assert!(mem.read_obj::<u8>(GuestAddress(u64::MAX)).is_err());
+        assert!(!iotlb.is_mapped(top, 1));
+    }
+}
+
 #[test]
 fn unaligned_offsets_are_refused() {
     let src = FakeIotlb::new(vec![entry(0, 1, 100, IotlbPerm::ReadWrite)]);
