@@ -62,6 +62,35 @@ pub enum Command {
         virtiod doctor --state-dir /var/lib/virtiod\n\n\
         Exit status: 0 when VDUSE serving is possible, 1 when a FAIL line makes it impossible.")]
     Doctor(DoctorArgs),
+    /// Serve every device of a devices.toml from one daemon.
+    #[command(after_help = "Examples:\n  \
+        virtiod run --config /etc/virtiod/devices.toml\n  \
+        virtiod run --config devices.toml --state-dir /var/lib/virtiod\n\n\
+        devices.toml (keys in kebab-case; exactly one of vduse / vhost-user per device):\n\n  \
+        [[device]]\n  \
+        name = \"a\"\n  \
+        image = \"/var/lib/images/a.img\"   # or null:SIZE / mem:SIZE\n  \
+        vduse = \"vd-a\"                    # or: vhost-user = \"/run/virtiod/a.sock\"\n  \
+        queues = 2\n  \
+        queue-size = 256\n  \
+        read-only = false\n  \
+        serial = \"a\"\n  \
+        attach = \"virtio\"                 # VDUSE only: virtio | vhost | none\n\n\
+        Every error in the file is reported with its line and column before anything starts;\n\
+        a device that fails to start is logged and the others are served. Prints one line per\n\
+        started device: NAME ENDPOINT. SIGTERM stops every device cleanly.")]
+    Run(RunArgs),
+}
+
+/// `virtiod run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The devices file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: std::path::PathBuf,
+    /// Where VDUSE devices keep their in-flight logs.
+    #[arg(long, value_name = "DIR", default_value = "/run/virtiod")]
+    pub state_dir: std::path::PathBuf,
 }
 
 /// `virtiod doctor`.

@@ -1,8 +1,12 @@
 //! `virtiod`: serve software-defined virtio devices from user space.
 
 mod cli;
+mod device;
 mod doctor;
 mod logging;
+mod peers;
+mod registry;
+mod run;
 mod serve;
 
 use clap::Parser;
@@ -15,6 +19,7 @@ fn main() {
     }
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),
+        cli::Command::Run(args) => run::run(args),
         cli::Command::Doctor(args) => match doctor::run(args) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),
@@ -23,7 +28,8 @@ fn main() {
     };
     if let Err(err) = result {
         eprintln!("virtiod: error: {}", one_line(&err));
-        std::process::exit(1);
+        let usage = err.downcast_ref::<run::Usage>().is_some();
+        std::process::exit(if usage { 2 } else { 1 });
     }
 }
 

@@ -10,6 +10,8 @@
 //! read-only = false
 //! serial = "a"
 //! attach = "virtio"                 # VDUSE only: virtio | vhost | none
+//! buffered = false                  # page cache instead of O_DIRECT
+//! poll-us = 0                       # busy-poll queues this long after a request
 //! ```
 //!
 //! Everything is checked before anything starts: unknown keys, duplicate names, sockets or
@@ -28,6 +30,8 @@ use toml::Spanned;
 pub const MAX_QUEUES: u16 = 64;
 /// Longest serial (virtio-blk GET_ID).
 pub const MAX_SERIAL: usize = 20;
+/// Longest busy-poll period (µs).
+pub const MAX_POLL_US: u64 = 1_000_000;
 
 /// Which vDPA bus driver gets a VDUSE device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -74,6 +78,8 @@ pub struct DeviceSpec {
     pub buffered: bool,
     /// GET_ID serial (defaults to the name, cut to 20 bytes).
     pub serial: String,
+    /// Busy-poll each queue this long (µs) after its last request (0: never).
+    pub poll_us: u64,
 }
 
 /// An error at a place in the text.
@@ -143,6 +149,7 @@ struct RawDevice {
     buffered: bool,
     serial: Option<Spanned<String>>,
     attach: Option<Spanned<Attach>>,
+    poll_us: Option<Spanned<u64>>,
 }
 
 /// Maps byte offsets to line:column.
@@ -326,6 +333,10 @@ fn validate(
             format!("queue size {queue_size}: give a power of two from 2 to 32768 (e.g. 256)"),
         );
     }
+    let poll_us = raw.poll_us.as_ref().map_or(0, |p| *p.get_ref());
+    if let Some(p) = raw.poll_us.as_ref().filter(|_| poll_us > MAX_POLL_US) {
+        bad(p.span(), format!("poll-us {poll_us}: give 0 to {MAX_POLL_US}"));
+    }
     let serial = match &raw.serial {
         Some(s) if s.get_ref().len() > MAX_SERIAL => {
             bad(
@@ -347,6 +358,7 @@ fn validate(
             read_only: raw.read_only,
             buffered: raw.buffered,
             serial,
+            poll_us,
         }),
         _ => Err(errors),
     }

@@ -1,0 +1,220 @@
+//! One served device, started from a [`DeviceSpec`] and stopped cleanly: vhost-user serves in
+//! its own thread, VDUSE through [`VduseBlk`]. `serve` runs one, `run` many.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use virtiod_backend::OpenOptions;
+use virtiod_blk::{BlkConfig, Stats};
+use virtiod_config::{Attach as AttachSpec, DeviceSpec, Transport};
+use virtiod_vduse::{Attach, VduseBlk, VduseOptions};
+use virtiod_vhost_user::{bind_socket, VhostUserBlk};
+
+/// How long a stop waits for a vhost-user serving thread to notice.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the daemon's main loop waits for.
+#[derive(Debug)]
+pub enum Event {
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// A device's serving thread ended by itself (not through [`Device::stop`]).
+    Exited {
+        /// The device name.
+        name: String,
+        /// Why.
+        result: Result<(), String>,
+    },
+}
+
+enum Kind {
+    VhostUser {
+        dev: Arc<VhostUserBlk>,
+        stop: Arc<AtomicBool>,
+        thread: JoinHandle<()>,
+        socket: PathBuf,
+    },
+    Vduse(VduseBlk),
+}
+
+/// A device being served.
+pub struct Device {
+    spec: DeviceSpec,
+    stats: Arc<Stats>,
+    endpoint: PathBuf,
+    kind: Kind,
+}
+
+impl Device {
+    /// Open the image and start serving. Nothing is left behind on failure. `events` hears
+    /// when a vhost-user server stops by itself.
+    pub fn start(
+        spec: DeviceSpec,
+        state_dir: &Path,
+        events: Sender<Event>,
+    ) -> anyhow::Result<Self> {
+        let backend = virtiod_backend::open(
+            &spec.image,
+            OpenOptions {
+                read_only: spec.read_only,
+                buffered: spec.buffered,
+            },
+        )?;
+        let info = backend.info();
+        let cfg = BlkConfig::new(&info, spec.queues, spec.queue_size, &spec.serial);
+        tracing::info!(
+            device = %spec.name,
+            image = %spec.image,
+            capacity = info.capacity,
+            queues = spec.queues,
+            queue_size = spec.queue_size,
+            read_only = info.read_only,
+            "opened image"
+        );
+        let (kind, stats, endpoint) = match &spec.transport {
+            Transport::VhostUser(socket) => {
+                let dev = VhostUserBlk::new(cfg, backend)?;
+                dev.set_poll_us(spec.poll_us);
+                // Bind last: nothing is created unless everything before succeeded.
+                let listener = bind_socket(socket)?;
+                let stop = Arc::new(AtomicBool::new(false));
+                let thread = {
+                    let (dev, stop, name) = (dev.clone(), stop.clone(), spec.name.clone());
+                    std::thread::Builder::new()
+                        .name(format!("vu-{}", spec.name))
+                        .spawn(move || {
+                            let result = dev.serve(listener, &stop).map_err(|e| e.to_string());
+                            if !stop.load(Ordering::Acquire) {
+                                let _ = events.send(Event::Exited { name, result });
+                            }
+                        })
+                        .context("cannot start a vhost-user thread")?
+                };
+                tracing::info!(device = %spec.name, socket = %socket.display(), "serving virtio-blk over vhost-user");
+                let stats = dev.stats();
+                let kind = Kind::VhostUser {
+                    dev,
+                    stop,
+                    thread,
+                    socket: socket.clone(),
+                };
+                (kind, stats, socket.clone())
+            }
+            Transport::Vduse { name, attach } => {
+                let opts = VduseOptions {
+                    name: name.clone(),
+                    attach: match attach {
+                        AttachSpec::Virtio => Attach::Virtio,
+                        AttachSpec::Vhost => Attach::Vhost,
+                        AttachSpec::None => Attach::None,
+                    },
+                    state_dir: state_dir.to_path_buf(),
+                    poll: Duration::from_micros(spec.poll_us),
+                };
+                let dev = VduseBlk::create(cfg, backend, &opts)?;
+                let endpoint = match dev.node() {
+                    Some(node) => {
+                        tracing::info!(device = %spec.name, name, node = %node.display(), "serving virtio-blk through VDUSE");
+                        node.to_path_buf()
+                    }
+                    None => {
+                        tracing::info!(
+                            device = %spec.name,
+                            name,
+                            "VDUSE device created; attach it with: vdpa dev add name {name} mgmtdev vduse"
+                        );
+                        PathBuf::from(format!("/dev/vduse/{name}"))
+                    }
+                };
+                let stats = dev.stats();
+                (Kind::Vduse(dev), stats, endpoint)
+            }
+        };
+        Ok(Self {
+            spec,
+            stats,
+            endpoint,
+            kind,
+        })
+    }
+
+    /// What it was started from.
+    pub fn spec(&self) -> &DeviceSpec {
+        &self.spec
+    }
+
+    /// Its request counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Where a driver finds it: the socket, `/dev/vdX`, `/dev/vhost-vdpa-N` or `/dev/vduse/NAME`.
+    pub fn endpoint(&self) -> &Path {
+        &self.endpoint
+    }
+
+    /// Whether it still serves (a vhost-user thread can end on a library error).
+    pub fn is_up(&self) -> bool {
+        match &self.kind {
+            Kind::VhostUser { thread, .. } => !thread.is_finished(),
+            Kind::Vduse(_) => true,
+        }
+    }
+
+    /// Stop serving: complete what is in flight, flush, and remove what was created (the
+    /// socket; the VDUSE device and its vdpa device). A connected vhost-user frontend is
+    /// disconnected.
+    pub fn stop(self) -> anyhow::Result<()> {
+        let name = self.spec.name;
+        let result = match self.kind {
+            Kind::VhostUser {
+                dev,
+                stop,
+                thread,
+                socket,
+            } => stop_vhost_user(&dev, &stop, thread, &socket),
+            Kind::Vduse(dev) => dev.shutdown().map_err(anyhow::Error::from),
+        };
+        match &result {
+            Ok(()) => tracing::info!(device = %name, "stopped cleanly"),
+            Err(err) => tracing::error!(device = %name, %err, "stopping failed"),
+        }
+        result.with_context(|| format!("device {name}"))
+    }
+}
+
+fn stop_vhost_user(
+    dev: &Arc<VhostUserBlk>,
+    stop: &AtomicBool,
+    thread: JoinHandle<()>,
+    socket: &Path,
+) -> anyhow::Result<()> {
+    stop.store(true, Ordering::Release);
+    // Complete what the frontend has in flight while it is still connected, then cut it off
+    // with the queues still locked, so nothing new starts.
+    let (quiesced, flushed) = dev.quiesce();
+    crate::peers::disconnect(socket);
+    drop(quiesced);
+    // Wake a server waiting in accept(): it takes this connection, sees it close, and stops.
+    let _ = std::os::unix::net::UnixStream::connect(socket);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while !thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if thread.is_finished() {
+        let _ = thread.join();
+    } else {
+        tracing::warn!(socket = %socket.display(), "the vhost-user thread did not stop; leaving it");
+    }
+    // Anything the frontend slipped in between: complete and flush it too.
+    let (_quiesced, flushed_again) = dev.quiesce();
+    let _ = std::fs::remove_file(socket);
+    flushed
+        .and(flushed_again)
+        .context("final flush failed: data may not be durable")
+}

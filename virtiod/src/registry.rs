@@ -1,0 +1,259 @@
+//! The devices one daemon serves, by name: started, stopped, listed; shared by the main loop,
+//! the control socket and the metrics endpoint.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+use virtiod_blk::{OpKind, Stats};
+use virtiod_config::{DeviceSpec, Transport};
+
+use crate::device::{Device, Event};
+
+/// What `list` and `stats` report about one device.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub transport: &'static str,
+    /// Socket path or device node (empty for a device that failed).
+    pub endpoint: String,
+    pub image: String,
+    pub queues: u16,
+    pub up: bool,
+    /// Why it is not up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Counters of one device, summed over its queues.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceStats {
+    pub name: String,
+    /// Completed requests by op.
+    pub requests: BTreeMap<&'static str, u64>,
+    /// Data bytes by op.
+    pub bytes: BTreeMap<&'static str, u64>,
+    pub errors: u64,
+    pub in_flight: u64,
+}
+
+impl DeviceStats {
+    pub fn of(name: &str, stats: &Stats) -> Self {
+        Self {
+            name: name.to_string(),
+            requests: OpKind::ALL
+                .iter()
+                .map(|k| (k.name(), stats.requests(*k)))
+                .collect(),
+            bytes: OpKind::ALL
+                .iter()
+                .map(|k| (k.name(), stats.bytes(*k)))
+                .collect(),
+            errors: stats.errors(),
+            in_flight: stats.in_flight(),
+        }
+    }
+}
+
+/// A device as the metrics endpoint sees it.
+pub struct MetricsView {
+    pub name: String,
+    pub queues: u16,
+    pub up: bool,
+    pub stats: Option<Arc<Stats>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    devices: BTreeMap<String, Device>,
+    /// Devices that failed to start or stopped by themselves, with the reason.
+    failed: BTreeMap<String, (DeviceSpec, String)>,
+    /// Names and endpoints being started right now (not in `devices` yet).
+    starting: BTreeSet<String>,
+}
+
+/// The daemon's devices.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    state_dir: PathBuf,
+    events: Sender<Event>,
+}
+
+fn endpoint_key(spec: &DeviceSpec) -> String {
+    match &spec.transport {
+        Transport::VhostUser(p) => format!("vhost-user socket {}", p.display()),
+        Transport::Vduse { name, .. } => format!("VDUSE name {name}"),
+    }
+}
+
+impl Registry {
+    pub fn new(state_dir: &Path, events: Sender<Event>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::default(),
+            state_dir: state_dir.to_path_buf(),
+            events,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Start a device; on failure it is remembered as failed (reported by list and metrics)
+    /// and the error returned. Returns its endpoint.
+    pub fn add(&self, spec: DeviceSpec) -> anyhow::Result<PathBuf> {
+        let (name, key) = (spec.name.clone(), endpoint_key(&spec));
+        {
+            let mut inner = self.lock();
+            let taken = inner.starting.contains(&name)
+                || inner.devices.contains_key(&name)
+                || inner.starting.contains(&key)
+                || inner
+                    .devices
+                    .values()
+                    .any(|d| endpoint_key(d.spec()) == key);
+            if taken {
+                anyhow::bail!(
+                    "a device named {name} or with the same {key} is already served: remove it first or pick another"
+                );
+            }
+            inner.failed.remove(&name);
+            inner.starting.insert(name.clone());
+            inner.starting.insert(key.clone());
+        }
+        let started = Device::start(spec.clone(), &self.state_dir, self.events.clone());
+        let mut inner = self.lock();
+        inner.starting.remove(&name);
+        inner.starting.remove(&key);
+        match started {
+            Ok(dev) => {
+                let endpoint = dev.endpoint().to_path_buf();
+                inner.devices.insert(name, dev);
+                Ok(endpoint)
+            }
+            Err(err) => {
+                inner.failed.insert(name, (spec, format!("{err:#}")));
+                Err(err)
+            }
+        }
+    }
+
+    /// Stop and forget a device.
+    pub fn remove(&self, name: &str) -> anyhow::Result<()> {
+        let dev = {
+            let mut inner = self.lock();
+            if inner.failed.remove(name).is_some() {
+                return Ok(());
+            }
+            inner.devices.remove(name)
+        };
+        match dev {
+            Some(dev) => dev.stop(),
+            None => anyhow::bail!("no device named {name}: see `virtiod ctl list`"),
+        }
+    }
+
+    /// A device stopped serving by itself: clean it up and remember why.
+    pub fn failed(&self, name: &str, reason: String) {
+        let dev = self.lock().devices.remove(name);
+        if let Some(dev) = dev {
+            let spec = dev.spec().clone();
+            let _ = dev.stop();
+            self.lock().failed.insert(name.to_string(), (spec, reason));
+        }
+    }
+
+    /// Every device, running or failed, by name.
+    pub fn list(&self) -> Vec<DeviceInfo> {
+        let inner = self.lock();
+        let running = inner.devices.values().map(|d| DeviceInfo {
+            name: d.spec().name.clone(),
+            transport: transport_name(d.spec()),
+            endpoint: d.endpoint().display().to_string(),
+            image: d.spec().image.clone(),
+            queues: d.spec().queues,
+            up: d.is_up(),
+            error: None,
+        });
+        let failed = inner.failed.values().map(|(spec, why)| DeviceInfo {
+            name: spec.name.clone(),
+            transport: transport_name(spec),
+            endpoint: String::new(),
+            image: spec.image.clone(),
+            queues: spec.queues,
+            up: false,
+            error: Some(why.clone()),
+        });
+        let mut all: Vec<DeviceInfo> = running.chain(failed).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Counters of one device or of all running ones.
+    pub fn stats(&self, name: Option<&str>) -> anyhow::Result<Vec<DeviceStats>> {
+        let inner = self.lock();
+        match name {
+            Some(n) => match inner.devices.get(n) {
+                Some(d) => Ok(vec![DeviceStats::of(n, d.stats())]),
+                None => anyhow::bail!("no running device named {n}: see `virtiod ctl list`"),
+            },
+            None => Ok(inner
+                .devices
+                .iter()
+                .map(|(n, d)| DeviceStats::of(n, d.stats()))
+                .collect()),
+        }
+    }
+
+    /// What the metrics endpoint shows.
+    pub fn metrics_view(&self) -> Vec<MetricsView> {
+        let inner = self.lock();
+        let running = inner.devices.values().map(|d| MetricsView {
+            name: d.spec().name.clone(),
+            queues: d.spec().queues,
+            up: d.is_up(),
+            stats: Some(d.stats().clone()),
+        });
+        let failed = inner.failed.values().map(|(spec, _)| MetricsView {
+            name: spec.name.clone(),
+            queues: spec.queues,
+            up: false,
+            stats: None,
+        });
+        running.chain(failed).collect()
+    }
+
+    /// How many devices serve now.
+    pub fn running(&self) -> usize {
+        self.lock().devices.len()
+    }
+
+    /// Stop every device (each completes its I/O and flushes); the first error is returned
+    /// after all were stopped.
+    pub fn stop_all(&self) -> anyhow::Result<()> {
+        let devices = std::mem::take(&mut self.lock().devices);
+        let handles: Vec<_> = devices
+            .into_values()
+            .map(|d| std::thread::spawn(move || d.stop()))
+            .collect();
+        let mut first = Ok(());
+        for h in handles {
+            let result = h
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a device panicked while stopping")));
+            if first.is_ok() {
+                first = result;
+            }
+        }
+        first
+    }
+}
+
+fn transport_name(spec: &DeviceSpec) -> &'static str {
+    match spec.transport {
+        Transport::VhostUser(_) => "vhost-user",
+        Transport::Vduse { .. } => "vduse",
+    }
+}

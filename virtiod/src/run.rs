@@ -1,0 +1,74 @@
+//! `virtiod run --config devices.toml`: one daemon, many devices.
+
+use std::sync::mpsc::channel;
+
+use anyhow::Context;
+
+use crate::cli::RunArgs;
+use crate::device::Event;
+use crate::registry::Registry;
+
+/// An operator mistake (bad config, bad arguments): exit status 2.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// Read and validate a devices file: every error as `FILE:LINE:COLUMN: what`.
+pub fn load(path: &std::path::Path) -> anyhow::Result<Vec<virtiod_config::DeviceSpec>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Usage(format!("cannot read {}: {e}", path.display())))?;
+    virtiod_config::parse(&text).map_err(|errors| {
+        let shown = path.display();
+        let all: Vec<String> = errors.0.iter().map(|e| format!("{shown}:{e}")).collect();
+        Usage(all.join("; ")).into()
+    })
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Validate everything before starting anything.
+    let specs = load(&args.config)?;
+    let (tx, rx) = channel();
+    crate::serve::forward_signals(tx.clone())?;
+    let registry = Registry::new(&args.state_dir, tx);
+    let total = specs.len();
+    for spec in specs {
+        let name = spec.name.clone();
+        match registry.add(spec) {
+            // One line per device on stdout: NAME ENDPOINT.
+            Ok(endpoint) => println!("{name} {}", endpoint.display()),
+            Err(err) => {
+                tracing::error!(device = %name, "cannot start: {err:#}; serving the others")
+            }
+        }
+    }
+    if registry.running() == 0 {
+        anyhow::bail!("none of the {total} devices could be started: see the errors above");
+    }
+    tracing::info!(running = registry.running(), of = total, "serving");
+    loop {
+        match rx.recv().context("event channel closed")? {
+            Event::Signal(sig) => {
+                tracing::info!(signal = sig, "stopping every device");
+                break;
+            }
+            Event::Exited { name, result } => {
+                let reason = match result {
+                    Ok(()) => "its server stopped".to_string(),
+                    Err(e) => e,
+                };
+                tracing::error!(device = %name, %reason, "device stopped; serving the others");
+                registry.failed(&name, reason);
+            }
+        }
+    }
+    registry.stop_all()?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

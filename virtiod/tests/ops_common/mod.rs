@@ -1,0 +1,93 @@
+//! Helpers of the operations tests (`ops_*.rs`): a `virtiod run` daemon from a devices file.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::virtiod;
+
+/// A running `virtiod run` (killed at drop if still running).
+pub struct RunDaemon {
+    pub child: Child,
+}
+
+/// Wait until a frontend could connect to `socket`.
+pub fn wait_for_socket(socket: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(e) = child.stderr.as_mut() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("virtiod exited early: {status}\n{err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nobody listens on {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // That probe was a short-lived frontend: let the daemon go back to accept.
+    std::thread::sleep(Duration::from_millis(50));
+}
+
+impl RunDaemon {
+    /// `virtiod run --config CONFIG EXTRA...`, waiting for each socket in `sockets`.
+    pub fn start(config: &Path, extra: &[&str], sockets: &[PathBuf]) -> Self {
+        let mut child = virtiod()
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn virtiod run");
+        for s in sockets {
+            wait_for_socket(s, &mut child);
+        }
+        Self { child }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety implications.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// SIGTERM, then the exit status and what it printed on stdout.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "virtiod did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut out = String::new();
+        if let Some(o) = self.child.stdout.as_mut() {
+            o.read_to_string(&mut out).unwrap();
+        }
+        (status, out)
+    }
+}
+
+impl Drop for RunDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A vhost-user device table for a devices file.
+pub fn vhost_user_device(name: &str, image: &str, socket: &Path) -> String {
+    format!(
+        "[[device]]\nname = \"{name}\"\nimage = \"{image}\"\nvhost-user = \"{}\"\n\n",
+        socket.display()
+    )
+}
