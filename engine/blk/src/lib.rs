@@ -22,7 +22,7 @@ mod worker;
 
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
 pub use request::{Request, RequestError, RequestType};
-pub use stats::{OpKind, QueueStats, Stats};
+pub use stats::{OpKind, QueueStats, Stats, LATENCY_BOUNDS_US};
 pub use tracker::InflightTracker;
 pub use worker::{Poll, QueueWorker, WorkerError};
 

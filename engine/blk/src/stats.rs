@@ -1,6 +1,14 @@
 //! Per-device request counters, shared by the queue workers and read by metrics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (µs) of the request latency histogram buckets; one more bucket counts the
+/// rest. Latency is from backend submit to backend completion.
+pub const LATENCY_BOUNDS_US: [u64; 15] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    1_000_000,
+];
 
 /// The request kinds counted separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +62,10 @@ pub struct QueueStats {
     pub errors: AtomicU64,
     /// Requests currently in flight.
     pub in_flight: AtomicU64,
+    /// Backend requests by latency bucket (see [`LATENCY_BOUNDS_US`]; not cumulative).
+    pub latency_buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    /// Sum of those latencies in nanoseconds.
+    pub latency_sum_ns: AtomicU64,
 }
 
 impl QueueStats {
@@ -63,6 +75,17 @@ impl QueueStats {
         if !ok {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub(crate) fn observe_latency(&self, latency: Duration) {
+        let us = latency.as_micros();
+        let bucket = LATENCY_BOUNDS_US
+            .iter()
+            .position(|&bound| us <= u128::from(bound))
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.latency_sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 }
 
@@ -101,10 +124,40 @@ impl Stats {
         self.sum(|q| &q.in_flight)
     }
 
+    /// Backend request latencies over all queues: per-bucket counts (not cumulative, one
+    /// more than [`LATENCY_BOUNDS_US`]) and the sum in nanoseconds.
+    pub fn latency(&self) -> (Vec<u64>, u64) {
+        let buckets = (0..=LATENCY_BOUNDS_US.len())
+            .map(|i| self.sum(|q| &q.latency_buckets[i]))
+            .collect();
+        (buckets, self.sum(|q| &q.latency_sum_ns))
+    }
+
     fn sum(&self, f: impl Fn(&QueueStats) -> &AtomicU64) -> u64 {
         self.queues
             .iter()
             .map(|q| f(q).load(Ordering::Relaxed))
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_lands_in_its_bucket() {
+        let stats = Stats::new(2);
+        stats.queues[0].observe_latency(Duration::from_micros(10));
+        stats.queues[1].observe_latency(Duration::from_micros(11));
+        stats.queues[1].observe_latency(Duration::from_secs(2));
+        let (buckets, sum_ns) = stats.latency();
+        assert_eq!(buckets.len(), LATENCY_BOUNDS_US.len() + 1);
+        assert_eq!(
+            (buckets[0], buckets[1], buckets[LATENCY_BOUNDS_US.len()]),
+            (1, 1, 1)
+        );
+        assert_eq!(buckets.iter().sum::<u64>(), 3);
+        assert_eq!(sum_ns, 2_000_021_000);
     }
 }

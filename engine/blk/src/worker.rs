@@ -35,6 +35,8 @@ struct Slot<M> {
     iovecs: Vec<libc::iovec>,
     /// Keeps the driver memory the iovecs point into mapped until completion.
     mem: Option<Arc<M>>,
+    /// When it was submitted to the backend (for the latency histogram).
+    started: std::time::Instant,
 }
 
 // SAFETY: the raw pointers in `iovecs` point into `mem`, which the slot keeps alive; a slot
@@ -109,6 +111,7 @@ where
                 data_len: 0,
                 iovecs: Vec::with_capacity(8),
                 mem: None,
+                started: std::time::Instant::now(),
             })
             .collect();
         Ok(Self {
@@ -486,6 +489,7 @@ where
             self.free.push(tag);
             return self.complete_now(queue, mem, VIRTIO_BLK_S_IOERR, 0, op_kind);
         }
+        self.slots[tag as usize].started = std::time::Instant::now();
         self.queue_stats()
             .in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -524,6 +528,7 @@ where
             let qs = &self.stats.queues[self.queue_index];
             qs.in_flight
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            qs.observe_latency(slot.started.elapsed());
             qs.completed(
                 kind,
                 if code == VIRTIO_BLK_S_OK { data_len } else { 0 },
