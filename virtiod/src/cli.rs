@@ -80,6 +80,55 @@ pub enum Command {
         a device that fails to start is logged and the others are served. Prints one line per\n\
         started device: NAME ENDPOINT. SIGTERM stops every device cleanly.")]
     Run(RunArgs),
+    /// Talk to a running daemon's control socket: list, add, remove, stats.
+    #[command(after_help = "Examples:\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock list\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock add 'name = \"c\"\n\
+        image = \"mem:1G\"\n\
+        vhost-user = \"/run/virtiod/c.sock\"'\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock add '{\"name\": \"d\", \"image\": \"/img/d.img\", \"vduse\": \"vd-d\"}'\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock add device-c.toml\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock remove c\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock stats c\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock --json stats\n\n\
+        The daemon must run with --control PATH (serve or run).")]
+    Ctl(CtlArgs),
+}
+
+/// `virtiod ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The daemon's control socket (its --control PATH).
+    #[arg(long, value_name = "PATH")]
+    pub control: std::path::PathBuf,
+    /// Print the daemon's JSON answer as it is.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// What to ask the daemon.
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Every device: name, transport, endpoint, up or DOWN (with the reason).
+    List,
+    /// Start a device: TOML (keys of one [[device]] table), a JSON object, or a file of either.
+    Add {
+        /// The device description, or a file holding it.
+        #[arg(value_name = "DEVICE")]
+        device: String,
+    },
+    /// Stop a device (completes its I/O, flushes, removes its socket or VDUSE device).
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// Request counters of one device, or of all.
+    Stats {
+        /// Its name (all devices when left out).
+        name: Option<String>,
+    },
 }
 
 /// `virtiod run`.
@@ -91,6 +140,12 @@ pub struct RunArgs {
     /// Where VDUSE devices keep their in-flight logs.
     #[arg(long, value_name = "DIR", default_value = "/run/virtiod")]
     pub state_dir: std::path::PathBuf,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9810).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Accept control commands (JSON lines; see `virtiod ctl`) on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<std::path::PathBuf>,
 }
 
 /// `virtiod doctor`.
@@ -140,6 +195,12 @@ pub struct ServeArgs {
     /// Serial number returned to the driver (at most 20 bytes).
     #[arg(long, default_value = "virtiod")]
     pub serial: String,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9810).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Accept control commands (JSON lines; see `virtiod ctl`) on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<std::path::PathBuf>,
     /// The image: a file or block device path, mem:SIZE or null:SIZE.
     #[arg(value_name = "IMAGE")]
     pub image: String,

@@ -1,9 +1,11 @@
 //! `virtiod`: serve software-defined virtio devices from user space.
 
 mod cli;
+mod control;
 mod device;
 mod doctor;
 mod logging;
+mod metrics;
 mod peers;
 mod registry;
 mod run;
@@ -20,6 +22,7 @@ fn main() {
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),
         cli::Command::Run(args) => run::run(args),
+        cli::Command::Ctl(args) => control::ctl(args),
         cli::Command::Doctor(args) => match doctor::run(args) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),

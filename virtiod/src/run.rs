@@ -37,6 +37,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (tx, rx) = channel();
     crate::serve::forward_signals(tx.clone())?;
     let registry = Registry::new(&args.state_dir, tx);
+    if let Some(addr) = args.metrics {
+        crate::metrics::start(addr, registry.clone())?;
+    }
     let total = specs.len();
     for spec in specs {
         let name = spec.name.clone();
@@ -48,9 +51,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if registry.running() == 0 {
+    if registry.running() == 0 && args.control.is_none() {
         anyhow::bail!("none of the {total} devices could be started: see the errors above");
     }
+    let _control = match &args.control {
+        Some(path) => Some(crate::control::start(path, registry.clone())?),
+        None => None,
+    };
     tracing::info!(running = registry.running(), of = total, "serving");
     loop {
         match rx.recv().context("event channel closed")? {

@@ -8,7 +8,8 @@ use signal_hook::iterator::Signals;
 use virtiod_config::{Attach, DeviceSpec, Transport};
 
 use crate::cli::{AttachArg, ServeArgs};
-use crate::device::{Device, Event};
+use crate::device::Event;
+use crate::registry::Registry;
 
 /// The device `serve`'s flags describe.
 fn spec_of(args: &ServeArgs) -> anyhow::Result<DeviceSpec> {
@@ -61,20 +62,29 @@ pub fn forward_signals(events: Sender<Event>) -> anyhow::Result<()> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let spec = spec_of(&args)?;
+    let vduse = matches!(spec.transport, Transport::Vduse { .. });
     let (tx, rx) = channel();
     forward_signals(tx.clone())?;
-    let device = Device::start(spec, &args.state_dir, tx)?;
-    if matches!(device.spec().transport, Transport::Vduse { .. }) {
-        // The one line scripts wait for: the usable device node.
-        println!("{}", device.endpoint().display());
+    let registry = Registry::new(&args.state_dir, tx);
+    if let Some(addr) = args.metrics {
+        crate::metrics::start(addr, registry.clone())?;
     }
-    wait_and_stop(device, &rx)
+    let endpoint = registry.add(spec)?;
+    if vduse {
+        // The one line scripts wait for: the usable device node.
+        println!("{}", endpoint.display());
+    }
+    let _control = match &args.control {
+        Some(path) => Some(crate::control::start(path, registry.clone())?),
+        None => None,
+    };
+    wait_and_stop(&registry, &rx)
 }
 
-fn wait_and_stop(device: Device, rx: &Receiver<Event>) -> anyhow::Result<()> {
+fn wait_and_stop(registry: &Registry, rx: &Receiver<Event>) -> anyhow::Result<()> {
     match rx.recv() {
         Ok(Event::Exited { result, .. }) => {
-            let _ = device.stop();
+            let _ = registry.stop_all();
             match result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(anyhow::anyhow!(e)).context("vhost-user server failed"),
@@ -82,8 +92,8 @@ fn wait_and_stop(device: Device, rx: &Receiver<Event>) -> anyhow::Result<()> {
         }
         Ok(Event::Signal(sig)) => {
             tracing::info!(signal = sig, "stopping: completing in-flight requests");
-            device.stop()
+            registry.stop_all()
         }
-        Err(_) => device.stop(),
+        Err(_) => registry.stop_all(),
     }
 }

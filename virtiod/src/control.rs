@@ -1,0 +1,237 @@
+//! `--control PATH`: a unix socket taking one JSON request per line and answering one JSON
+//! line each, and `virtiod ctl`, its client.
+//!
+//! ```text
+//! {"cmd":"list"}                              -> {"ok":true,"result":[{"name":"a",...}]}
+//! {"cmd":"add","device":"<TOML or JSON>"}     -> {"ok":true,"result":{"endpoint":"/run/a.sock"}}
+//! {"cmd":"remove","name":"a"}                 -> {"ok":true,"result":null}
+//! {"cmd":"stats"} / {"cmd":"stats","name":"a"} -> {"ok":true,"result":[{"name":"a","requests":{...},...}]}
+//! anything wrong                              -> {"ok":false,"error":"one line: what to do"}
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::cli::{CtlArgs, CtlCommand};
+use crate::registry::Registry;
+
+/// A request line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    List,
+    Add { device: String },
+    Remove { name: String },
+    Stats { name: Option<String> },
+}
+
+/// An answer line.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Removes the control socket when the daemon ends.
+pub struct ControlSocket(PathBuf);
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Listen on `path` (a stale socket is replaced, a live one or another file refused) and
+/// answer requests from a thread per connection.
+pub fn start(path: &Path, registry: Arc<Registry>) -> anyhow::Result<ControlSocket> {
+    let listener: UnixListener = virtiod_vhost_user::bind_socket(path).context("control socket")?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let registry = registry.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || serve_connection(stream, &registry));
+            }
+        })
+        .context("cannot start the control thread")?;
+    tracing::info!(path = %path.display(), "control socket listening");
+    Ok(ControlSocket(path.to_path_buf()))
+}
+
+fn serve_connection(stream: UnixStream, registry: &Registry) {
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut writer = stream;
+    for line in BufReader::new(read_half).lines() {
+        let Ok(line) = line else { break };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => handle(req, registry),
+            Err(e) => failure(format!(
+                "bad request ({e}): send one JSON object per line, e.g. {{\"cmd\":\"list\"}}"
+            )),
+        };
+        let mut text = serde_json::to_string(&response).unwrap_or_default();
+        text.push('\n');
+        if writer.write_all(text.as_bytes()).is_err() {
+            break;
+        }
+    }
+}
+
+fn failure(error: String) -> Response {
+    Response {
+        ok: false,
+        result: None,
+        error: Some(error.replace('\n', " ")),
+    }
+}
+
+fn success(result: Value) -> Response {
+    Response {
+        ok: true,
+        result: Some(result),
+        error: None,
+    }
+}
+
+fn handle(req: Request, registry: &Registry) -> Response {
+    let result = match req {
+        Request::List => serde_json::to_value(registry.list()).map_err(anyhow::Error::from),
+        Request::Add { device } => virtiod_config::parse_device(&device)
+            .map_err(|e| anyhow::anyhow!("device: {e}"))
+            .and_then(|spec| {
+                let name = spec.name.clone();
+                tracing::info!(device = %name, "control: add");
+                registry.add(spec)
+            })
+            .map(|endpoint| serde_json::json!({ "endpoint": endpoint })),
+        Request::Remove { name } => {
+            tracing::info!(device = %name, "control: remove");
+            registry.remove(&name).map(|()| Value::Null)
+        }
+        Request::Stats { name } => registry
+            .stats(name.as_deref())
+            .and_then(|s| serde_json::to_value(s).map_err(anyhow::Error::from)),
+    };
+    match result {
+        Ok(v) => success(v),
+        Err(e) => failure(format!("{e:#}")),
+    }
+}
+
+/// Send one request and read its answer.
+pub fn call(path: &Path, req: &Request) -> anyhow::Result<Value> {
+    let mut stream = UnixStream::connect(path).with_context(|| {
+        format!(
+            "cannot reach the daemon's control socket {}: is virtiod running with --control {}?",
+            path.display(),
+            path.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer)?;
+    let response: Response = serde_json::from_str(&answer)
+        .with_context(|| format!("unexpected answer from the daemon: {answer:?}"))?;
+    match response {
+        Response {
+            ok: true, result, ..
+        } => Ok(result.unwrap_or(Value::Null)),
+        Response { error, .. } => anyhow::bail!(error.unwrap_or_else(|| "failed".into())),
+    }
+}
+
+/// `virtiod ctl`.
+pub fn ctl(args: CtlArgs) -> anyhow::Result<()> {
+    let req = match args.command {
+        CtlCommand::List => Request::List,
+        CtlCommand::Add { device } => {
+            // A file path, or the text itself.
+            let text = match std::fs::read_to_string(&device) {
+                Ok(text) => text,
+                Err(_) => device,
+            };
+            // Check it here too, so mistakes show their line and column before any round trip.
+            virtiod_config::parse_device(&text)
+                .map_err(|e| crate::run::Usage(format!("device: {e}")))?;
+            Request::Add { device: text }
+        }
+        CtlCommand::Remove { name } => Request::Remove { name },
+        CtlCommand::Stats { name } => Request::Stats { name },
+    };
+    let kind = match &req {
+        Request::List => "list",
+        Request::Add { .. } => "add",
+        Request::Remove { .. } => "remove",
+        Request::Stats { .. } => "stats",
+    };
+    let result = call(&args.control, &req)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    match kind {
+        "list" => print_list(&result),
+        "stats" => print_stats(&result),
+        "add" => println!("{}", result["endpoint"].as_str().unwrap_or("")),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn print_list(result: &Value) {
+    for d in result.as_array().into_iter().flatten() {
+        let up = if d["up"].as_bool() == Some(true) {
+            "up"
+        } else {
+            "DOWN"
+        };
+        let s = |k: &str| d[k].as_str().unwrap_or("").to_string();
+        let mut line = format!(
+            "{} {} {} {up} queues={} image={}",
+            s("name"),
+            s("transport"),
+            s("endpoint"),
+            d["queues"],
+            s("image")
+        );
+        if let Some(err) = d["error"].as_str() {
+            line.push_str(&format!(" error={err:?}"));
+        }
+        println!("{}", line.split_whitespace().collect::<Vec<_>>().join(" "));
+    }
+}
+
+fn print_stats(result: &Value) {
+    for d in result.as_array().into_iter().flatten() {
+        let name = d["name"].as_str().unwrap_or("");
+        let ops = ["read", "write", "flush", "discard", "write_zeroes", "other"];
+        let counts: Vec<String> = ops
+            .iter()
+            .map(|op| format!("{op}={}/{}B", d["requests"][op], d["bytes"][op]))
+            .collect();
+        println!(
+            "{name} {} errors={} in_flight={}",
+            counts.join(" "),
+            d["errors"],
+            d["in_flight"]
+        );
+    }
+}
