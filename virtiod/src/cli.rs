@@ -4,7 +4,19 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Software-defined virtio devices served from user space.
 #[derive(Debug, Parser)]
-#[command(name = "virtiod", version, about, propagate_version = true)]
+#[command(
+    name = "virtiod",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Examples:\n  \
+        virtiod doctor                                      # can this host serve VDUSE?\n  \
+        virtiod serve --vduse vd0 disk.img                  # one device: the host gets /dev/vdX\n  \
+        virtiod serve --vhost-user /run/virtiod/d0.sock --metrics 127.0.0.1:9810 disk.img\n  \
+        virtiod run --config /etc/virtiod/devices.toml --control /run/virtiod/control.sock\n  \
+        virtiod ctl --control /run/virtiod/control.sock list\n\n\
+        Each command has its own examples: virtiod help COMMAND. Operations: docs/operations.md."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub log: LogArgs,
@@ -52,7 +64,8 @@ pub enum Command {
         virtiod serve --vhost-user /run/virtiod/disk0.sock disk.img\n  \
         virtiod serve --vhost-user /tmp/vu.sock --queues 4 --serial vol-7 /dev/nvme0n1p3\n  \
         virtiod serve --vhost-user /tmp/vu.sock --read-only base.img\n  \
-        virtiod serve --vhost-user /tmp/vu.sock mem:256M\n\n\
+        virtiod serve --vhost-user /tmp/vu.sock mem:256M\n  \
+        virtiod serve --vduse vd0 --metrics 127.0.0.1:9810 --control /run/virtiod/ctl.sock disk.img\n\n\
         IMAGE is a raw image file or block device, mem:SIZE (RAM) or null:SIZE (discards writes).")]
     Serve(ServeArgs),
     /// Check whether this host can serve VDUSE devices, and what to do about what is missing.

@@ -6,6 +6,7 @@ mod device;
 mod doctor;
 mod logging;
 mod metrics;
+mod notify;
 mod peers;
 mod registry;
 mod run;

@@ -59,9 +59,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     tracing::info!(running = registry.running(), of = total, "serving");
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=serving {} of {total} devices",
+        registry.running()
+    ));
     loop {
         match rx.recv().context("event channel closed")? {
             Event::Signal(sig) => {
+                crate::notify::notify("STOPPING=1");
                 tracing::info!(signal = sig, "stopping every device");
                 break;
             }

@@ -78,11 +78,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => Some(crate::control::start(path, registry.clone())?),
         None => None,
     };
+    crate::notify::notify("READY=1");
     wait_and_stop(&registry, &rx)
 }
 
 fn wait_and_stop(registry: &Registry, rx: &Receiver<Event>) -> anyhow::Result<()> {
-    match rx.recv() {
+    let event = rx.recv();
+    crate::notify::notify("STOPPING=1");
+    match event {
         Ok(Event::Exited { result, .. }) => {
             let _ = registry.stop_all();
             match result {

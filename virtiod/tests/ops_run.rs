@@ -139,3 +139,42 @@ fn all_devices_failing_is_an_error() {
         "{stderr}"
     );
 }
+
+/// `Type=notify`: READY=1 once the devices serve, STOPPING=1 on SIGTERM, for run and serve.
+#[test]
+fn systemd_notify_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = Scratch::new("run-notify");
+    let notify_path = dir.path("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let recv = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let a = dir.path("a.sock");
+    let cfg = dir.path("devices.toml");
+    std::fs::write(&cfg, vhost_user_device("a", "mem:1M", &a)).unwrap();
+    for serve in [false, true] {
+        let mut cmd = virtiod();
+        if serve {
+            cmd.args(["serve", "--vhost-user"]).arg(&a).arg("mem:1M");
+        } else {
+            cmd.args(["run", "--config"]).arg(&cfg);
+        }
+        let child = cmd.env("NOTIFY_SOCKET", &notify_path).spawn().unwrap();
+        let ready = recv();
+        assert!(ready.starts_with("READY=1"), "{ready}");
+        assert!(a.exists(), "ready means serving");
+        let daemon = Daemon {
+            child,
+            socket: a.clone(),
+        };
+        assert!(daemon.terminate().success());
+        assert_eq!(recv(), "STOPPING=1");
+        assert!(!a.exists());
+    }
+}
