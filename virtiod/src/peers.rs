@@ -10,8 +10,8 @@ use std::os::fd::RawFd;
 use std::path::Path;
 
 /// Inodes of the connected (not listening) sockets bound to `path`, from /proc/net/unix text.
-fn connected_inodes(net_unix: &str, path: &Path) -> HashSet<u64> {
-    let want = path.to_string_lossy();
+fn connected_inodes(net_unix: &str, paths: &[&Path]) -> HashSet<u64> {
+    let want: Vec<_> = paths.iter().map(|p| p.to_string_lossy()).collect();
     net_unix
         .lines()
         .skip(1)
@@ -19,7 +19,7 @@ fn connected_inodes(net_unix: &str, path: &Path) -> HashSet<u64> {
             // Num RefCount Protocol Flags Type St Inode Path
             let f: Vec<&str> = line.split_whitespace().collect();
             let (st, inode, p) = (f.get(5)?, f.get(6)?, f.get(7)?);
-            (*p == want && *st == "03").then(|| inode.parse().ok())?
+            (want.iter().any(|w| w == p) && *st == "03").then(|| inode.parse().ok())?
         })
         .collect()
 }
@@ -50,8 +50,9 @@ pub fn disconnect(path: &Path) -> usize {
     let Ok(net_unix) = std::fs::read_to_string("/proc/net/unix") else {
         return 0;
     };
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let fds = fds_of(&connected_inodes(&net_unix, &path));
+    // The kernel shows the path as it was bound: relative or absolute.
+    let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let fds = fds_of(&connected_inodes(&net_unix, &[path, &absolute]));
     for &fd in &fds {
         // SAFETY: shutdown(2) on a descriptor this process holds (found in /proc/self/fd);
         // it neither closes nor frees anything, the owner just reads end-of-file.
@@ -76,7 +77,7 @@ mod tests {
             0000000000000000: 00000003 00000000 00000000 0001 03 101 /run/a.sock\n\
             0000000000000000: 00000003 00000000 00000000 0001 03 102\n\
             0000000000000000: 00000003 00000000 00000000 0001 03 103 /run/b.sock\n";
-        let got = connected_inodes(text, Path::new("/run/a.sock"));
+        let got = connected_inodes(text, &[Path::new("/run/a.sock")]);
         assert_eq!(got, HashSet::from([101]));
     }
 
