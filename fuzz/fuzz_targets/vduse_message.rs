@@ -203,13 +203,14 @@ impl Run {
 
     fn invalidate(&mut self, op: &Op) {
         let (start, last) = self.range(op);
+        let before = self.iotlb.entries().len();
         let dropped = self.iotlb.invalidate(start, last);
+        assert_eq!(self.iotlb.entries().len(), before - dropped);
         assert!(self
             .iotlb
             .entries()
             .iter()
             .all(|e| !overlaps(e, start, last)));
-        let _ = dropped;
     }
 
     /// The core promise: accesses succeed exactly inside mapped entries.
@@ -368,11 +369,7 @@ fuzz_target!(|data: &[u8]| {
             2 => run.remove_entry(&op),
             3 | 4 => run.map_range(&op),
             5 => run.invalidate(&op),
-            6 => {
-                if op.u8(1) == 0 {
-                    run.iotlb.clear();
-                }
-            }
+            6 if op.u8(1) == 0 => run.iotlb.clear(),
             _ => {}
         }
         run.check(&op);
