@@ -335,7 +335,10 @@ fn validate(
     }
     let poll_us = raw.poll_us.as_ref().map_or(0, |p| *p.get_ref());
     if let Some(p) = raw.poll_us.as_ref().filter(|_| poll_us > MAX_POLL_US) {
-        bad(p.span(), format!("poll-us {poll_us}: give 0 to {MAX_POLL_US}"));
+        bad(
+            p.span(),
+            format!("poll-us {poll_us}: give 0 to {MAX_POLL_US}"),
+        );
     }
     let serial = match &raw.serial {
         Some(s) if s.get_ref().len() > MAX_SERIAL => {
