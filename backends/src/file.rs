@@ -6,6 +6,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
@@ -31,6 +32,9 @@ pub struct FileBackend {
     size: u64,
     opts: FileOptions,
     block_device: bool,
+    /// Set once a FLUSH failed: Linux reports a write-back error to one fsync only, so every
+    /// later FLUSH must fail too, or a driver could believe lost data is durable.
+    flush_failed: Arc<AtomicBool>,
 }
 
 impl FileBackend {
@@ -84,6 +88,7 @@ impl FileBackend {
             size,
             opts,
             block_device,
+            flush_failed: Arc::new(AtomicBool::new(false)),
         })
     }
 }
@@ -122,6 +127,7 @@ impl Backend for FileBackend {
             tags: (0..depth).map(|_| TagState::default()).collect(),
             direct: self.opts.direct,
             block_device: self.block_device,
+            flush_failed: self.flush_failed.clone(),
             in_flight: 0,
             unsubmitted: 0,
             done: Vec::new(),
@@ -130,7 +136,16 @@ impl Backend for FileBackend {
     }
 
     fn flush(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+        let synced = self.file.sync_data();
+        if synced.is_err() {
+            self.flush_failed.store(true, Ordering::Release);
+        }
+        if self.flush_failed.load(Ordering::Acquire) {
+            return Err(std::io::Error::other(
+                "an earlier FLUSH failed: data may have been lost",
+            ));
+        }
+        synced
     }
 }
 
@@ -176,6 +191,7 @@ unsafe impl Send for FileQueue {}
 
 struct FileQueue {
     _file: Arc<File>,
+    flush_failed: Arc<AtomicBool>,
     ring: IoUring,
     eventfd: OwnedFd,
     tags: Vec<TagState>,
@@ -187,6 +203,27 @@ struct FileQueue {
     done: Vec<Completion>,
     /// Reused buffer for completion entries (no allocation per reap).
     cqes: Vec<(u64, i32)>,
+}
+
+/// A failed FLUSH stays failed: once fdatasync reported an error, data may be lost for good,
+/// and the kernel would not say so again.
+fn sticky_flush(
+    outcome: std::result::Result<u32, i32>,
+    failed: &AtomicBool,
+) -> std::result::Result<u32, i32> {
+    match outcome {
+        Err(errno) => {
+            if !failed.swap(true, Ordering::AcqRel) {
+                tracing::error!(
+                    errno,
+                    "FLUSH failed: data may be lost; every later FLUSH fails too"
+                );
+            }
+            Err(errno)
+        }
+        Ok(_) if failed.load(Ordering::Acquire) => Err(libc::EIO),
+        ok => ok,
+    }
 }
 
 fn is_aligned(iovecs: &[libc::iovec], offset: u64) -> bool {
@@ -346,13 +383,16 @@ impl BackendQueue for FileQueue {
                 Some(Op::Read) | Some(Op::Write) => Some(state.len),
                 _ => None,
             };
-            let outcome = if result < 0 {
+            let mut outcome = if result < 0 {
                 Err(-result)
             } else if expected.is_some_and(|n| result as u64 != n) {
                 Err(libc::EIO) // short transfer: the image shrank under us
             } else {
                 Ok(result as u32)
             };
+            if state.op == Some(Op::Flush) {
+                outcome = sticky_flush(outcome, &self.flush_failed);
+            }
             if let (Some(b), Ok(_), Some(Op::Read)) = (&bounce, &outcome, state.op) {
                 let mut pos = 0;
                 for iov in &b.targets {
@@ -409,6 +449,16 @@ mod tests {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         }
+    }
+
+    #[test]
+    fn a_failed_flush_stays_failed() {
+        let failed = AtomicBool::new(false);
+        assert_eq!(sticky_flush(Ok(0), &failed), Ok(0));
+        assert_eq!(sticky_flush(Err(libc::EIO), &failed), Err(libc::EIO));
+        // The kernel now says all is well (errseq reports an error once): we do not.
+        assert_eq!(sticky_flush(Ok(0), &failed), Err(libc::EIO));
+        assert_eq!(sticky_flush(Ok(0), &failed), Err(libc::EIO));
     }
 
     #[test]
