@@ -3,13 +3,14 @@
 # qemu-storage-daemon --export vduse-blk (same kernel, same image in the guest's RAM,
 # alternating). Prints a table of median IOPS and the virtiod/qsd ratio. Under TCG the absolute
 # figures are emulation-bound: compare the ratios only.
-# usage: tests/vm/bench-vduse.sh   (env ROUNDS=2 SECONDS_PER_RUN=5)
+# usage: tests/vm/bench-vduse.sh   (env ROUNDS=2 SECONDS_PER_RUN=5 VIRTIOD_ARGS="--poll-us 32")
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bin=${VIRTIOD_BIN_DIR:-$here/../../target/release}
 out=$(mktemp); trap 'rm -f "$out"' EXIT
 bash "$here/run-in-vm.sh" --with-fio --timeout 900 --env "ROUNDS=${ROUNDS:-2}" \
-  --env "SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}" --bin "$bin/virtiod" \
+  --env "SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}" --env "VIRTIOD_ARGS=${VIRTIOD_ARGS:-}" \
+  --bin "$bin/virtiod" \
   --bin /usr/bin/qemu-storage-daemon "$here/guest/bench-vduse.sh" >"$out" 2>&1 || {
   grep -E "GUEST-FAIL|BENCH" "$out" || tail -20 "$out"; exit 1; }
 grep '^BENCH' "$out" | tr -d '\r' | awk '

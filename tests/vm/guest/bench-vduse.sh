@@ -7,7 +7,8 @@ fail() { echo "GUEST-FAIL: $*"; exit 1; }
 dd if=/dev/zero of=/tmp/disk.img bs=1M count=256 2>/dev/null
 wait_dev() { i=0; while [ ! -b /dev/vda ]; do i=$((i+1)); [ $i -le 200 ] || fail "no /dev/vda"; sleep 0.05; done; }
 start_virtiod() {
-  virtiod serve --vduse vb0 --buffered /tmp/disk.img >/tmp/v.out 2>/tmp/v.log &
+  # shellcheck disable=SC2086
+  virtiod serve --vduse vb0 --buffered ${VIRTIOD_ARGS:-} /tmp/disk.img >/tmp/v.out 2>/tmp/v.log &
   srv=$!; wait_dev
 }
 start_qsd() {
