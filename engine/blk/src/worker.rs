@@ -43,6 +43,9 @@ struct Slot<M> {
 // is only used by the thread that owns its worker.
 unsafe impl<M: Send + Sync> Send for Slot<M> {}
 
+/// Requests started per backend submission while a long batch is being parsed.
+const SUBMIT_BATCH: u32 = 4;
+
 /// Longest single busy-poll period before going back to the event loop.
 const MAX_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
@@ -86,6 +89,8 @@ pub struct QueueWorker<M> {
     tracker: Option<Box<dyn InflightTracker>>,
     /// Inside [`Self::busy_poll`]: driver notifications stay off.
     polling: bool,
+    /// Requests started since the backend was last told to submit.
+    unsubmitted: u32,
 }
 
 impl<M> QueueWorker<M>
@@ -126,6 +131,7 @@ where
             pending_used: false,
             tracker: None,
             polling: false,
+            unsubmitted: 0,
         })
     }
 
@@ -241,6 +247,13 @@ where
                     t.popped(self.req.head, queue.next_avail());
                 }
                 self.start(queue, mem, parsed)?;
+                self.unsubmitted += 1;
+                if self.unsubmitted >= SUBMIT_BATCH {
+                    // Start the device on the first requests of a long batch instead of after
+                    // parsing all of them: the device queue does not run dry between batches.
+                    self.io.commit()?;
+                    self.unsubmitted = 0;
+                }
             }
             if pending_seen && !popped {
                 // The ring said requests were pending, yet none could be taken: the avail
@@ -249,6 +262,7 @@ where
                 return Err(virtio_queue::Error::InvalidAvailRingIndex.into());
             }
             self.io.commit()?;
+            self.unsubmitted = 0;
             if self.io.completion_fd().is_none() {
                 self.reap(queue, mem.as_ref())?;
             }
