@@ -198,7 +198,7 @@ fn stop_vhost_user(
     // Complete what the frontend has in flight while it is still connected, then cut it off
     // with the queues still locked, so nothing new starts.
     let (quiesced, flushed) = dev.quiesce();
-    crate::peers::disconnect(socket);
+    dev.disconnect();
     drop(quiesced);
     // Wake a server waiting in accept(): it takes this connection, sees it close, and stops.
     let _ = std::os::unix::net::UnixStream::connect(socket);

@@ -7,7 +7,6 @@ mod doctor;
 mod logging;
 mod metrics;
 mod notify;
-mod peers;
 mod registry;
 mod run;
 mod serve;

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringState, VringT};
+use vhost_user_backend::{
+    ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringMutex, VringState, VringT,
+};
 use virtio_queue::QueueT;
 use virtiod_backend::Backend;
 use virtiod_blk::{BlkConfig, Poll, QueueWorker, Stats};
@@ -89,6 +91,8 @@ pub struct VhostUserBlk {
     queues: Vec<Mutex<QueueState>>,
     event_idx: AtomicBool,
     poll_us: AtomicU64,
+    /// Cuts the current frontend's connection (while one is connected).
+    connection: Mutex<Option<ShutdownHandle>>,
 }
 
 /// Event id of a queue thread's backend completion fd (above the ids the library reserves).
@@ -119,6 +123,7 @@ impl VhostUserBlk {
             queues,
             event_idx: AtomicBool::new(false),
             poll_us: AtomicU64::new(0),
+            connection: Mutex::new(None),
         }))
     }
 
@@ -126,6 +131,19 @@ impl VhostUserBlk {
     /// sleeping again (0, the default: always sleep on the kick eventfd).
     pub fn set_poll_us(&self, us: u64) {
         self.poll_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Disconnect the frontend that is connected now, if any (its requests in flight should
+    /// be completed first, see [`Self::quiesce`]). [`Self::serve`] then waits for the next one.
+    pub fn disconnect(&self) {
+        if let Some(conn) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            conn.shutdown();
+        }
     }
 
     /// Request counters of this device.
@@ -168,6 +186,7 @@ impl VhostUserBlk {
                 .start(&mut listener)
                 .map_err(|e| Error::Daemon(format!("accepting a frontend: {e}")))?;
             tracing::info!("frontend connected");
+            *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
             let handlers = daemon.get_epoll_handlers();
             for (queue, handler) in handlers.iter().enumerate() {
                 if let Some(fd) = self.lock(queue).worker.completion_fd() {
@@ -181,6 +200,10 @@ impl VhostUserBlk {
                 }
             }
             let result = daemon.wait();
+            self.connection
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             tracing::info!(?result, "frontend disconnected");
             for queue in 0..self.queues.len() {
                 let mut q = self.lock(queue);
