@@ -383,6 +383,9 @@ where
         };
         self.queue_stats()
             .completed(kind, u64::from(written), code == VIRTIO_BLK_S_OK);
+        if let Some(t) = self.tracker.as_mut() {
+            t.completing(head);
+        }
         queue.add_used(mem, head, used_len)?;
         if let Some(t) = self.tracker.as_mut() {
             t.used(head, queue.next_used());
@@ -548,6 +551,9 @@ where
                 if code == VIRTIO_BLK_S_OK { data_len } else { 0 },
                 code == VIRTIO_BLK_S_OK,
             );
+            if let Some(t) = self.tracker.as_mut() {
+                t.completing(head);
+            }
             queue.add_used(mem, head, used_len)?;
             if let Some(t) = self.tracker.as_mut() {
                 t.used(head, queue.next_used());

@@ -1,0 +1,390 @@
+//! One virtqueue: its ring state, the engine's worker, and the thread that serves it.
+//!
+//! The state lives in a mutex per queue; the queue's thread takes it for every event (kick or
+//! backend completion) and the connection's message handler takes it to change the ring's
+//! set-up. Nothing else is shared between queues on the data path.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use virtio_queue::{Queue, QueueT};
+use virtiod_blk::{Poll, QueueWorker, WorkerError};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::inflight::InflightQueue;
+
+pub(crate) type Mem = GuestMemoryMmap<()>;
+
+/// Epoll token of the thread's exit eventfd.
+const TOKEN_EXIT: u64 = 0;
+/// Epoll token of the backend's completion fd.
+const TOKEN_COMPLETION: u64 = 1;
+/// Epoll tokens of kick fds: this plus the kick's generation (a stale event is recognised).
+const TOKEN_KICK: u64 = 2;
+
+/// The state of one queue (behind its mutex).
+pub(crate) struct QueueState {
+    pub index: usize,
+    pub worker: QueueWorker<Mem>,
+    pub queue: Queue,
+    /// The driver's memory, while a frontend has set a memory table.
+    pub mem: Option<Arc<Mem>>,
+    kick: Option<File>,
+    kick_gen: u64,
+    call: Option<File>,
+    /// Started by `SET_VRING_KICK`, stopped by `GET_VRING_BASE`.
+    started: bool,
+    /// `SET_VRING_ENABLE` (or implied when protocol features were not negotiated).
+    pub enabled: bool,
+    /// The driver broke the ring: no more requests until the ring is set up again.
+    broken: bool,
+    /// Started, not yet served: the next activation reads the used index and recovers.
+    activation_pending: bool,
+    /// The current connection's queue thread epoll (kick registration).
+    epoll: Option<Arc<Epoll>>,
+    registered: Option<(i32, u64)>,
+}
+
+impl QueueState {
+    pub fn new(index: usize, worker: QueueWorker<Mem>, max_size: u16) -> Self {
+        Self {
+            index,
+            worker,
+            queue: Queue::new(max_size).unwrap_or_else(|_| fallback_queue()),
+            mem: None,
+            kick: None,
+            kick_gen: 0,
+            call: None,
+            started: false,
+            enabled: false,
+            broken: false,
+            activation_pending: false,
+            epoll: None,
+            registered: None,
+        }
+    }
+
+    /// Forget everything of the previous frontend (the worker must have been drained).
+    pub fn reset(&mut self, max_size: u16) {
+        self.unregister();
+        self.queue = Queue::new(max_size).unwrap_or_else(|_| fallback_queue());
+        self.mem = None;
+        self.kick = None;
+        self.call = None;
+        self.started = false;
+        self.enabled = false;
+        self.broken = false;
+        self.activation_pending = false;
+        self.epoll = None;
+        self.worker.set_tracker(None);
+    }
+
+    pub fn attach_epoll(&mut self, epoll: Option<Arc<Epoll>>) {
+        self.unregister();
+        self.epoll = epoll;
+        self.update_registration();
+    }
+
+    fn running(&self) -> bool {
+        self.started && self.enabled && !self.broken && self.queue.ready()
+    }
+
+    fn unregister(&mut self) {
+        if let (Some((fd, token)), Some(epoll)) = (self.registered.take(), self.epoll.as_ref()) {
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            );
+        }
+    }
+
+    /// Listen to the kick fd exactly while the ring runs.
+    fn update_registration(&mut self) {
+        let want = match (&self.kick, self.running()) {
+            (Some(kick), true) => Some((kick.as_raw_fd(), TOKEN_KICK + self.kick_gen)),
+            _ => None,
+        };
+        if want == self.registered {
+            return;
+        }
+        self.unregister();
+        if let (Some((fd, token)), Some(epoll)) = (want, self.epoll.as_ref()) {
+            match epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            ) {
+                Ok(()) => self.registered = Some((fd, token)),
+                Err(err) => tracing::error!(queue = self.index, %err, "cannot watch the kick fd"),
+            }
+        }
+    }
+
+    pub fn set_kick(&mut self, kick: Option<File>) {
+        self.unregister();
+        self.kick = kick;
+        self.kick_gen += 1;
+        self.started = true;
+        self.broken = false;
+        self.activation_pending = true;
+        self.queue.set_ready(true);
+    }
+
+    pub fn set_call(&mut self, call: Option<File>) {
+        self.call = call;
+        if self.running() {
+            // An interrupt may have been due while there was no call fd: a spurious one is
+            // harmless, a lost one hangs the driver.
+            self.signal();
+        }
+    }
+
+    pub fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+        self.update_registration();
+    }
+
+    /// Whether the ring is started, enabled and has memory, and has not been served since.
+    pub fn wants_activation(&self) -> bool {
+        self.activation_pending && self.running() && self.mem.is_some()
+    }
+
+    /// First service of a started ring: set the used index from the ring, recover in-flight
+    /// requests from `inflight` (and keep it as the tracker), then serve whatever is on the
+    /// ring already (kicks sent before we listened are lost).
+    pub fn activate(&mut self, inflight: Option<InflightQueue>, poll_us: u64) {
+        self.activation_pending = false;
+        let Some(mem) = self.mem.clone() else {
+            return;
+        };
+        let mut resubmit = Vec::new();
+        match inflight {
+            Some(mut region) => match region.recover(&mut self.queue, mem.as_ref()) {
+                Ok(found) => {
+                    if !found.heads.is_empty() || found.repaired != 0 {
+                        tracing::info!(
+                            queue = self.index,
+                            in_flight = found.heads.len(),
+                            repaired_used = found.repaired,
+                            next_avail = self.queue.next_avail(),
+                            next_used = self.queue.next_used(),
+                            "resubmitting requests in flight when the previous backend stopped"
+                        );
+                    }
+                    resubmit = found.heads;
+                    self.worker.set_tracker(Some(Box::new(region)));
+                }
+                Err(err) => {
+                    self.stop_broken(&format!("cannot read the ring to recover it: {err}"));
+                    return;
+                }
+            },
+            None => {
+                self.worker.set_tracker(None);
+                match self.queue.used_idx(mem.as_ref(), Ordering::Acquire) {
+                    Ok(used) => self.queue.set_next_used(used.0),
+                    Err(err) => {
+                        self.stop_broken(&format!("cannot read the used ring: {err}"));
+                        return;
+                    }
+                }
+            }
+        }
+        if !resubmit.is_empty() {
+            match self.worker.resubmit(&mut self.queue, &mem, &resubmit) {
+                Ok(true) => self.signal(),
+                Ok(false) => {}
+                Err(err) => {
+                    self.stop_broken(&err.to_string());
+                    return;
+                }
+            }
+        }
+        self.update_registration();
+        self.service(true, poll_us);
+    }
+
+    fn stop_broken(&mut self, why: &str) {
+        tracing::error!(
+            queue = self.index,
+            err = why,
+            "queue stopped until the frontend sets it up again"
+        );
+        self.broken = true;
+        self.update_registration();
+    }
+
+    /// Stop the ring (`GET_VRING_BASE`): complete everything in flight, stop listening, and
+    /// return the next avail index.
+    pub fn stop(&mut self) -> u16 {
+        self.drain();
+        self.started = false;
+        self.activation_pending = false;
+        self.update_registration();
+        self.queue.set_ready(false);
+        self.kick = None;
+        self.call = None;
+        self.queue.next_avail()
+    }
+
+    pub fn signal(&self) {
+        if let Some(call) = self.call.as_ref() {
+            let _ = (&*call).write(&1u64.to_ne_bytes());
+        }
+    }
+
+    /// Complete every in-flight request into the used ring (if the ring is still known).
+    pub fn drain(&mut self) {
+        let Some(mem) = self.mem.clone() else {
+            return;
+        };
+        match self.worker.drain(&mut self.queue, mem.as_ref()) {
+            Ok(true) => self.signal(),
+            Ok(false) => {}
+            Err(err) => tracing::warn!(queue = self.index, %err, "draining a queue failed"),
+        }
+    }
+
+    fn consume_kick(&mut self, token: u64) -> bool {
+        if token != TOKEN_KICK + self.kick_gen {
+            return false; // the fd this event was for has been replaced
+        }
+        if let Some(kick) = self.kick.as_ref() {
+            let mut buf = [0u8; 8];
+            let _ = (&*kick).read(&mut buf);
+        }
+        true
+    }
+
+    /// Serve the queue after a kick (`kick`) or a backend completion event, then busy-poll
+    /// for up to `poll_us` microseconds.
+    pub fn service(&mut self, kick: bool, poll_us: u64) {
+        if !kick {
+            self.worker.ack_completion_event();
+        }
+        let Some(mut mem) = self.mem.clone() else {
+            return;
+        };
+        let run = |s: &mut Self, mem: &Arc<Mem>| -> Result<bool, WorkerError> {
+            let mut notify = false;
+            if !kick {
+                notify |= s.worker.process_completions(&mut s.queue, mem.as_ref())?;
+            }
+            if s.running() {
+                notify |= s.worker.process_queue(&mut s.queue, mem)?;
+            }
+            Ok(notify)
+        };
+        match run(self, &mem) {
+            Ok(true) => self.signal(),
+            Ok(false) => {}
+            Err(err) => return self.stop_broken(&err.to_string()),
+        }
+        if poll_us == 0 || !self.running() {
+            return;
+        }
+        let mut poll = Poll::new(Duration::from_micros(poll_us));
+        loop {
+            match self
+                .worker
+                .poll_step(&mut poll, &mut self.queue, &mut mem, &mut || None)
+            {
+                Ok(Some(true)) => self.signal(),
+                Ok(Some(false)) => {}
+                Ok(None) => return,
+                Err(err) => return self.stop_broken(&err.to_string()),
+            }
+        }
+    }
+}
+
+/// Only reached if the configured queue size is not a power of two, which `BlkConfig`
+/// validation refuses earlier.
+fn fallback_queue() -> Queue {
+    Queue::new(256).unwrap_or_else(|_| unreachable!("256 is a valid queue size"))
+}
+
+/// The thread serving one queue for the current connection.
+pub(crate) struct QueueThread {
+    exit: EventFd,
+    join: Option<std::thread::JoinHandle<()>>,
+}
+
+pub(crate) fn lock(cell: &Mutex<QueueState>) -> MutexGuard<'_, QueueState> {
+    cell.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl QueueThread {
+    /// Start serving `cell`: its completion fd is watched at once, its kick fd once the ring
+    /// runs.
+    pub fn spawn(cell: Arc<Mutex<QueueState>>, poll_us: Arc<AtomicU64>) -> std::io::Result<Self> {
+        let epoll = Arc::new(Epoll::new()?);
+        let exit = EventFd::new(EFD_NONBLOCK)?;
+        epoll.ctl(
+            ControlOperation::Add,
+            exit.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_EXIT),
+        )?;
+        let index = {
+            let mut st = lock(&cell);
+            if let Some(fd) = st.worker.completion_fd() {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, TOKEN_COMPLETION),
+                )?;
+            }
+            st.attach_epoll(Some(epoll.clone()));
+            st.index
+        };
+        let join = std::thread::Builder::new()
+            .name(format!("vu-queue-{index}"))
+            .spawn(move || run(&cell, &epoll, &poll_us))?;
+        Ok(Self {
+            exit,
+            join: Some(join),
+        })
+    }
+
+    /// Stop the thread and wait for it.
+    pub fn stop(mut self) {
+        let _ = self.exit.write(1);
+        if let Some(join) = self.join.take() {
+            let _ = join.join();
+        }
+    }
+}
+
+fn run(cell: &Mutex<QueueState>, epoll: &Epoll, poll_us: &AtomicU64) {
+    let mut events = vec![EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                tracing::error!(%err, "queue thread: epoll failed");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == TOKEN_EXIT {
+                return;
+            }
+            let mut st = lock(cell);
+            let budget = poll_us.load(Ordering::Relaxed);
+            if token == TOKEN_COMPLETION {
+                st.service(false, budget);
+            } else if st.consume_kick(token) {
+                st.service(true, budget);
+            }
+        }
+    }
+}
