@@ -9,13 +9,13 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -169,12 +169,21 @@ pub struct Driver {
     next_alloc: u64,
     avail_idx: [u16; 2],
     used_seen: [u16; 2],
+    /// The in-flight region the daemon gave (`GET_INFLIGHT_FD`), kept across reconnects as
+    /// QEMU keeps it.
+    pub inflight: Option<(VhostUserInflight, File)>,
 }
 
 impl Driver {
     /// Connect and set up queue 0 (enabled) and, if the device has a second queue, queue 1
     /// (started with a kick fd but never enabled).
     pub fn connect(socket: &Path) -> Self {
+        Self::connect_with(socket, false)
+    }
+
+    /// Like [`Self::connect`]; with `inflight`, also negotiate the in-flight region and get
+    /// it from the daemon before the rings start (as QEMU does).
+    pub fn connect_with(socket: &Path, inflight: bool) -> Self {
         let regions = [(A_BASE, A_LEN), (B_BASE, B_LEN), (C_BASE, C_LEN)];
         let ranges: Vec<_> = regions
             .iter()
@@ -191,26 +200,7 @@ impl Driver {
         for (base, bytes) in &shadow {
             mem.write_slice(bytes, GuestAddress(*base)).unwrap();
         }
-        let mut fe = Frontend::connect(socket, 2).expect("connect to the daemon");
-        fe.set_owner().unwrap();
-        let offered = fe.get_features().unwrap();
-        // Everything but EVENT_IDX: the test polls the used ring and always kicks.
-        fe.set_features(offered & !(1 << VIRTIO_RING_F_EVENT_IDX))
-            .unwrap();
-        let proto = fe.get_protocol_features().unwrap();
-        let want = VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK;
-        fe.set_protocol_features(proto & want).unwrap();
-        // Every request from here on is acknowledged: set-up is done before the first kick,
-        // and a refused request is an error here.
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let num_queues = fe.get_queue_num().unwrap().min(2) as usize;
-        let table: Vec<_> = mem
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).unwrap())
-            .collect();
-        fe.set_mem_table(&table).unwrap();
+        let (fe, num_queues) = Self::handshake(socket, inflight);
         let mut d = Self {
             fe,
             mem,
@@ -220,21 +210,86 @@ impl Driver {
             next_alloc: ARENA,
             avail_idx: [0; 2],
             used_seen: [0; 2],
+            inflight: None,
         };
+        if inflight {
+            let want = VhostUserInflight::new(0, 0, num_queues as u16, QSIZE);
+            d.inflight = Some(d.fe.get_inflight_fd(&want).expect("GET_INFLIGHT_FD"));
+        }
+        d.set_mem_table();
         for (q, rings) in [Q0, Q1].into_iter().enumerate().take(num_queues) {
-            d.setup_queue(q, rings, q == 0);
+            d.setup_queue(q, rings, q == 0, true);
         }
         d
+    }
+
+    /// What a QEMU frontend does when its backend died and it reconnects (to a new daemon
+    /// on the same socket): same memory and rings, the in-flight region handed over with
+    /// `SET_INFLIGHT_FD`, and each ring's base set to its used index (the only position the
+    /// frontend knows without the dead backend). Queue 0 only.
+    pub fn reconnect(mut self, socket: &Path) -> Self {
+        let (fe, _) = Self::handshake(socket, self.inflight.is_some());
+        self.fe = fe;
+        if let Some((msg, file)) = self.inflight.as_ref() {
+            self.fe
+                .set_inflight_fd(msg, file.as_raw_fd())
+                .expect("SET_INFLIGHT_FD");
+        }
+        self.set_mem_table();
+        self.kicks.clear();
+        self._calls.clear();
+        self.setup_queue(0, Q0, true, false);
+        self
+    }
+
+    fn handshake(socket: &Path, inflight: bool) -> (Frontend, usize) {
+        let mut fe = Frontend::connect(socket, 2).expect("connect to the daemon");
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        // Everything but EVENT_IDX: the test polls the used ring and always kicks.
+        fe.set_features(offered & !(1 << VIRTIO_RING_F_EVENT_IDX))
+            .unwrap();
+        let proto = fe.get_protocol_features().unwrap();
+        let mut want = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        if inflight {
+            assert!(
+                proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+                "the daemon offers INFLIGHT_SHMFD"
+            );
+            want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        fe.set_protocol_features(proto & want).unwrap();
+        // Every request from here on is acknowledged: set-up is done before the first kick,
+        // and a refused request is an error here.
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let num_queues = fe.get_queue_num().unwrap().min(2) as usize;
+        (fe, num_queues)
+    }
+
+    fn set_mem_table(&mut self) {
+        let table: Vec<_> = self
+            .mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).unwrap())
+            .collect();
+        self.fe.set_mem_table(&table).unwrap();
     }
 
     fn host(&self, gpa: u64) -> u64 {
         self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
     }
 
-    fn setup_queue(&mut self, q: usize, rings: Rings, enable: bool) {
-        // Rings start zeroed (flags, idx), unlike the canary-filled arena.
-        self.put(rings.avail, &[0; 4 + 2 * QSIZE as usize + 2]);
-        self.put(rings.used, &[0; 4 + 8 * QSIZE as usize + 2]);
+    fn setup_queue(&mut self, q: usize, rings: Rings, enable: bool, fresh: bool) {
+        let base = if fresh {
+            // Rings start zeroed (flags, idx), unlike the canary-filled arena.
+            self.put(rings.avail, &[0; 4 + 2 * QSIZE as usize + 2]);
+            self.put(rings.used, &[0; 4 + 8 * QSIZE as usize + 2]);
+            0
+        } else {
+            self.used_idx(q)
+        };
         let config = VringConfigData {
             queue_max_size: QSIZE,
             queue_size: QSIZE,
@@ -248,7 +303,7 @@ impl Driver {
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         self.fe.set_vring_num(q, QSIZE).unwrap();
         self.fe.set_vring_addr(q, &config).unwrap();
-        self.fe.set_vring_base(q, 0).unwrap();
+        self.fe.set_vring_base(q, base.into()).unwrap();
         self.fe.set_vring_call(q, &call).unwrap();
         self.fe.set_vring_kick(q, &kick).unwrap();
         if enable {
