@@ -303,7 +303,7 @@ impl Driver {
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         self.fe.set_vring_num(q, QSIZE).unwrap();
         self.fe.set_vring_addr(q, &config).unwrap();
-        self.fe.set_vring_base(q, base.into()).unwrap();
+        self.fe.set_vring_base(q, base).unwrap();
         self.fe.set_vring_call(q, &call).unwrap();
         self.fe.set_vring_kick(q, &kick).unwrap();
         if enable {
