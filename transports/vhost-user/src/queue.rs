@@ -131,6 +131,12 @@ impl QueueState {
         self.unregister();
         self.kick = kick;
         self.kick_gen += 1;
+        if self.started && !self.activation_pending {
+            // A new kick fd for a ring that runs: only listen to it. Starting again would
+            // resubmit the in-flight requests this worker is still executing.
+            self.update_registration();
+            return;
+        }
         self.started = true;
         self.broken = false;
         self.activation_pending = true;
