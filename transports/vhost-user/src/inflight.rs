@@ -51,12 +51,12 @@ const DESC_INFLIGHT: usize = 0;
 const DESC_COUNTER: usize = 8;
 
 /// Bytes of one queue's block.
-pub(crate) fn queue_block_len(queue_size: u16) -> usize {
+pub fn queue_block_len(queue_size: u16) -> usize {
     (HEADER + DESC * usize::from(queue_size)).div_ceil(ALIGN) * ALIGN
 }
 
 /// The whole region mapped by this process.
-pub(crate) struct InflightRegion {
+pub struct InflightRegion {
     region: Arc<MmapRegion<()>>,
     num_queues: u16,
     queue_size: u16,
@@ -148,7 +148,7 @@ impl InflightRegion {
 }
 
 /// One queue's block; also the engine's [`InflightTracker`] for that queue.
-pub(crate) struct InflightQueue {
+pub struct InflightQueue {
     region: Arc<MmapRegion<()>>,
     base: usize,
     size: u16,
@@ -157,7 +157,7 @@ pub(crate) struct InflightQueue {
 
 /// What [`InflightQueue::recover`] found.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Recovered {
+pub struct Recovered {
     /// Heads to execute again, oldest first.
     pub heads: Vec<u16>,
     /// Used entries that were published but not yet recorded in the region.
@@ -225,6 +225,13 @@ impl InflightQueue {
         self.counter = 0;
     }
 
+    /// Heads recorded as in flight now.
+    pub fn in_flight(&self) -> Vec<u16> {
+        (0..self.size)
+            .filter(|&h| self.load_u8(Self::desc(h) + DESC_INFLIGHT) != 0)
+            .collect()
+    }
+
     /// Bring the block up to date with the ring when the queue starts, set the queue's next
     /// avail and used indexes, and return the heads that are still in flight (to resubmit).
     /// `mem` holds the rings; the queue's ring addresses and size must be set.
@@ -288,8 +295,9 @@ impl InflightQueue {
             self.store_u16(OFF_USED_IDX, ring_used);
             repaired = gap;
         }
-        let mut flagged: Vec<(u64, u16)> = (0..self.size)
-            .filter(|&h| self.load_u8(Self::desc(h) + DESC_INFLIGHT) != 0)
+        let mut flagged: Vec<(u64, u16)> = self
+            .in_flight()
+            .into_iter()
             .map(|h| (self.load_u64(Self::desc(h) + DESC_COUNTER), h))
             .collect();
         flagged.sort_unstable();
@@ -306,7 +314,7 @@ impl InflightQueue {
 impl InflightTracker for InflightQueue {
     fn popped(&mut self, head: u16, _next_avail: u16) {
         if head < self.size {
-            self.counter += 1;
+            self.counter = self.counter.wrapping_add(1);
             self.store_u64(Self::desc(head) + DESC_COUNTER, self.counter);
             self.store_u8(Self::desc(head) + DESC_INFLIGHT, 1);
         }
@@ -435,6 +443,23 @@ mod tests {
         let got = third.recover(&mut q, &mem).unwrap();
         assert_eq!(got.heads, vec![5, 1, 4]);
         assert_eq!(q.next_avail(), 5);
+    }
+
+    /// Found by the `inflight_recover` fuzz target: a region whose counters are at `u64::MAX`
+    /// made the next pop overflow the counter.
+    #[test]
+    fn a_hostile_counter_does_not_overflow() {
+        let (region, _file, _) = InflightRegion::create(1, QS).unwrap();
+        let (mem, mut q) = setup();
+        let mut first = region.queue(0).unwrap();
+        first.recover(&mut q, &mem).unwrap();
+        first.store_u64(InflightQueue::desc(2) + DESC_COUNTER, u64::MAX);
+        first.store_u8(InflightQueue::desc(2) + DESC_INFLIGHT, 1);
+        let mut second = region.queue(0).unwrap();
+        let got = second.recover(&mut setup().1, &mem).unwrap();
+        assert_eq!(got.heads, vec![2]);
+        second.popped(4, 2);
+        assert_eq!(second.load_u64(InflightQueue::desc(4) + DESC_COUNTER), 0);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! its predecessor had in flight and executes it again when the ring starts.
 
 mod handler;
-mod inflight;
+pub mod inflight;
 mod queue;
 mod socket;
 
