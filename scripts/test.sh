@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need and run all of them: formatting, lints, unit and integration
-# tests (the real daemon driven by libblkio), the QEMU-guest vhost-user-blk test, and the
+# tests (the real daemon driven by libblkio), the QEMU-guest vhost-user-blk tests (round trip;
+# SIGKILL + restart under a write stream), and the
 # end-to-end VDUSE suite in a VM. `.ci/run` runs exactly this.
 #
 # usage: scripts/test.sh            # everything
@@ -38,6 +39,8 @@ BENCH_QUICK=1 bash scripts/bench.sh
 if [ "${QUICK:-0}" != 1 ]; then
   step "QEMU guest on virtiod's vhost-user-blk socket"
   SERVER=virtiod VIRTIOD="$PWD/target/release/virtiod" bash tests/vm/qemu-vhost-user-blk.sh
+  step "QEMU guest: SIGKILL + restart of virtiod under its write stream (vhost-user in-flight region)"
+  VIRTIOD="$PWD/target/release/virtiod" bash tests/vm/qemu-vhost-user-reconnect.sh
   for suite in tests/vm/suite-*.sh; do
     [ -e "$suite" ] || continue
     step "VM suite $suite"
