@@ -377,9 +377,9 @@ fn never_enabled_queue(d: &mut Driver) {
     recovers(d, "kick on a never-enabled queue");
 }
 
-/// Ring set-up messages the device must refuse. The vhost-user library answers a refused
-/// message by closing the connection; the daemon then serves the next frontend, with the
-/// disk intact.
+/// Ring set-up messages the device must refuse. The daemon answers a refused message (an
+/// error reply with REPLY_ACK) and closes the connection; it then serves the next frontend,
+/// with the disk intact.
 fn ring_setup_abuse(sock: &Path) {
     let unmapped = VringConfigData {
         queue_max_size: QSIZE,

@@ -345,6 +345,9 @@ impl InflightTracker for Recorder {
     fn popped(&mut self, head: u16, next_avail: u16) {
         self.0.lock().unwrap().push(("popped", head, next_avail));
     }
+    fn completing(&mut self, head: u16) {
+        self.0.lock().unwrap().push(("completing", head, 0));
+    }
     fn used(&mut self, head: u16, next_used: u16) {
         self.0.lock().unwrap().push(("used", head, next_used));
     }
@@ -367,7 +370,9 @@ fn tracker_sees_every_pop_and_used_entry_in_order() {
         vec![
             ("popped", head_out, 1),
             ("popped", head_bad, 2),
+            ("completing", head_bad, 0),
             ("used", head_bad, 1),
+            ("completing", head_out, 0),
             ("used", head_out, 2),
         ]
     );
@@ -402,7 +407,7 @@ fn resubmit_executes_heads_that_are_no_longer_on_the_ring() {
     assert_eq!(h.status(out[2]), OK);
     // Resubmitted requests were popped by the dead process: only their used entries are new.
     let events = log.0.lock().unwrap().clone();
-    assert!(events.iter().all(|e| e.0 == "used"), "{events:?}");
+    assert!(events.iter().all(|e| e.0 != "popped"), "{events:?}");
     // A broken head (a loop) is answered without a status byte instead of crashing.
     let a = h.writable(16);
     let last = QSIZE - 1;
