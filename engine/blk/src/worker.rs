@@ -383,6 +383,17 @@ where
         };
         self.queue_stats()
             .completed(kind, u64::from(written), code == VIRTIO_BLK_S_OK);
+        self.publish_used(queue, mem, head, used_len)
+    }
+
+    /// Add the used entry for `head`, telling the in-flight tracker before and after.
+    fn publish_used(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        head: u16,
+        used_len: u32,
+    ) -> Result<(), WorkerError> {
         if let Some(t) = self.tracker.as_mut() {
             t.completing(head);
         }
@@ -551,14 +562,7 @@ where
                 if code == VIRTIO_BLK_S_OK { data_len } else { 0 },
                 code == VIRTIO_BLK_S_OK,
             );
-            if let Some(t) = self.tracker.as_mut() {
-                t.completing(head);
-            }
-            queue.add_used(mem, head, used_len)?;
-            if let Some(t) = self.tracker.as_mut() {
-                t.used(head, queue.next_used());
-            }
-            self.pending_used = true;
+            self.publish_used(queue, mem, head, used_len)?;
         }
         self.done = done;
         Ok(())

@@ -44,6 +44,24 @@ pub(crate) struct Connection {
     inflight: Option<InflightRegion>,
 }
 
+/// Map one region of the frontend's memory table.
+fn map_region(
+    region: &VhostUserMemoryRegion,
+    file: File,
+) -> VuResult<(GuestRegionMmap<()>, Mapping)> {
+    let mapped = GuestRegionMmap::new(
+        region.mmap_region(file)?,
+        GuestAddress(region.guest_phys_addr),
+    )
+    .ok_or(VuError::InvalidParam)?;
+    let mapping = Mapping {
+        frontend_va: region.user_addr,
+        size: region.memory_size,
+        gpa: region.guest_phys_addr,
+    };
+    Ok((mapped, mapping))
+}
+
 fn io_err(e: impl std::fmt::Display) -> VuError {
     VuError::ReqHandlerError(std::io::Error::other(e.to_string()))
 }
@@ -151,17 +169,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let mut regions = Vec::with_capacity(ctx.len());
         let mut mappings = Vec::with_capacity(ctx.len());
         for (region, file) in ctx.iter().zip(files) {
-            let mapped = GuestRegionMmap::new(
-                region.mmap_region(file)?,
-                GuestAddress(region.guest_phys_addr),
-            )
-            .ok_or(VuError::InvalidParam)?;
+            let (mapped, mapping) = map_region(region, file)?;
             regions.push(mapped);
-            mappings.push(Mapping {
-                frontend_va: region.user_addr,
-                size: region.memory_size,
-                gpa: region.guest_phys_addr,
-            });
+            mappings.push(mapping);
         }
         let mem = GuestMemoryMmap::from_regions(regions).map_err(io_err)?;
         self.mappings = mappings;
@@ -354,17 +364,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(VuError::InvalidParam);
         }
-        let mapped = GuestRegionMmap::new(
-            region.mmap_region(fd)?,
-            GuestAddress(region.guest_phys_addr),
-        )
-        .ok_or(VuError::InvalidParam)?;
+        let (mapped, mapping) = map_region(region, fd)?;
         let mem = self.mem.insert_region(Arc::new(mapped)).map_err(io_err)?;
-        self.mappings.push(Mapping {
-            frontend_va: region.user_addr,
-            size: region.memory_size,
-            gpa: region.guest_phys_addr,
-        });
+        self.mappings.push(mapping);
         self.install_memory(mem);
         Ok(None)
     }

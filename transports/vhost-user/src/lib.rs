@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+use virtio_queue::{Queue, QueueT};
 use virtiod_backend::Backend;
 use virtiod_blk::{BlkConfig, QueueWorker, Stats};
 
@@ -76,11 +77,9 @@ impl VhostUserBlk {
             .map(|queue| {
                 let worker = QueueWorker::new(cfg.clone(), backend.as_ref(), stats.clone(), queue)
                     .map_err(|source| Error::Worker { queue, source })?;
-                Ok(Arc::new(Mutex::new(QueueState::new(
-                    queue,
-                    worker,
-                    cfg.queue_size,
-                ))))
+                let ring = Queue::new(cfg.queue_size)
+                    .map_err(|e| Error::Daemon(format!("queue size {}: {e}", cfg.queue_size)))?;
+                Ok(Arc::new(Mutex::new(QueueState::new(queue, worker, ring))))
             })
             .collect::<Result<_, Error>>()?;
         Ok(Arc::new(Self {
@@ -198,7 +197,7 @@ impl VhostUserBlk {
         for q in &self.queues {
             let mut st = lock(q);
             st.drain();
-            st.reset(self.cfg.queue_size);
+            st.reset();
         }
         for t in threads {
             t.stop();

@@ -52,11 +52,11 @@ pub(crate) struct QueueState {
 }
 
 impl QueueState {
-    pub fn new(index: usize, worker: QueueWorker<Mem>, max_size: u16) -> Self {
+    pub fn new(index: usize, worker: QueueWorker<Mem>, queue: Queue) -> Self {
         Self {
             index,
             worker,
-            queue: Queue::new(max_size).unwrap_or_else(|_| fallback_queue()),
+            queue,
             mem: None,
             kick: None,
             kick_gen: 0,
@@ -71,9 +71,9 @@ impl QueueState {
     }
 
     /// Forget everything of the previous frontend (the worker must have been drained).
-    pub fn reset(&mut self, max_size: u16) {
+    pub fn reset(&mut self) {
         self.unregister();
-        self.queue = Queue::new(max_size).unwrap_or_else(|_| fallback_queue());
+        self.queue.reset();
         self.mem = None;
         self.kick = None;
         self.call = None;
@@ -309,12 +309,6 @@ impl QueueState {
             }
         }
     }
-}
-
-/// Only reached if the configured queue size is not a power of two, which `BlkConfig`
-/// validation refuses earlier.
-fn fallback_queue() -> Queue {
-    Queue::new(256).unwrap_or_else(|_| unreachable!("256 is a valid queue size"))
 }
 
 /// The thread serving one queue for the current connection.
