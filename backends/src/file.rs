@@ -1,6 +1,5 @@
 //! Raw image files and block devices, served with `io_uring` (one ring per queue).
 
-use std::alloc::Layout;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -11,7 +10,9 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::{Backend, BackendInfo, BackendQueue, Completion, Error, IoRequest, Op, Result};
+use crate::{
+    Backend, BackendInfo, BackendQueue, Completion, Error, IoBuffers, IoRequest, Op, Result,
+};
 
 /// Alignment `O_DIRECT` needs for buffer addresses, lengths and offsets.
 const DIRECT_ALIGN: usize = 512;
@@ -149,45 +150,72 @@ impl Backend for FileBackend {
     }
 }
 
-/// An aligned copy buffer for driver buffers that `O_DIRECT` cannot take as they are.
+/// One page of a bounce buffer; a `Vec` of them is page-aligned, as `O_DIRECT` needs.
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Block([u8; 4096]);
+
+/// An aligned copy of driver buffers that `O_DIRECT` cannot take as they are.
 struct Bounce {
-    ptr: *mut u8,
-    layout: Layout,
-    /// The driver's buffers, to copy read data back into.
-    targets: Vec<libc::iovec>,
+    blocks: Vec<Block>,
 }
 
 impl Bounce {
+    /// A zeroed bounce buffer of at least `len` bytes, `None` if memory is short.
     fn new(len: usize) -> Option<Self> {
-        let layout = Layout::from_size_align(len.max(DIRECT_ALIGN), 4096).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        (!ptr.is_null()).then_some(Self {
-            ptr,
-            layout,
-            targets: Vec::new(),
-        })
+        let count = len.div_ceil(4096).max(1);
+        let mut blocks = Vec::new();
+        blocks.try_reserve_exact(count).ok()?;
+        blocks.resize(count, Block([0; 4096]));
+        Some(Self { blocks })
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.blocks.as_mut_ptr().cast()
+    }
+
+    /// Copy the first `len` bytes of `buffers` in (a WRITE's data).
+    fn load(&mut self, buffers: &IoBuffers, len: usize) -> std::result::Result<(), i32> {
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            let start = i * 4096;
+            let n = len.saturating_sub(start).min(4096);
+            if n == 0 {
+                break;
+            }
+            buffers
+                .copy_to_slice(start, &mut block.0[..n])
+                .map_err(|_| libc::EFAULT)?;
+        }
+        Ok(())
+    }
+
+    /// Copy the first `len` bytes out into `buffers` (a READ's data).
+    fn store(&self, buffers: &mut IoBuffers, len: usize) -> std::result::Result<(), i32> {
+        for (i, block) in self.blocks.iter().enumerate() {
+            let start = i * 4096;
+            let n = len.saturating_sub(start).min(4096);
+            if n == 0 {
+                break;
+            }
+            buffers
+                .copy_from_slice(start, &block.0[..n])
+                .map_err(|_| libc::EFAULT)?;
+        }
+        Ok(())
     }
 }
 
-impl Drop for Bounce {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
-    }
-}
-
+/// A request in flight: what the completion needs, and everything the kernel may access.
 #[derive(Default)]
 struct TagState {
     op: Option<Op>,
     offset: u64,
     len: u64,
+    /// The request's buffers: READV/WRITEV point into them (and at their iovec array).
+    buffers: IoBuffers,
+    /// READ/WRITE through an aligned copy point into this instead.
     bounce: Option<Bounce>,
 }
-
-// SAFETY: the raw pointers in Bounce and iovec point to memory owned by the bounce buffer or
-// to driver memory the caller of `submit` keeps valid; a FileQueue is used by one thread at a time.
-unsafe impl Send for FileQueue {}
 
 struct FileQueue {
     _file: Arc<File>,
@@ -236,8 +264,12 @@ fn is_aligned(iovecs: &[libc::iovec], offset: u64) -> bool {
 impl FileQueue {
     fn push(&mut self, entry: io_uring::squeue::Entry) -> Result<()> {
         loop {
-            // SAFETY: every buffer an entry refers to is kept valid until its completion is
-            // reaped (our caller's contract, or bounce buffers owned by `self.tags`).
+            // SAFETY: every buffer an entry refers to belongs to its request's `TagState` in
+            // `self.tags` until the completion is reaped: the request's `IoBuffers` (the iovec
+            // array and the host ranges it lists, kept mapped by the driver-memory `Arc` the
+            // buffers own, writable by the device for reads as the engine checked) or its
+            // bounce buffer. `reap` releases them only after their completion entry arrived,
+            // and `Drop` waits for every entry still in flight.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 self.in_flight += 1;
                 self.unsubmitted += 1;
@@ -261,74 +293,72 @@ const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
 impl BackendQueue for FileQueue {
-    unsafe fn submit(&mut self, req: &IoRequest<'_>, tag: u32) -> Result<()> {
+    fn submit(&mut self, req: IoRequest, tag: u32) -> Result<()> {
         let fd = types::Fixed(0);
-        let user_data = u64::from(tag);
+        let direct = self.direct;
+        let block_device = self.block_device;
         let state = self.tags.get_mut(tag as usize).ok_or(Error::Submit(
             std::io::Error::from_raw_os_error(libc::EINVAL),
         ))?;
-        state.op = Some(req.op);
-        state.offset = req.offset;
-        state.len = req.len;
-        let entry = match req.op {
-            Op::Read | Op::Write if self.direct && !is_aligned(req.iovecs, req.offset) => {
-                let bounce = Bounce::new(req.len as usize).ok_or(Error::Submit(
-                    std::io::Error::from_raw_os_error(libc::ENOMEM),
-                ))?;
-                let mut pos = 0;
-                for iov in req.iovecs {
-                    if req.op == Op::Write {
-                        // SAFETY: the caller guarantees iov is valid readable memory; the
-                        // bounce buffer holds req.len >= pos + iov_len bytes.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                iov.iov_base.cast::<u8>(),
-                                bounce.ptr.add(pos),
-                                iov.iov_len,
-                            )
-                        };
-                    }
-                    pos += iov.iov_len;
+        let IoRequest {
+            op,
+            offset,
+            len,
+            buffers,
+        } = req;
+        state.op = Some(op);
+        state.offset = offset;
+        state.len = len;
+        state.buffers = buffers;
+        state.bounce = None;
+        let entry = match op {
+            Op::Read | Op::Write if direct && !is_aligned(state.buffers.iovecs(), offset) => {
+                let errno = |e| Error::Submit(std::io::Error::from_raw_os_error(e));
+                let mut bounce = Bounce::new(len as usize).ok_or(errno(libc::ENOMEM))?;
+                if op == Op::Write {
+                    bounce.load(&state.buffers, len as usize).map_err(errno)?;
                 }
-                let mut bounce = bounce;
-                bounce.targets.clear();
-                bounce.targets.extend_from_slice(req.iovecs);
-                let len = bounce.layout.size().min(req.len as usize);
-                let ptr = bounce.ptr;
+                let ptr = bounce.as_mut_ptr();
                 state.bounce = Some(bounce);
-                if req.op == Op::Read {
+                if op == Op::Read {
                     opcode::Read::new(fd, ptr, len as u32)
+                        .offset(offset)
+                        .build()
                 } else {
-                    let w = opcode::Write::new(fd, ptr, len as u32);
-                    return self.push(w.offset(req.offset).build().user_data(user_data));
+                    opcode::Write::new(fd, ptr, len as u32)
+                        .offset(offset)
+                        .build()
                 }
-                .offset(req.offset)
-                .build()
-                .user_data(user_data)
             }
-            Op::Read => opcode::Readv::new(fd, req.iovecs.as_ptr(), req.iovecs.len() as u32)
-                .offset(req.offset)
-                .build()
-                .user_data(user_data),
-            Op::Write => opcode::Writev::new(fd, req.iovecs.as_ptr(), req.iovecs.len() as u32)
-                .offset(req.offset)
-                .build()
-                .user_data(user_data),
+            Op::Read => {
+                let iovecs = state.buffers.iovecs();
+                opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                    .offset(offset)
+                    .build()
+            }
+            Op::Write => {
+                let iovecs = state.buffers.iovecs();
+                opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                    .offset(offset)
+                    .build()
+            }
             Op::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
-                .build()
-                .user_data(user_data),
-            Op::Discard => Self::fallocate_entry(PUNCH, req.offset, req.len, tag),
+                .build(),
+            Op::Discard => Self::fallocate_entry(PUNCH, offset, len, tag),
             Op::WriteZeroes { unmap } => {
-                let mode = if unmap && !self.block_device {
-                    PUNCH
-                } else {
-                    ZERO
-                };
-                Self::fallocate_entry(mode, req.offset, req.len, tag)
+                let mode = if unmap && !block_device { PUNCH } else { ZERO };
+                Self::fallocate_entry(mode, offset, len, tag)
             }
         };
-        self.push(entry)
+        let pushed = self.push(entry.user_data(u64::from(tag)));
+        if pushed.is_err() {
+            // Not in the ring: nothing refers to the buffers any more.
+            let state = &mut self.tags[tag as usize];
+            state.buffers = IoBuffers::new();
+            state.bounce = None;
+        }
+        pushed
     }
 
     fn commit(&mut self) -> Result<()> {
@@ -379,6 +409,7 @@ impl BackendQueue for FileQueue {
             }
             let state = &mut self.tags[tag as usize];
             let bounce = state.bounce.take();
+            let mut buffers = std::mem::take(&mut state.buffers);
             let expected = match state.op {
                 Some(Op::Read) | Some(Op::Write) => Some(state.len),
                 _ => None,
@@ -394,21 +425,15 @@ impl BackendQueue for FileQueue {
                 outcome = sticky_flush(outcome, &self.flush_failed);
             }
             if let (Some(b), Ok(_), Some(Op::Read)) = (&bounce, &outcome, state.op) {
-                let mut pos = 0;
-                for iov in &b.targets {
-                    // SAFETY: the targets are the caller's iovecs, valid until this reap
-                    // returns their completion; the bounce buffer holds all of them.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            b.ptr.add(pos),
-                            iov.iov_base.cast::<u8>(),
-                            iov.iov_len,
-                        )
-                    };
-                    pos += iov.iov_len;
+                if let Err(errno) = b.store(&mut buffers, state.len as usize) {
+                    outcome = Err(errno);
                 }
             }
-            out.push((tag, outcome));
+            out.push(Completion {
+                tag,
+                result: outcome,
+                buffers,
+            });
         }
         self.cqes = cqes;
     }
@@ -422,9 +447,31 @@ impl BackendQueue for FileQueue {
     }
 }
 
+impl Drop for FileQueue {
+    fn drop(&mut self) {
+        // The kernel may still access the buffers of requests in flight: wait for them before
+        // the buffers (and the driver memory they keep mapped) are released.
+        while self.in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(%e, "cannot wait for in-flight I/O; leaking its buffers");
+                    std::mem::forget(std::mem::take(&mut self.tags));
+                    return;
+                }
+            }
+            let reaped = self.ring.completion().count() as u32;
+            self.in_flight = self.in_flight.saturating_sub(reaped);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Direction, DriverMemory};
+    use vm_memory::{Bytes, GuestAddress};
 
     fn image(len: u64) -> tempfile::NamedTempFile {
         let f = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
@@ -432,23 +479,44 @@ mod tests {
         f
     }
 
-    fn run(q: &mut Box<dyn BackendQueue>, req: IoRequest<'_>) -> std::result::Result<u32, i32> {
-        // SAFETY: the buffers live on the caller's stack until we reap below.
-        unsafe { q.submit(&req, 0).unwrap() };
+    /// Driver memory for the tests: 1 MiB at 0 (page-aligned, as `O_DIRECT` wants).
+    fn memory() -> Arc<DriverMemory> {
+        Arc::new(DriverMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap())
+    }
+
+    fn request(op: Op, offset: u64, len: u64) -> IoRequest {
+        IoRequest {
+            op,
+            offset,
+            len,
+            buffers: IoBuffers::new(),
+        }
+    }
+
+    fn data(mem: &Arc<DriverMemory>, op: Op, offset: u64, at: u64, len: usize) -> IoRequest {
+        let direction = if op == Op::Read {
+            Direction::DeviceWrites
+        } else {
+            Direction::DeviceReads
+        };
+        let segments = [(GuestAddress(at), len)];
+        IoRequest {
+            op,
+            offset,
+            len: len as u64,
+            buffers: IoBuffers::from_segments(mem.clone(), segments, direction).unwrap(),
+        }
+    }
+
+    fn run(q: &mut Box<dyn BackendQueue>, req: IoRequest) -> std::result::Result<u32, i32> {
+        q.submit(req, 0).unwrap();
         q.commit().unwrap();
         let mut out = Vec::new();
         while out.is_empty() {
             q.wait().unwrap();
             q.reap(&mut out);
         }
-        out[0].1
-    }
-
-    fn iov(buf: &mut [u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }
+        out[0].result
     }
 
     #[test]
@@ -491,65 +559,64 @@ mod tests {
         )
         .unwrap();
         let mut q = backend.queue(4).unwrap();
-        let mut data = vec![0xabu8; 4096];
-        let iovs = [iov(&mut data)];
-        let r = run(
-            &mut q,
-            IoRequest {
-                op: Op::Write,
-                offset: 8192,
-                len: 4096,
-                iovecs: &iovs,
-            },
-        );
+        let mem = memory();
+        let pattern = vec![0xabu8; 4096];
+        mem.write_slice(&pattern, GuestAddress(0x1000)).unwrap();
+        let r = run(&mut q, data(&mem, Op::Write, 8192, 0x1000, 4096));
         assert_eq!(r, Ok(4096));
-        assert_eq!(
-            run(
-                &mut q,
-                IoRequest {
-                    op: Op::Flush,
-                    offset: 0,
-                    len: 0,
-                    iovecs: &[]
-                }
-            ),
-            Ok(0)
-        );
+        assert_eq!(run(&mut q, request(Op::Flush, 0, 0)), Ok(0));
         let on_disk = std::fs::read(img.path()).unwrap();
         assert!(on_disk[8192..12288].iter().all(|&b| b == 0xab));
         assert!(on_disk[..8192].iter().all(|&b| b == 0));
         // Unaligned buffer: goes through the bounce path only with O_DIRECT, plain here.
+        let r = run(&mut q, data(&mem, Op::Read, 8192, 0x8003, 4096));
+        assert_eq!(r, Ok(4096));
         let mut back = vec![0u8; 4096];
-        let iovs = [iov(&mut back)];
-        assert_eq!(
-            run(
-                &mut q,
-                IoRequest {
-                    op: Op::Read,
-                    offset: 8192,
-                    len: 4096,
-                    iovecs: &iovs
-                }
-            ),
-            Ok(4096)
-        );
-        assert_eq!(back, data);
-        let wz = IoRequest {
-            op: Op::WriteZeroes { unmap: false },
-            offset: 8192,
-            len: 2048,
-            iovecs: &[],
-        };
+        mem.read_slice(&mut back, GuestAddress(0x8003)).unwrap();
+        assert_eq!(back, pattern);
+        let wz = request(Op::WriteZeroes { unmap: false }, 8192, 2048);
         assert_eq!(run(&mut q, wz), Ok(0));
-        let d = IoRequest {
-            op: Op::Discard,
-            offset: 10240,
-            len: 2048,
-            iovecs: &[],
-        };
-        assert_eq!(run(&mut q, d), Ok(0));
+        assert_eq!(run(&mut q, request(Op::Discard, 10240, 2048)), Ok(0));
         let on_disk = std::fs::read(img.path()).unwrap();
         assert!(on_disk[8192..12288].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn completions_hand_the_buffers_back() {
+        let img = image(1 << 20);
+        let opts = FileOptions {
+            read_only: false,
+            direct: false,
+        };
+        let backend = FileBackend::open(img.path(), opts).unwrap();
+        let mut q = backend.queue(4).unwrap();
+        let mem = memory();
+        q.submit(data(&mem, Op::Read, 0, 0x2000, 1024), 2).unwrap();
+        q.commit().unwrap();
+        let mut out = Vec::new();
+        while out.is_empty() {
+            q.wait().unwrap();
+            q.reap(&mut out);
+        }
+        assert_eq!((out[0].tag, out[0].result), (2, Ok(1024)));
+        assert_eq!(out[0].buffers.len(), 1024);
+        assert!(Arc::ptr_eq(out[0].buffers.memory().unwrap(), &mem));
+    }
+
+    #[test]
+    fn dropping_a_queue_waits_for_its_requests() {
+        let img = image(1 << 20);
+        let opts = FileOptions {
+            read_only: false,
+            direct: false,
+        };
+        let backend = FileBackend::open(img.path(), opts).unwrap();
+        let mut q = backend.queue(4).unwrap();
+        let mem = memory();
+        q.submit(data(&mem, Op::Read, 0, 0, 1 << 16), 0).unwrap();
+        q.commit().unwrap();
+        drop(q); // must not return while the kernel may still write into `mem`
+        assert_eq!(Arc::strong_count(&mem), 1, "the buffers were released");
     }
 
     #[test]
@@ -566,40 +633,33 @@ mod tests {
             return;
         };
         let mut q = backend.queue(4).unwrap();
-        // A buffer deliberately misaligned by one byte.
-        let mut store = vec![0u8; 4096 + 1];
-        for (i, b) in store.iter_mut().enumerate() {
-            *b = (i % 251) as u8;
-        }
-        let expected = store[1..].to_vec();
-        let iovs = [iov(&mut store[1..])];
+        let mem = memory();
+        // A buffer deliberately misaligned by one byte, and split in two segments.
+        let expected: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+        mem.write_slice(&expected[..1000], GuestAddress(0x1001))
+            .unwrap();
+        mem.write_slice(&expected[1000..], GuestAddress(0x5000))
+            .unwrap();
+        let segments = [
+            (GuestAddress(0x1001), 1000),
+            (GuestAddress(0x5000), 4096 - 1000),
+        ];
+        let buffers =
+            IoBuffers::from_segments(mem.clone(), segments, Direction::DeviceReads).unwrap();
+        let write = IoRequest {
+            op: Op::Write,
+            offset: 4096,
+            len: 4096,
+            buffers,
+        };
+        assert_eq!(run(&mut q, write), Ok(4096));
         assert_eq!(
-            run(
-                &mut q,
-                IoRequest {
-                    op: Op::Write,
-                    offset: 4096,
-                    len: 4096,
-                    iovecs: &iovs
-                }
-            ),
+            run(&mut q, data(&mem, Op::Read, 4096, 0x9003, 4096)),
             Ok(4096)
         );
-        let mut back = vec![0u8; 4096 + 3];
-        let iovs = [iov(&mut back[3..])];
-        assert_eq!(
-            run(
-                &mut q,
-                IoRequest {
-                    op: Op::Read,
-                    offset: 4096,
-                    len: 4096,
-                    iovecs: &iovs
-                }
-            ),
-            Ok(4096)
-        );
-        assert_eq!(&back[3..], &expected[..]);
+        let mut back = vec![0u8; 4096];
+        mem.read_slice(&mut back, GuestAddress(0x9003)).unwrap();
+        assert_eq!(back, expected);
         let on_disk = std::fs::read(img.path()).unwrap();
         assert_eq!(&on_disk[4096..8192], &expected[..]);
     }
