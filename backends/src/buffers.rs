@@ -101,11 +101,11 @@ pub struct IoBuffers {
     len: usize,
 }
 
-// SAFETY: the only non-`Send` fields are the raw pointers in `iovecs`. They point into the
-// mappings of `mem`, an `Arc<GuestMemoryMmap>` (itself `Send + Sync`) owned by this value, so
-// they stay valid wherever the value moves; nothing here dereferences them, and whoever does
-// (a backend, at a system call) does so through `&self`/`&mut self` of the owning thread.
-// The pointed-to memory is shared with the driver anyway and only accessed volatilely.
+// SAFETY: the raw pointers in `iovecs` are the only non-`Send` fields. They are addresses in
+// the mappings of `mem`, an `Arc<GuestMemoryMmap>` (`Send + Sync`) that this value owns, so
+// they stay valid wherever the value moves, and nothing about them is tied to a thread. This
+// type never dereferences them (its copies go through `mem`'s volatile accessors); a backend
+// that hands them to the kernel does so in its own `unsafe` block, while it owns the value.
 unsafe impl Send for IoBuffers {}
 
 impl Default for IoBuffers {
