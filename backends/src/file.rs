@@ -1,6 +1,5 @@
 //! Raw image files and block devices, served with `io_uring` (one ring per queue).
 
-use std::alloc::Layout;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -11,7 +10,10 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::{Backend, BackendInfo, BackendQueue, Completion, Error, IoRequest, Op, Result};
+use crate::{
+    Backend, BackendInfo, BackendQueue, Completion, Direction, Error, IoBuffers, IoRequest, Op,
+    Result,
+};
 
 /// Alignment `O_DIRECT` needs for buffer addresses, lengths and offsets.
 const DIRECT_ALIGN: usize = 512;
@@ -149,45 +151,72 @@ impl Backend for FileBackend {
     }
 }
 
-/// An aligned copy buffer for driver buffers that `O_DIRECT` cannot take as they are.
+/// One page of a bounce buffer; a `Vec` of them is page-aligned, as `O_DIRECT` needs.
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Block([u8; 4096]);
+
+/// An aligned copy of driver buffers that `O_DIRECT` cannot take as they are.
 struct Bounce {
-    ptr: *mut u8,
-    layout: Layout,
-    /// The driver's buffers, to copy read data back into.
-    targets: Vec<libc::iovec>,
+    blocks: Vec<Block>,
 }
 
 impl Bounce {
+    /// A zeroed bounce buffer of at least `len` bytes, `None` if memory is short.
     fn new(len: usize) -> Option<Self> {
-        let layout = Layout::from_size_align(len.max(DIRECT_ALIGN), 4096).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        (!ptr.is_null()).then_some(Self {
-            ptr,
-            layout,
-            targets: Vec::new(),
-        })
+        let count = len.div_ceil(4096).max(1);
+        let mut blocks = Vec::new();
+        blocks.try_reserve_exact(count).ok()?;
+        blocks.resize(count, Block([0; 4096]));
+        Some(Self { blocks })
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.blocks.as_mut_ptr().cast()
+    }
+
+    /// Copy the first `len` bytes of `buffers` in (a WRITE's data).
+    fn load(&mut self, buffers: &IoBuffers, len: usize) -> std::result::Result<(), i32> {
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            let start = i * 4096;
+            let n = len.saturating_sub(start).min(4096);
+            if n == 0 {
+                break;
+            }
+            buffers
+                .copy_to_slice(start, &mut block.0[..n])
+                .map_err(|_| libc::EFAULT)?;
+        }
+        Ok(())
+    }
+
+    /// Copy the first `len` bytes out into `buffers` (a READ's data).
+    fn store(&self, buffers: &mut IoBuffers, len: usize) -> std::result::Result<(), i32> {
+        for (i, block) in self.blocks.iter().enumerate() {
+            let start = i * 4096;
+            let n = len.saturating_sub(start).min(4096);
+            if n == 0 {
+                break;
+            }
+            buffers
+                .copy_from_slice(start, &block.0[..n])
+                .map_err(|_| libc::EFAULT)?;
+        }
+        Ok(())
     }
 }
 
-impl Drop for Bounce {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
-    }
-}
-
+/// A request in flight: what the completion needs, and everything the kernel may access.
 #[derive(Default)]
 struct TagState {
     op: Option<Op>,
     offset: u64,
     len: u64,
+    /// The request's buffers: READV/WRITEV point into them (and at their iovec array).
+    buffers: IoBuffers,
+    /// READ/WRITE through an aligned copy point into this instead.
     bounce: Option<Bounce>,
 }
-
-// SAFETY: the raw pointers in Bounce and iovec point to memory owned by the bounce buffer or
-// to driver memory the caller of `submit` keeps valid; a FileQueue is used by one thread at a time.
-unsafe impl Send for FileQueue {}
 
 struct FileQueue {
     _file: Arc<File>,
@@ -236,8 +265,12 @@ fn is_aligned(iovecs: &[libc::iovec], offset: u64) -> bool {
 impl FileQueue {
     fn push(&mut self, entry: io_uring::squeue::Entry) -> Result<()> {
         loop {
-            // SAFETY: every buffer an entry refers to is kept valid until its completion is
-            // reaped (our caller's contract, or bounce buffers owned by `self.tags`).
+            // SAFETY: every buffer an entry refers to belongs to its request's `TagState` in
+            // `self.tags` until the completion is reaped: the request's `IoBuffers` (the iovec
+            // array and the host ranges it lists, kept mapped by the driver-memory `Arc` the
+            // buffers own; READV only into buffers the device may write, see `submit`) or its
+            // bounce buffer. `reap` releases them only after their completion entry arrived,
+            // and `Drop` waits for every entry still in flight.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 self.in_flight += 1;
                 self.unsubmitted += 1;
@@ -261,74 +294,79 @@ const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
 impl BackendQueue for FileQueue {
-    unsafe fn submit(&mut self, req: &IoRequest<'_>, tag: u32) -> Result<()> {
+    fn submit(&mut self, req: IoRequest, tag: u32) -> Result<()> {
         let fd = types::Fixed(0);
-        let user_data = u64::from(tag);
-        let state = self.tags.get_mut(tag as usize).ok_or(Error::Submit(
-            std::io::Error::from_raw_os_error(libc::EINVAL),
-        ))?;
-        state.op = Some(req.op);
-        state.offset = req.offset;
-        state.len = req.len;
-        let entry = match req.op {
-            Op::Read | Op::Write if self.direct && !is_aligned(req.iovecs, req.offset) => {
-                let bounce = Bounce::new(req.len as usize).ok_or(Error::Submit(
-                    std::io::Error::from_raw_os_error(libc::ENOMEM),
-                ))?;
-                let mut pos = 0;
-                for iov in req.iovecs {
-                    if req.op == Op::Write {
-                        // SAFETY: the caller guarantees iov is valid readable memory; the
-                        // bounce buffer holds req.len >= pos + iov_len bytes.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                iov.iov_base.cast::<u8>(),
-                                bounce.ptr.add(pos),
-                                iov.iov_len,
-                            )
-                        };
-                    }
-                    pos += iov.iov_len;
+        let direct = self.direct;
+        let block_device = self.block_device;
+        let einval = || Error::Submit(std::io::Error::from_raw_os_error(libc::EINVAL));
+        let wanted = match req.op {
+            Op::Read => Some(Direction::DeviceWrites),
+            Op::Write => Some(Direction::DeviceReads),
+            _ => None,
+        };
+        if wanted.is_some_and(|d| d != req.buffers.direction() && !req.buffers.is_empty()) {
+            return Err(einval()); // the kernel must not write into device-readable buffers
+        }
+        let state = self.tags.get_mut(tag as usize).ok_or_else(einval)?;
+        let IoRequest {
+            op,
+            offset,
+            len,
+            buffers,
+        } = req;
+        state.op = Some(op);
+        state.offset = offset;
+        state.len = len;
+        state.buffers = buffers;
+        state.bounce = None;
+        let entry = match op {
+            Op::Read | Op::Write if direct && !is_aligned(state.buffers.iovecs(), offset) => {
+                let errno = |e| Error::Submit(std::io::Error::from_raw_os_error(e));
+                let mut bounce = Bounce::new(len as usize).ok_or(errno(libc::ENOMEM))?;
+                if op == Op::Write {
+                    bounce.load(&state.buffers, len as usize).map_err(errno)?;
                 }
-                let mut bounce = bounce;
-                bounce.targets.clear();
-                bounce.targets.extend_from_slice(req.iovecs);
-                let len = bounce.layout.size().min(req.len as usize);
-                let ptr = bounce.ptr;
+                let ptr = bounce.as_mut_ptr();
                 state.bounce = Some(bounce);
-                if req.op == Op::Read {
+                if op == Op::Read {
                     opcode::Read::new(fd, ptr, len as u32)
+                        .offset(offset)
+                        .build()
                 } else {
-                    let w = opcode::Write::new(fd, ptr, len as u32);
-                    return self.push(w.offset(req.offset).build().user_data(user_data));
+                    opcode::Write::new(fd, ptr, len as u32)
+                        .offset(offset)
+                        .build()
                 }
-                .offset(req.offset)
-                .build()
-                .user_data(user_data)
             }
-            Op::Read => opcode::Readv::new(fd, req.iovecs.as_ptr(), req.iovecs.len() as u32)
-                .offset(req.offset)
-                .build()
-                .user_data(user_data),
-            Op::Write => opcode::Writev::new(fd, req.iovecs.as_ptr(), req.iovecs.len() as u32)
-                .offset(req.offset)
-                .build()
-                .user_data(user_data),
+            Op::Read => {
+                let iovecs = state.buffers.iovecs();
+                opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                    .offset(offset)
+                    .build()
+            }
+            Op::Write => {
+                let iovecs = state.buffers.iovecs();
+                opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                    .offset(offset)
+                    .build()
+            }
             Op::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
-                .build()
-                .user_data(user_data),
-            Op::Discard => Self::fallocate_entry(PUNCH, req.offset, req.len, tag),
+                .build(),
+            Op::Discard => Self::fallocate_entry(PUNCH, offset, len, tag),
             Op::WriteZeroes { unmap } => {
-                let mode = if unmap && !self.block_device {
-                    PUNCH
-                } else {
-                    ZERO
-                };
-                Self::fallocate_entry(mode, req.offset, req.len, tag)
+                let mode = if unmap && !block_device { PUNCH } else { ZERO };
+                Self::fallocate_entry(mode, offset, len, tag)
             }
         };
-        self.push(entry)
+        let pushed = self.push(entry.user_data(u64::from(tag)));
+        if pushed.is_err() {
+            // Not in the ring: nothing refers to the buffers any more.
+            let state = &mut self.tags[tag as usize];
+            state.buffers = IoBuffers::new();
+            state.bounce = None;
+        }
+        pushed
     }
 
     fn commit(&mut self) -> Result<()> {
@@ -379,6 +417,7 @@ impl BackendQueue for FileQueue {
             }
             let state = &mut self.tags[tag as usize];
             let bounce = state.bounce.take();
+            let mut buffers = std::mem::take(&mut state.buffers);
             let expected = match state.op {
                 Some(Op::Read) | Some(Op::Write) => Some(state.len),
                 _ => None,
@@ -394,21 +433,15 @@ impl BackendQueue for FileQueue {
                 outcome = sticky_flush(outcome, &self.flush_failed);
             }
             if let (Some(b), Ok(_), Some(Op::Read)) = (&bounce, &outcome, state.op) {
-                let mut pos = 0;
-                for iov in &b.targets {
-                    // SAFETY: the targets are the caller's iovecs, valid until this reap
-                    // returns their completion; the bounce buffer holds all of them.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            b.ptr.add(pos),
-                            iov.iov_base.cast::<u8>(),
-                            iov.iov_len,
-                        )
-                    };
-                    pos += iov.iov_len;
+                if let Err(errno) = b.store(&mut buffers, state.len as usize) {
+                    outcome = Err(errno);
                 }
             }
-            out.push((tag, outcome));
+            out.push(Completion {
+                tag,
+                result: outcome,
+                buffers,
+            });
         }
         self.cqes = cqes;
     }
@@ -422,185 +455,26 @@ impl BackendQueue for FileQueue {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn image(len: u64) -> tempfile::NamedTempFile {
-        let f = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
-        f.as_file().set_len(len).unwrap();
-        f
-    }
-
-    fn run(q: &mut Box<dyn BackendQueue>, req: IoRequest<'_>) -> std::result::Result<u32, i32> {
-        // SAFETY: the buffers live on the caller's stack until we reap below.
-        unsafe { q.submit(&req, 0).unwrap() };
-        q.commit().unwrap();
-        let mut out = Vec::new();
-        while out.is_empty() {
-            q.wait().unwrap();
-            q.reap(&mut out);
+impl Drop for FileQueue {
+    fn drop(&mut self) {
+        // The kernel may still access the buffers of requests in flight: wait for them before
+        // the buffers (and the driver memory they keep mapped) are released.
+        while self.in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(%e, "cannot wait for in-flight I/O; leaking its buffers");
+                    std::mem::forget(std::mem::take(&mut self.tags));
+                    return;
+                }
+            }
+            let reaped = self.ring.completion().count() as u32;
+            self.in_flight = self.in_flight.saturating_sub(reaped);
         }
-        out[0].1
-    }
-
-    fn iov(buf: &mut [u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }
-    }
-
-    #[test]
-    fn a_failed_flush_stays_failed() {
-        let failed = AtomicBool::new(false);
-        assert_eq!(sticky_flush(Ok(0), &failed), Ok(0));
-        assert_eq!(sticky_flush(Err(libc::EIO), &failed), Err(libc::EIO));
-        // The kernel now says all is well (errseq reports an error once): we do not.
-        assert_eq!(sticky_flush(Ok(0), &failed), Err(libc::EIO));
-        assert_eq!(sticky_flush(Ok(0), &failed), Err(libc::EIO));
-    }
-
-    #[test]
-    fn refuses_bad_images() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("nope.img");
-        let opts = FileOptions {
-            read_only: false,
-            direct: false,
-        };
-        let e = FileBackend::open(&missing, opts).unwrap_err().to_string();
-        assert!(e.contains("truncate -s"), "{e}");
-        assert!(!missing.exists(), "open must not create the image");
-        let odd = dir.path().join("odd.img");
-        std::fs::write(&odd, vec![1u8; 1000]).unwrap();
-        let e = FileBackend::open(&odd, opts).unwrap_err().to_string();
-        assert!(e.contains("not a multiple of 512"), "{e}");
-        assert_eq!(std::fs::metadata(&odd).unwrap().len(), 1000, "untouched");
-    }
-
-    #[test]
-    fn buffered_read_write_flush_zero() {
-        let img = image(1 << 20);
-        let backend = FileBackend::open(
-            img.path(),
-            FileOptions {
-                read_only: false,
-                direct: false,
-            },
-        )
-        .unwrap();
-        let mut q = backend.queue(4).unwrap();
-        let mut data = vec![0xabu8; 4096];
-        let iovs = [iov(&mut data)];
-        let r = run(
-            &mut q,
-            IoRequest {
-                op: Op::Write,
-                offset: 8192,
-                len: 4096,
-                iovecs: &iovs,
-            },
-        );
-        assert_eq!(r, Ok(4096));
-        assert_eq!(
-            run(
-                &mut q,
-                IoRequest {
-                    op: Op::Flush,
-                    offset: 0,
-                    len: 0,
-                    iovecs: &[]
-                }
-            ),
-            Ok(0)
-        );
-        let on_disk = std::fs::read(img.path()).unwrap();
-        assert!(on_disk[8192..12288].iter().all(|&b| b == 0xab));
-        assert!(on_disk[..8192].iter().all(|&b| b == 0));
-        // Unaligned buffer: goes through the bounce path only with O_DIRECT, plain here.
-        let mut back = vec![0u8; 4096];
-        let iovs = [iov(&mut back)];
-        assert_eq!(
-            run(
-                &mut q,
-                IoRequest {
-                    op: Op::Read,
-                    offset: 8192,
-                    len: 4096,
-                    iovecs: &iovs
-                }
-            ),
-            Ok(4096)
-        );
-        assert_eq!(back, data);
-        let wz = IoRequest {
-            op: Op::WriteZeroes { unmap: false },
-            offset: 8192,
-            len: 2048,
-            iovecs: &[],
-        };
-        assert_eq!(run(&mut q, wz), Ok(0));
-        let d = IoRequest {
-            op: Op::Discard,
-            offset: 10240,
-            len: 2048,
-            iovecs: &[],
-        };
-        assert_eq!(run(&mut q, d), Ok(0));
-        let on_disk = std::fs::read(img.path()).unwrap();
-        assert!(on_disk[8192..12288].iter().all(|&b| b == 0));
-    }
-
-    #[test]
-    fn direct_with_unaligned_buffers_bounces() {
-        let img = image(1 << 20);
-        let Ok(backend) = FileBackend::open(
-            img.path(),
-            FileOptions {
-                read_only: false,
-                direct: true,
-            },
-        ) else {
-            eprintln!("filesystem of the temp dir refuses O_DIRECT; bounce path not exercised");
-            return;
-        };
-        let mut q = backend.queue(4).unwrap();
-        // A buffer deliberately misaligned by one byte.
-        let mut store = vec![0u8; 4096 + 1];
-        for (i, b) in store.iter_mut().enumerate() {
-            *b = (i % 251) as u8;
-        }
-        let expected = store[1..].to_vec();
-        let iovs = [iov(&mut store[1..])];
-        assert_eq!(
-            run(
-                &mut q,
-                IoRequest {
-                    op: Op::Write,
-                    offset: 4096,
-                    len: 4096,
-                    iovecs: &iovs
-                }
-            ),
-            Ok(4096)
-        );
-        let mut back = vec![0u8; 4096 + 3];
-        let iovs = [iov(&mut back[3..])];
-        assert_eq!(
-            run(
-                &mut q,
-                IoRequest {
-                    op: Op::Read,
-                    offset: 4096,
-                    len: 4096,
-                    iovecs: &iovs
-                }
-            ),
-            Ok(4096)
-        );
-        assert_eq!(&back[3..], &expected[..]);
-        let on_disk = std::fs::read(img.path()).unwrap();
-        assert_eq!(&on_disk[4096..8192], &expected[..]);
     }
 }
+
+#[cfg(test)]
+#[path = "file_tests.rs"]
+mod tests;

@@ -10,7 +10,78 @@
 //! [submits](BackendQueue::submit) requests tagged with a slot number, then
 //! [reaps](BackendQueue::reap) completions, either when [`BackendQueue::completion_fd`] becomes
 //! readable or, for backends without one, right after submitting.
+//!
+//! # Writing a backend
+//!
+//! A backend needs no `unsafe`. Each request arrives by value ([`IoRequest`]) with its data
+//! buffers ([`IoBuffers`]): they own an `Arc` of the driver memory, were checked by the engine
+//! when it built them, and are accessed with bounds-checked volatile copies. The backend keeps
+//! the request until it hands its buffers back in a [`Completion`]. Only a backend that gives
+//! [`IoBuffers::iovecs`] to the kernel writes `unsafe`, at that system call (see `file.rs`).
+//!
+//! A RAM disk that completes every request at once:
+//!
+//! ```
+//! use std::os::fd::RawFd;
+//! use virtiod_backend::{BackendQueue, Completion, IoRequest, Op, Result};
+//!
+//! struct TinyQueue {
+//!     disk: Vec<u8>,
+//!     done: Vec<Completion>,
+//! }
+//!
+//! impl TinyQueue {
+//!     fn execute(&mut self, req: &mut IoRequest) -> std::result::Result<u32, i32> {
+//!         let start = usize::try_from(req.offset).map_err(|_| libc::EINVAL)?;
+//!         let end = start.checked_add(req.buffers.len()).ok_or(libc::EINVAL)?;
+//!         let range = self.disk.get_mut(start..end).ok_or(libc::EINVAL)?;
+//!         match req.op {
+//!             Op::Read => req.buffers.copy_from_slice(0, range),
+//!             Op::Write => req.buffers.copy_to_slice(0, range),
+//!             _ => return Err(libc::EOPNOTSUPP),
+//!         }
+//!         .map_err(|_| libc::EFAULT)?;
+//!         Ok(req.buffers.len() as u32)
+//!     }
+//! }
+//!
+//! impl BackendQueue for TinyQueue {
+//!     fn submit(&mut self, mut req: IoRequest, tag: u32) -> Result<()> {
+//!         let result = self.execute(&mut req);
+//!         self.done.push(Completion::new(tag, result, req)); // hands the buffers back
+//!         Ok(())
+//!     }
+//!     fn commit(&mut self) -> Result<()> {
+//!         Ok(())
+//!     }
+//!     fn completion_fd(&self) -> Option<RawFd> {
+//!         None // synchronous: the engine reaps right after committing
+//!     }
+//!     fn reap(&mut self, out: &mut Vec<Completion>) {
+//!         out.append(&mut self.done);
+//!     }
+//!     fn wait(&mut self) -> Result<()> {
+//!         Ok(())
+//!     }
+//! }
+//!
+//! // What the engine does with it, with buffers in (test) driver memory.
+//! use std::sync::Arc;
+//! use virtiod_backend::{Direction, DriverMemory, IoBuffers};
+//! use vm_memory::{Bytes, GuestAddress};
+//!
+//! let mem = Arc::new(DriverMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+//! let segments = [(GuestAddress(0x1000), 512), (GuestAddress(0x3000), 512)];
+//! let buffers = IoBuffers::from_segments(mem.clone(), segments, Direction::DeviceWrites).unwrap();
+//! let mut queue = TinyQueue { disk: vec![7; 4096], done: Vec::new() };
+//! queue.submit(IoRequest { op: Op::Read, offset: 0, len: 1024, buffers }, 3).unwrap();
+//! let mut out = Vec::new();
+//! queue.reap(&mut out);
+//! assert_eq!((out[0].tag, out[0].result), (3, Ok(1024)));
+//! assert_eq!(mem.read_obj::<u8>(GuestAddress(0x31ff)).unwrap(), 7);
+//! ```
 
+mod buffers;
 mod file;
 mod mem;
 mod null;
@@ -18,6 +89,7 @@ mod spec;
 
 use std::os::fd::RawFd;
 
+pub use buffers::{BufferError, Direction, DriverMemory, IoBuffers, MAX_SEGMENTS};
 pub use file::{FileBackend, FileOptions};
 pub use mem::MemBackend;
 pub use null::NullBackend;
@@ -99,21 +171,47 @@ pub enum Op {
     },
 }
 
-/// A request handed to [`BackendQueue::submit`].
+/// A request handed to [`BackendQueue::submit`], by value: the backend owns it, and with it
+/// the request's data buffers, until it returns the [`Completion`].
 #[derive(Debug)]
-pub struct IoRequest<'a> {
+pub struct IoRequest {
     /// What to do.
     pub op: Op,
     /// Byte offset in the image.
     pub offset: u64,
-    /// Length in bytes for Discard/WriteZeroes; for Read/Write it is the sum of `iovecs`.
+    /// Length in bytes for Discard/WriteZeroes; for Read/Write it is `buffers.len()`.
     pub len: u64,
-    /// Buffers for Read/Write, in driver memory.
-    pub iovecs: &'a [libc::iovec],
+    /// The data: written into for Read ([`Direction::DeviceWrites`]), read from for Write
+    /// ([`Direction::DeviceReads`]); no bytes for the other operations.
+    pub buffers: IoBuffers,
 }
 
-/// A completion: the tag given at submission and the result (bytes transferred or an errno).
-pub type Completion = (u32, std::result::Result<u32, i32>);
+/// The end of a request: its tag, its result, and its buffers handed back.
+///
+/// Handing the buffers back lets the engine reuse their vectors for the next request (no
+/// allocation per request on the data path) and write the status byte through the same
+/// memory snapshot. A backend may instead drop them and return [`IoBuffers::new`]; the
+/// engine then allocates again.
+#[derive(Debug)]
+pub struct Completion {
+    /// The tag given to [`BackendQueue::submit`].
+    pub tag: u32,
+    /// Bytes transferred, or an errno.
+    pub result: std::result::Result<u32, i32>,
+    /// The request's buffers, released by the backend.
+    pub buffers: IoBuffers,
+}
+
+impl Completion {
+    /// The completion of `req`, submitted with `tag`.
+    pub fn new(tag: u32, result: std::result::Result<u32, i32>, req: IoRequest) -> Self {
+        Self {
+            tag,
+            result,
+            buffers: req.buffers,
+        }
+    }
+}
 
 /// The storage behind a device. Shared by all queues.
 pub trait Backend: Send + Sync {
@@ -130,11 +228,11 @@ pub trait Backend: Send + Sync {
 pub trait BackendQueue: Send {
     /// Queue one request, tagged with `tag`; it may only start once [`Self::commit`] is called.
     ///
-    /// # Safety
-    /// Every `iovec` in `req.iovecs` must point to memory that stays valid, and is not accessed
-    /// in a conflicting way by this process, until the completion for `tag` has been returned
-    /// by [`Self::reap`]. The `iovecs` slice itself must also stay valid until then.
-    unsafe fn submit(&mut self, req: &IoRequest<'_>, tag: u32) -> Result<()>;
+    /// The backend keeps `req` (at least its buffers) until it returns the request's
+    /// [`Completion`] from [`Self::reap`]; an asynchronous backend may hand
+    /// [`IoBuffers::iovecs`] to the kernel meanwhile. On error the request is dropped and no
+    /// completion follows.
+    fn submit(&mut self, req: IoRequest, tag: u32) -> Result<()>;
     /// Start every request queued since the last call (one system call for a batch).
     fn commit(&mut self) -> Result<()>;
     /// A file descriptor that becomes readable when completions are ready, if any. Backends

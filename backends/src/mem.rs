@@ -58,64 +58,37 @@ struct MemQueue {
 
 impl MemQueue {
     /// Execute one request; the range was checked by the engine but is checked again here.
-    ///
-    /// # Safety
-    /// As for [`BackendQueue::submit`].
-    unsafe fn execute(&self, req: &IoRequest<'_>) -> std::result::Result<u32, i32> {
+    fn execute(&self, req: &mut IoRequest) -> std::result::Result<u32, i32> {
         let start = usize::try_from(req.offset).map_err(|_| libc::EINVAL)?;
-        match req.op {
+        let data_end = start.checked_add(req.buffers.len()).ok_or(libc::EINVAL)?;
+        let copied = match req.op {
             Op::Read => {
                 let data = self.disk.data.read().unwrap_or_else(|e| e.into_inner());
-                let mut pos = start;
-                for iov in req.iovecs {
-                    let src = data.get(pos..pos + iov.iov_len).ok_or(libc::EINVAL)?;
-                    // SAFETY: the caller guarantees the iovec is valid writable memory of
-                    // iov_len bytes; it cannot overlap `data`, which this process owns.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            src.as_ptr(),
-                            iov.iov_base.cast(),
-                            iov.iov_len,
-                        )
-                    };
-                    pos += iov.iov_len;
-                }
-                Ok((pos - start) as u32)
+                let src = data.get(start..data_end).ok_or(libc::EINVAL)?;
+                req.buffers.copy_from_slice(0, src)
             }
             Op::Write => {
                 let mut data = self.disk.data.write().unwrap_or_else(|e| e.into_inner());
-                let mut pos = start;
-                for iov in req.iovecs {
-                    let dst = data.get_mut(pos..pos + iov.iov_len).ok_or(libc::EINVAL)?;
-                    // SAFETY: the caller guarantees the iovec is valid readable memory of
-                    // iov_len bytes; it cannot overlap `data`, which this process owns.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            iov.iov_base.cast(),
-                            dst.as_mut_ptr(),
-                            iov.iov_len,
-                        )
-                    };
-                    pos += iov.iov_len;
-                }
-                Ok((pos - start) as u32)
+                let dst = data.get_mut(start..data_end).ok_or(libc::EINVAL)?;
+                req.buffers.copy_to_slice(0, dst)
             }
-            Op::Flush => Ok(0),
+            Op::Flush => return Ok(0),
             Op::Discard | Op::WriteZeroes { .. } => {
                 let mut data = self.disk.data.write().unwrap_or_else(|e| e.into_inner());
                 let end = start.checked_add(req.len as usize).ok_or(libc::EINVAL)?;
                 data.get_mut(start..end).ok_or(libc::EINVAL)?.fill(0);
-                Ok(0)
+                return Ok(0);
             }
-        }
+        };
+        copied.map_err(|_| libc::EFAULT)?;
+        Ok(req.buffers.len() as u32)
     }
 }
 
 impl BackendQueue for MemQueue {
-    unsafe fn submit(&mut self, req: &IoRequest<'_>, tag: u32) -> Result<()> {
-        // SAFETY: forwarded from our caller's guarantee.
-        let result = unsafe { self.execute(req) };
-        self.done.push((tag, result));
+    fn submit(&mut self, mut req: IoRequest, tag: u32) -> Result<()> {
+        let result = self.execute(&mut req);
+        self.done.push(Completion::new(tag, result, req));
         Ok(())
     }
 

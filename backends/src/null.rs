@@ -45,20 +45,19 @@ struct NullQueue {
 }
 
 impl BackendQueue for NullQueue {
-    unsafe fn submit(&mut self, req: &IoRequest<'_>, tag: u32) -> Result<()> {
-        let len = match req.op {
+    fn submit(&mut self, mut req: IoRequest, tag: u32) -> Result<()> {
+        let result = match req.op {
             Op::Read => {
-                for iov in req.iovecs {
-                    // SAFETY: the caller guarantees each iovec is valid, writable driver
-                    // memory of iov_len bytes until this request is reaped.
-                    unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
+                let len = req.buffers.len();
+                match req.buffers.fill_zeroes(0, len) {
+                    Ok(()) => Ok(req.len as u32),
+                    Err(_) => Err(libc::EFAULT),
                 }
-                req.len
             }
-            Op::Write => req.len,
-            _ => 0,
+            Op::Write => Ok(req.len as u32),
+            _ => Ok(0),
         };
-        self.done.push((tag, Ok(len as u32)));
+        self.done.push(Completion::new(tag, result, req));
         Ok(())
     }
 

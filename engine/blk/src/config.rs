@@ -12,8 +12,9 @@ use virtiod_backend::BackendInfo;
 /// and its padding; secure erase is not offered).
 pub const CONFIG_SPACE_SIZE: usize = 60;
 
-/// Most buffers one request may carry (`UIO_MAXIOV`, the limit of `preadv`/`pwritev`).
-pub const MAX_SEGMENTS: u32 = 1024;
+/// Most buffers one request may carry (`UIO_MAXIOV`, the limit of `preadv`/`pwritev`); the
+/// backend's request buffers enforce the same limit on host ranges.
+pub const MAX_SEGMENTS: u32 = virtiod_backend::MAX_SEGMENTS as u32;
 
 /// Largest single buffer the driver should use (advertised as `size_max`). Kept so that
 /// `size_max * seg_max` fits an `i32`, which some drivers (libblkio) compute.

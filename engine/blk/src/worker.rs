@@ -4,8 +4,10 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use virtiod_backend::{Backend, BackendQueue, Completion, IoRequest, Op};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use virtiod_backend::{
+    Backend, BackendQueue, Completion, Direction, DriverMemory, IoBuffers, IoRequest, Op,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::chain::HeadChain;
 use crate::request::{self, Request, RequestError, RequestType, ID_LEN};
@@ -25,23 +27,21 @@ pub enum WorkerError {
 }
 
 /// A request the backend is executing.
-struct Slot<M> {
+struct Slot {
     head: u16,
     status: GuestAddress,
     kind: OpKind,
     /// Bytes the device writes into the chain on success (excluding the status byte).
     written: u32,
     data_len: u64,
-    iovecs: Vec<libc::iovec>,
-    /// Keeps the driver memory the iovecs point into mapped until completion.
-    mem: Option<Arc<M>>,
+    /// While idle: the vectors the next request's buffers are built in (the backend owns
+    /// them while the request runs and hands them back with its completion).
+    buffers: IoBuffers,
+    /// Submitted to the backend and not yet completed.
+    busy: bool,
     /// When it was submitted to the backend (for the latency histogram).
     started: std::time::Instant,
 }
-
-// SAFETY: the raw pointers in `iovecs` point into `mem`, which the slot keeps alive; a slot
-// is only used by the thread that owns its worker.
-unsafe impl<M: Send + Sync> Send for Slot<M> {}
 
 /// Requests started per backend submission while a long batch is being parsed.
 const SUBMIT_BATCH: u32 = 4;
@@ -79,7 +79,7 @@ pub struct QueueWorker<M> {
     io: Box<dyn BackendQueue>,
     stats: Arc<Stats>,
     queue_index: usize,
-    slots: Vec<Slot<M>>,
+    slots: Vec<Slot>,
     free: Vec<u32>,
     req: Request,
     done: Vec<Completion>,
@@ -91,11 +91,15 @@ pub struct QueueWorker<M> {
     polling: bool,
     /// Requests started since the backend was last told to submit.
     unsubmitted: u32,
+    /// The driver memory type the transport hands in (requests hold it as `DriverMemory`).
+    _mem: std::marker::PhantomData<fn() -> M>,
 }
 
 impl<M> QueueWorker<M>
 where
     M: GuestMemory + Send + Sync,
+    // Request buffers own the driver memory, which is concretely `DriverMemory`.
+    Arc<M>: Into<Arc<DriverMemory>>,
 {
     /// A worker for queue `queue_index` of a device; it can hold `cfg.queue_size` requests
     /// in flight.
@@ -114,8 +118,8 @@ where
                 kind: OpKind::Other,
                 written: 0,
                 data_len: 0,
-                iovecs: Vec::with_capacity(8),
-                mem: None,
+                buffers: IoBuffers::with_capacity(8),
+                busy: false,
                 started: std::time::Instant::now(),
             })
             .collect();
@@ -132,6 +136,7 @@ where
             tracker: None,
             polling: false,
             unsubmitted: 0,
+            _mem: std::marker::PhantomData,
         })
     }
 
@@ -465,34 +470,17 @@ where
         } else {
             0
         };
-        slot.iovecs.clear();
-        let perm = if op == Op::Read {
-            Permissions::Write
+        let direction = if op == Op::Read {
+            Direction::DeviceWrites
         } else {
-            Permissions::Read
+            Direction::DeviceReads
         };
-        let mut mapped = true;
-        for seg in &self.req.data {
-            match mem.get_slices(seg.addr, seg.len as usize, perm) {
-                Ok(slices) => {
-                    for s in slices {
-                        match s {
-                            Ok(s) => slot.iovecs.push(libc::iovec {
-                                iov_base: s.ptr_guard_mut().as_ptr().cast(),
-                                iov_len: s.len(),
-                            }),
-                            Err(_) => mapped = false,
-                        }
-                    }
-                }
-                Err(_) => mapped = false,
-            }
-        }
-        if !mapped || slot.iovecs.len() > crate::config::MAX_SEGMENTS as usize {
+        let segments = self.req.data.iter().map(|seg| (seg.addr, seg.len as usize));
+        if let Err(err) = slot.buffers.set(mem.clone().into(), segments, direction) {
+            tracing::debug!(queue = self.queue_index, head, %err, "unusable data buffers");
             self.free.push(tag);
             return self.complete_now(queue, mem, VIRTIO_BLK_S_IOERR, 0, op_kind);
         }
-        slot.mem = Some(mem.clone());
         let (offset, len) = match op {
             Op::Discard | Op::WriteZeroes { .. } => {
                 (self.req.sector * 512, self.req.num_sectors * 512)
@@ -505,19 +493,16 @@ where
             op,
             offset,
             len,
-            iovecs: &slot.iovecs,
+            buffers: std::mem::take(&mut slot.buffers),
         };
-        // SAFETY: the iovecs point into driver memory checked by get_slices, and the slot
-        // holds both the iovec array and an Arc of that memory until the completion for `tag`
-        // is reaped (`reap` releases them only then).
-        let submitted = unsafe { self.io.submit(&io_req, tag) };
-        if let Err(err) = submitted {
+        if let Err(err) = self.io.submit(io_req, tag) {
             tracing::warn!(queue = self.queue_index, %err, "backend refused a request");
-            self.slots[tag as usize].mem = None;
             self.free.push(tag);
             return self.complete_now(queue, mem, VIRTIO_BLK_S_IOERR, 0, op_kind);
         }
-        self.slots[tag as usize].started = std::time::Instant::now();
+        let slot = &mut self.slots[tag as usize];
+        slot.busy = true;
+        slot.started = std::time::Instant::now();
         self.queue_stats()
             .in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -527,13 +512,18 @@ where
     fn reap(&mut self, queue: &mut Queue, mem: &M) -> Result<(), WorkerError> {
         self.io.reap(&mut self.done);
         let mut done = std::mem::take(&mut self.done);
-        for (tag, result) in done.drain(..) {
+        for Completion {
+            tag,
+            result,
+            mut buffers,
+        } in done.drain(..)
+        {
             let Some(slot) = self.slots.get_mut(tag as usize) else {
                 continue;
             };
-            let Some(slot_mem) = slot.mem.take() else {
+            if !std::mem::take(&mut slot.busy) {
                 continue; // not in flight: ignore a stray completion
-            };
+            }
             let (code, written) = match result {
                 Ok(_) => (VIRTIO_BLK_S_OK, slot.written),
                 Err(errno) => {
@@ -546,12 +536,15 @@ where
                 }
             };
             let (head, status, kind, data_len) = (slot.head, slot.status, slot.kind, slot.data_len);
-            let used_len = if slot_mem.write_obj(code, status).is_ok() {
-                written + 1
-            } else {
-                0
+            // The status byte goes through the memory snapshot the request was started with
+            // (a backend that dropped the buffers leaves only the current one).
+            let status_written = match buffers.memory() {
+                Some(slot_mem) => slot_mem.write_obj(code, status).is_ok(),
+                None => mem.write_obj(code, status).is_ok(),
             };
-            drop(slot_mem);
+            let used_len = if status_written { written + 1 } else { 0 };
+            buffers.clear(); // release the memory snapshot, keep the vectors
+            slot.buffers = buffers;
             self.free.push(tag);
             let qs = &self.stats.queues[self.queue_index];
             qs.in_flight
