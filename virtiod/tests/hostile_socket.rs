@@ -93,6 +93,7 @@ fn a_region_beyond_the_end_of_its_file_is_refused() {
     let _ = fe.set_vring_base(0, 0);
     let _ = fe.set_vring_call(0, &call);
     let _ = fe.set_vring_kick(0, &kick);
+    let _ = fe.set_vring_enable(0, true);
     let _ = kick.write(1);
     wait_closed(&mut fe, "region beyond its file");
     still_serves(&mut daemon, "a region beyond the end of its file", 1);
