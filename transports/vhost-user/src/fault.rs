@@ -66,15 +66,17 @@ struct Slot {
 }
 
 impl Slot {
-    const EMPTY: Slot = Slot {
-        claimed: AtomicBool::new(false),
-        seq: AtomicUsize::new(0),
-        start: AtomicUsize::new(0),
-        len: AtomicUsize::new(0),
-        page: AtomicUsize::new(0),
-        wake_fd: AtomicI32::new(-1),
-        poisoned: AtomicBool::new(false),
-    };
+    const fn empty() -> Self {
+        Slot {
+            claimed: AtomicBool::new(false),
+            seq: AtomicUsize::new(0),
+            start: AtomicUsize::new(0),
+            len: AtomicUsize::new(0),
+            page: AtomicUsize::new(0),
+            wake_fd: AtomicI32::new(-1),
+            poisoned: AtomicBool::new(false),
+        }
+    }
 
     fn write(&self, start: usize, len: usize, page: usize, wake_fd: i32) {
         self.seq.fetch_add(1, SeqCst);
@@ -99,7 +101,7 @@ impl Slot {
     }
 }
 
-static REGISTRY: [Slot; SLOTS] = [const { Slot::EMPTY }; SLOTS];
+static REGISTRY: [Slot; SLOTS] = [const { Slot::empty() }; SLOTS];
 /// Pages replaced by the handler since the process started (for tests and logs).
 static REPLACED_PAGES: AtomicU64 = AtomicU64::new(0);
 static INSTALL: Once = Once::new();
