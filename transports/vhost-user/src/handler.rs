@@ -9,6 +9,8 @@
 use std::fs::File;
 use std::sync::{Arc, MutexGuard};
 
+use vmm_sys_util::eventfd::EventFd;
+
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -19,6 +21,8 @@ use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::fault::MapError;
 
 use crate::inflight::InflightRegion;
 use crate::queue::{lock, Mem, QueueState};
@@ -42,24 +46,17 @@ pub(crate) struct Connection {
     mem: Arc<Mem>,
     mappings: Vec<Mapping>,
     inflight: Option<InflightRegion>,
+    /// Written by the SIGBUS handler when the frontend shrinks memory it shared.
+    poison_wake: Arc<EventFd>,
 }
 
-/// Map one region of the frontend's memory table.
-fn map_region(
-    region: &VhostUserMemoryRegion,
-    file: File,
-) -> VuResult<(GuestRegionMmap<()>, Mapping)> {
-    let mapped = GuestRegionMmap::new(
-        region.mmap_region(file)?,
-        GuestAddress(region.guest_phys_addr),
-    )
-    .ok_or(VuError::InvalidParam)?;
-    let mapping = Mapping {
-        frontend_va: region.user_addr,
-        size: region.memory_size,
-        gpa: region.guest_phys_addr,
-    };
-    Ok((mapped, mapping))
+/// Protocol features offered with `GET_PROTOCOL_FEATURES`.
+fn offered_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 fn io_err(e: impl std::fmt::Display) -> VuError {
@@ -67,7 +64,7 @@ fn io_err(e: impl std::fmt::Display) -> VuError {
 }
 
 impl Connection {
-    pub fn new(dev: Arc<VhostUserBlk>) -> Self {
+    pub fn new(dev: Arc<VhostUserBlk>, poison_wake: Arc<EventFd>) -> Self {
         Self {
             dev,
             acked_features: 0,
@@ -75,7 +72,53 @@ impl Connection {
             mem: Arc::new(GuestMemoryMmap::new()),
             mappings: Vec::new(),
             inflight: None,
+            poison_wake,
         }
+    }
+
+    /// Whether the frontend shrank the in-flight region it handed over.
+    pub fn inflight_poisoned(&self) -> bool {
+        self.inflight.as_ref().is_some_and(InflightRegion::poisoned)
+    }
+
+    /// Map region `index` of the frontend's memory table after checking that it lies in its
+    /// file; a region that does not is refused (the connection then closes).
+    fn map_region(
+        &self,
+        index: usize,
+        region: &VhostUserMemoryRegion,
+        file: File,
+    ) -> VuResult<(Arc<GuestRegionMmap<()>>, Mapping)> {
+        let gpa = region.guest_phys_addr;
+        let (size, offset) = (region.memory_size, region.mmap_offset);
+        let mapped =
+            self.dev
+                .frontend_memory()
+                .map(file, offset, size, gpa, Some(self.poison_wake.clone()));
+        let mapped = match mapped {
+            Ok(r) => r,
+            Err(MapError::OutsideFile { file_size, .. }) => {
+                tracing::error!(
+                    region = index,
+                    gpa = format_args!("{gpa:#x}"),
+                    size = format_args!("{size:#x}"),
+                    offset = format_args!("{offset:#x}"),
+                    fd_size = format_args!("{file_size:#x}"),
+                    "memory region refused: offset + size is beyond the end of its file"
+                );
+                return Err(VuError::InvalidParam);
+            }
+            Err(err) => {
+                tracing::error!(region = index, gpa = format_args!("{gpa:#x}"), %err, "memory region refused");
+                return Err(io_err(err));
+            }
+        };
+        let mapping = Mapping {
+            frontend_va: region.user_addr,
+            size,
+            gpa,
+        };
+        Ok((mapped, mapping))
     }
 
     fn protocol_features_acked(&self) -> bool {
@@ -113,6 +156,8 @@ impl Connection {
             st.mem = Some(self.mem.clone());
             self.maybe_activate(&mut st);
         }
+        // The previous table's regions, unless requests in flight still use them.
+        self.dev.frontend_memory().release_unused();
     }
 }
 
@@ -168,12 +213,12 @@ impl VhostUserBackendReqHandlerMut for Connection {
         }
         let mut regions = Vec::with_capacity(ctx.len());
         let mut mappings = Vec::with_capacity(ctx.len());
-        for (region, file) in ctx.iter().zip(files) {
-            let (mapped, mapping) = map_region(region, file)?;
+        for (index, (region, file)) in ctx.iter().zip(files).enumerate() {
+            let (mapped, mapping) = self.map_region(index, region, file)?;
             regions.push(mapped);
             mappings.push(mapping);
         }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(io_err)?;
+        let mem = GuestMemoryMmap::from_arc_regions(regions).map_err(io_err)?;
         self.mappings = mappings;
         self.install_memory(mem);
         Ok(None)
@@ -244,14 +289,19 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        Ok(offered_protocol_features())
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        let offered = offered_protocol_features().bits();
+        if features & !offered != 0 {
+            tracing::warn!(
+                features = format_args!("{features:#x}"),
+                offered = format_args!("{offered:#x}"),
+                "frontend acked protocol features the device did not offer"
+            );
+            return Err(VuError::InvalidParam);
+        }
         self.acked_protocol = features;
         Ok(())
     }
@@ -328,12 +378,13 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_inflight_fd(&mut self, req: &VhostUserInflight, file: File) -> VuResult<()> {
-        let region = InflightRegion::open(
+        let region = InflightRegion::open_watched(
             file,
             req.mmap_offset,
             req.mmap_size,
             req.num_queues,
             req.queue_size,
+            Some(self.poison_wake.clone()),
         )
         .map_err(|err| {
             tracing::warn!(%err, "SET_INFLIGHT_FD refused");
@@ -364,8 +415,8 @@ impl VhostUserBackendReqHandlerMut for Connection {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(VuError::InvalidParam);
         }
-        let (mapped, mapping) = map_region(region, fd)?;
-        let mem = self.mem.insert_region(Arc::new(mapped)).map_err(io_err)?;
+        let (mapped, mapping) = self.map_region(self.mappings.len(), region, fd)?;
+        let mem = self.mem.insert_region(mapped).map_err(io_err)?;
         self.mappings.push(mapping);
         self.install_memory(mem);
         Ok(None)

@@ -25,17 +25,17 @@
 //! `used_idx + in-flight count` (a request popped but not yet flagged is simply popped again),
 //! and the flagged heads are executed again in `counter` order.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use virtiod_blk::InflightTracker;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemory, MmapRegion, VolatileMemory, VolatileSlice,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, VolatileMemory, VolatileSlice};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::fault::{sealed_memfd, MapError, SharedFile};
 
 const ALIGN: usize = 64;
 const HEADER: usize = 16;
@@ -55,26 +55,18 @@ pub fn queue_block_len(queue_size: u16) -> usize {
     (HEADER + DESC * usize::from(queue_size)).div_ceil(ALIGN) * ALIGN
 }
 
-/// The whole region mapped by this process.
+/// The whole region mapped by this process (guarded against the frontend shrinking it).
 pub struct InflightRegion {
-    region: Arc<MmapRegion<()>>,
+    region: Arc<SharedFile>,
     num_queues: u16,
     queue_size: u16,
 }
 
-/// A new zero-filled shared memory file of `len` bytes, not linked anywhere.
-fn anonymous_file(len: u64) -> io::Result<File> {
-    let open = |dir: &std::path::Path| {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(0o600)
-            .open(dir)
-    };
-    let file = open(std::path::Path::new("/dev/shm")).or_else(|_| open(&std::env::temp_dir()))?;
-    file.set_len(len)?;
-    Ok(file)
+fn map_err(e: MapError) -> io::Error {
+    match e {
+        MapError::Io(e) => e,
+        e => io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+    }
 }
 
 impl InflightRegion {
@@ -88,10 +80,10 @@ impl InflightRegion {
             ));
         }
         let len = usize::from(num_queues) * queue_block_len(queue_size);
-        let file = anonymous_file(len as u64)?;
+        // Sealed: the frontend keeps this file but cannot shrink it under us.
+        let file = sealed_memfd(c"virtiod-inflight", len as u64)?;
         let theirs = file.try_clone()?;
-        let region =
-            MmapRegion::from_file(FileOffset::new(file, 0), len).map_err(io::Error::other)?;
+        let region = SharedFile::map(file, 0, len as u64, None).map_err(map_err)?;
         Ok((
             Self {
                 region: Arc::new(region),
@@ -111,6 +103,18 @@ impl InflightRegion {
         num_queues: u16,
         queue_size: u16,
     ) -> io::Result<Self> {
+        Self::open_watched(file, offset, size, num_queues, queue_size, None)
+    }
+
+    /// [`Self::open`]; if the frontend shrinks the file later, `wake` is written to.
+    pub fn open_watched(
+        file: File,
+        offset: u64,
+        size: u64,
+        num_queues: u16,
+        queue_size: u16,
+        wake: Option<Arc<EventFd>>,
+    ) -> io::Result<Self> {
         let need = usize::from(num_queues) * queue_block_len(queue_size);
         if num_queues == 0 || queue_size == 0 || (size as usize) < need {
             return Err(io::Error::new(
@@ -127,13 +131,17 @@ impl InflightRegion {
                 format!("in-flight region [{offset}, +{size}) is outside its {file_len}-byte file"),
             ));
         }
-        let region =
-            MmapRegion::from_file(FileOffset::new(file, offset), need).map_err(io::Error::other)?;
+        let region = SharedFile::map(file, offset, need as u64, wake).map_err(map_err)?;
         Ok(Self {
             region: Arc::new(region),
             num_queues,
             queue_size,
         })
+    }
+
+    /// Whether the frontend shrank the file under the region.
+    pub fn poisoned(&self) -> bool {
+        self.region.poisoned()
     }
 
     /// The block of queue `index`, if the region has one.
@@ -149,7 +157,7 @@ impl InflightRegion {
 
 /// One queue's block; also the engine's [`InflightTracker`] for that queue.
 pub struct InflightQueue {
-    region: Arc<MmapRegion<()>>,
+    region: Arc<SharedFile>,
     base: usize,
     size: u16,
     counter: u64,
@@ -335,7 +343,7 @@ impl InflightTracker for InflightQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{FileOffset, GuestMemoryMmap, MmapRegion};
 
     const QS: u16 = 8;
     const DESC_TABLE: u64 = 0x1000;

@@ -10,11 +10,17 @@
 //! With `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`, every request taken off a ring is recorded in
 //! memory the frontend keeps ([`inflight`]); a daemon restarted after a crash finds there what
 //! its predecessor had in flight and executes it again when the ring starts.
+//!
+//! The frontend is untrusted: messages are read whole however they are split ([`wire`]),
+//! memory regions must lie in their files, and a frontend that shrinks its memory later is
+//! cut off without harming the process or other devices ([`fault`], docs/security.md).
 
+mod fault;
 mod handler;
 pub mod inflight;
 mod queue;
 mod socket;
+mod wire;
 
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -27,9 +33,12 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use virtio_queue::{Queue, QueueT};
 use virtiod_backend::Backend;
 use virtiod_blk::{BlkConfig, QueueWorker, Stats};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::fault::FrontendMemory;
 use crate::handler::Connection;
 use crate::queue::{lock, QueueState, QueueThread};
+use crate::wire::{Wire, WireError};
 
 pub use socket::bind_socket;
 
@@ -66,6 +75,8 @@ pub struct VhostUserBlk {
     poll_us: Arc<AtomicU64>,
     /// The current frontend's socket (a clone), to cut it off.
     connection: Mutex<Option<UnixStream>>,
+    /// The frontend's memory regions mapped by this device (unmapped once unused).
+    frontend_memory: Mutex<FrontendMemory>,
 }
 
 impl VhostUserBlk {
@@ -89,6 +100,7 @@ impl VhostUserBlk {
             queues,
             poll_us: Arc::new(AtomicU64::new(0)),
             connection: Mutex::new(None),
+            frontend_memory: Mutex::new(FrontendMemory::default()),
         }))
     }
 
@@ -96,6 +108,12 @@ impl VhostUserBlk {
     /// sleeping again (0, the default: always sleep on the kick eventfd).
     pub fn set_poll_us(&self, us: u64) {
         self.poll_us.store(us, Ordering::Relaxed);
+    }
+
+    fn frontend_memory(&self) -> MutexGuard<'_, FrontendMemory> {
+        self.frontend_memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn poll_us(&self) -> u64 {
@@ -177,18 +195,7 @@ impl VhostUserBlk {
             }
         }
         if result.is_ok() {
-            let handler = Arc::new(Mutex::new(Connection::new(self.clone())));
-            let mut requests = BackendReqHandler::from_stream(stream, handler);
-            result = loop {
-                match requests.handle_request() {
-                    Ok(()) => {}
-                    Err(VuError::Disconnected | VuError::PartialMessage) => break Ok(()),
-                    Err(err) => {
-                        tracing::warn!(%err, "vhost-user request failed; closing the connection");
-                        break Err(err);
-                    }
-                }
-            };
+            result = self.handle_messages(stream);
         }
         self.connection
             .lock()
@@ -202,7 +209,72 @@ impl VhostUserBlk {
         for t in threads {
             t.stop();
         }
+        // Nothing refers to the frontend's memory any more: unmap it.
+        self.frontend_memory().release_unused();
         result
+    }
+
+    /// Handle the frontend's messages until it disconnects, breaks the protocol or shrinks
+    /// the memory it shared.
+    fn handle_messages(self: &Arc<Self>, stream: UnixStream) -> Result<(), VuError> {
+        let setup = EventFd::new(EFD_NONBLOCK)
+            .map(Arc::new)
+            .and_then(|wake| Ok((Wire::new(stream, wake.clone())?, wake)));
+        let ((mut wire, handler_end), wake) = setup.map_err(VuError::ReqHandlerError)?;
+        let conn = Arc::new(Mutex::new(Connection::new(self.clone(), wake)));
+        let mut requests = BackendReqHandler::from_stream(handler_end, conn.clone());
+        loop {
+            match wire.forward_request() {
+                Ok(()) => {}
+                Err(WireError::Disconnected) => return Ok(()),
+                Err(WireError::MemoryShrunk) => {
+                    self.report_shrunk(&conn);
+                    return Err(VuError::ReqHandlerError(std::io::Error::other(
+                        WireError::MemoryShrunk.to_string(),
+                    )));
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "reading a vhost-user message failed; closing the connection");
+                    return Err(VuError::ReqHandlerError(std::io::Error::other(
+                        err.to_string(),
+                    )));
+                }
+            }
+            let handled = requests.handle_request();
+            let replied = wire.forward_replies();
+            match handled {
+                Ok(()) => {}
+                Err(VuError::Disconnected | VuError::PartialMessage) => return Ok(()),
+                Err(err) => {
+                    tracing::warn!(%err, "vhost-user request failed; closing the connection");
+                    return Err(err);
+                }
+            }
+            replied.map_err(VuError::ReqHandlerError)?;
+        }
+    }
+
+    /// Log, once per connection, which memory the frontend shrank.
+    fn report_shrunk(&self, conn: &Mutex<Connection>) {
+        for m in self.frontend_memory().regions().filter(|m| m.poisoned()) {
+            use vm_memory::GuestMemoryRegion;
+            tracing::error!(
+                gpa = format_args!("{:#x}", m.region.start_addr().0),
+                size = format_args!("{:#x}", m.region.len()),
+                fd_size_now = m.file_size(),
+                "the frontend shrank a memory region it shared (accesses past its end read zeroes)"
+            );
+        }
+        if conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .inflight_poisoned()
+        {
+            tracing::error!("the frontend shrank the in-flight region it shared");
+        }
+        tracing::error!(
+            "frontend memory shrunk under the device: stopping its queues and disconnecting it"
+        );
     }
 }
 

@@ -20,7 +20,9 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Queue size used for every queue (the daemon's default).
@@ -147,7 +149,7 @@ pub const Q1: Rings = Rings {
     used: A_BASE + 0x5000,
 };
 
-fn memfd(len: u64) -> File {
+pub fn memfd(len: u64) -> File {
     // SAFETY: memfd_create reads a NUL-terminated name and returns a new fd (or -1), which we
     // own from here on; no memory of ours is handed to the kernel beyond the name.
     let file = unsafe {
@@ -311,6 +313,47 @@ impl Driver {
         }
         self.kicks.push(kick);
         self._calls.push(call);
+    }
+
+    /// Kick queue `q` without touching guest memory.
+    pub fn kick(&self, q: usize) {
+        self.kicks[q].write(1).unwrap();
+    }
+
+    /// Truncate the memfd behind the region at `gpa` to `len` bytes: the daemon's mapping of
+    /// the pages past `len` is gone (so is ours: this driver must not touch them again).
+    pub fn shrink_region(&self, gpa: u64, len: u64) {
+        let region = self.mem.find_region(GuestAddress(gpa)).unwrap();
+        let file = region.file_offset().unwrap().file();
+        file.set_len(len).unwrap();
+    }
+
+    /// Write `data` at `sector` and read it back; panics unless both succeed and match.
+    pub fn round_trip(&mut self, sector: u64, data: &[u8]) {
+        let h = self.readable(&header(T_OUT, sector));
+        let buf = self.readable(data);
+        let s = self.writable(1);
+        let used = self.exec_table("write", &linked(&[h, buf, s]), 0, &[(s.addr, 1)]);
+        assert_eq!(
+            (used, self.get(s.addr, 1)[0]),
+            (1, S_OK),
+            "write at {sector}"
+        );
+        let h = self.readable(&header(T_IN, sector));
+        let len = data.len() as u32;
+        let buf = self.writable(len);
+        let s = self.writable(1);
+        let allowed = [(buf.addr, u64::from(len)), (s.addr, 1)];
+        let used = self.exec_table("read", &linked(&[h, buf, s]), 0, &allowed);
+        assert_eq!(
+            (used, self.get(s.addr, 1)[0]),
+            (len + 1, S_OK),
+            "read at {sector}"
+        );
+        assert!(
+            self.get(buf.addr, data.len()) == data,
+            "read back what was written at {sector}"
+        );
     }
 
     /// Capacity in sectors, from the configuration space.
