@@ -170,7 +170,7 @@ fn handle(req: Request, registry: &Registry) -> Response {
             })
             .map(|endpoint| serde_json::json!({ "endpoint": endpoint })),
         Request::Remove { name } => {
-            tracing::info!(device = %name, "control: remove");
+            tracing::info!(device = ?name, "control: remove");
             registry.remove(&name).map(|()| Value::Null)
         }
         Request::Stats { name } => registry
