@@ -469,7 +469,7 @@ impl<L: Listen, P: Protocol> Door<L, P> {
                 .conns
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| c.state != State::Handling || c.closing)
+                .filter(|(_, c)| c.state != State::Handling)
                 .min_by_key(|(_, c)| c.last_heard)
                 .map(|(i, _)| i);
             let Some(index) = quietest else {

@@ -26,7 +26,7 @@ fn logs_to_a_file_have_no_escape_codes() {
     assert_eq!(status.code(), Some(0));
     let text = std::fs::read(&log).unwrap();
     let shown = String::from_utf8_lossy(&text);
+    assert!(!text.contains(&0x1b), "escape codes in:\n{shown:?}");
     assert!(shown.contains(" INFO "), "no log lines:\n{shown}");
     assert!(shown.contains("stopping"), "{shown}");
-    assert!(!text.contains(&0x1b), "escape codes in:\n{shown:?}");
 }
