@@ -8,18 +8,35 @@
 //! {"cmd":"stats"} / {"cmd":"stats","name":"a"} -> {"ok":true,"result":[{"name":"a","requests":{...},...}]}
 //! anything wrong                              -> {"ok":false,"error":"one line: what to do"}
 //! ```
+//!
+//! Limits ([`LIMITS`], served by [`crate::door`]): a request line of at most 64 KiB, 64
+//! connections, 30 s to send a complete request. A longer line, a quiet connection and the
+//! quietest connection when a 65th client arrives each get one `{"ok":false,...}` line and are
+//! closed. The socket file is mode 0600.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cli::{CtlArgs, CtlCommand};
+use crate::door::{Framing, Limits, Notice, Reply};
 use crate::registry::Registry;
+
+/// The control socket's bounds. Four workers: `add` and `remove` can take seconds (a VDUSE
+/// device is created, a removed device flushes) and `list` must not wait behind them.
+pub const LIMITS: Limits = Limits {
+    max_request: 64 * 1024,
+    max_clients: 64,
+    idle_timeout: Duration::from_secs(30),
+    workers: 4,
+};
 
 /// A request line.
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,47 +67,79 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Listen on `path` (a stale socket is replaced, a live one or another file refused) and
-/// answer requests from a thread per connection.
+/// Listen on `path` (a stale socket is replaced, a live one or another file refused), make it
+/// mode 0600, and answer requests within [`LIMITS`].
 pub fn start(path: &Path, registry: Arc<Registry>) -> anyhow::Result<ControlSocket> {
     let listener: UnixListener = virtiod_vhost_user::bind_socket(path).context("control socket")?;
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let registry = registry.clone();
-                let _ = std::thread::Builder::new()
-                    .name("control-conn".into())
-                    .spawn(move || serve_connection(stream, &registry));
-            }
-        })
+    let socket = ControlSocket(path.to_path_buf());
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(|| {
+        format!(
+            "cannot make the control socket {} mode 0600",
+            path.display()
+        )
+    })?;
+    crate::door::spawn("control", listener, ControlProtocol(registry), LIMITS)
         .context("cannot start the control thread")?;
     tracing::info!(path = %path.display(), "control socket listening");
-    Ok(ControlSocket(path.to_path_buf()))
+    Ok(socket)
 }
 
-fn serve_connection(stream: UnixStream, registry: &Registry) {
-    let Ok(read_half) = stream.try_clone() else {
-        return;
-    };
-    let mut writer = stream;
-    for line in BufReader::new(read_half).lines() {
-        let Ok(line) = line else { break };
+/// One JSON request per line, one JSON answer line each.
+struct ControlProtocol(Arc<Registry>);
+
+impl crate::door::Protocol for ControlProtocol {
+    fn frame(&self, buf: &[u8], max: usize) -> Framing {
+        crate::door::frame_line(buf, max)
+    }
+
+    fn handle(&self, request: &[u8]) -> Reply {
+        let line = String::from_utf8_lossy(request);
         if line.trim().is_empty() {
-            continue;
+            return Reply {
+                bytes: Vec::new(),
+                close: false,
+            };
         }
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(req, registry),
+            Ok(req) => handle(req, &self.0),
             Err(e) => failure(format!(
                 "bad request ({e}): send one JSON object per line, e.g. {{\"cmd\":\"list\"}}"
             )),
         };
-        let mut text = serde_json::to_string(&response).unwrap_or_default();
-        text.push('\n');
-        if writer.write_all(text.as_bytes()).is_err() {
-            break;
+        Reply {
+            bytes: answer_line(&response),
+            close: false,
         }
     }
+
+    fn notice(&self, notice: Notice, limits: &Limits) -> Vec<u8> {
+        let error = match notice {
+            Notice::TooLong => format!(
+                "request longer than {} KiB: closed; send one JSON object per line",
+                limits.max_request / 1024
+            ),
+            Notice::TimedOut => format!(
+                "no complete request in {} s: closed",
+                limits.idle_timeout.as_secs()
+            ),
+            Notice::Evicted => format!(
+                "{} control clients connected: this one, the quietest, was closed to make room",
+                limits.max_clients
+            ),
+            Notice::Busy => format!(
+                "{} control clients have requests in progress: try again",
+                limits.max_clients
+            ),
+        };
+        tracing::debug!(?notice, "control connection closed");
+        answer_line(&failure(error))
+    }
+}
+
+fn answer_line(response: &Response) -> Vec<u8> {
+    let mut text = serde_json::to_string(response).unwrap_or_default();
+    text.push('\n');
+    text.into_bytes()
 }
 
 fn failure(error: String) -> Response {
@@ -121,7 +170,7 @@ fn handle(req: Request, registry: &Registry) -> Response {
             })
             .map(|endpoint| serde_json::json!({ "endpoint": endpoint })),
         Request::Remove { name } => {
-            tracing::info!(device = %name, "control: remove");
+            tracing::info!(device = ?name, "control: remove");
             registry.remove(&name).map(|()| Value::Null)
         }
         Request::Stats { name } => registry

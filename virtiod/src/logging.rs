@@ -1,4 +1,7 @@
-//! `tracing` set-up: level from --log-level or RUST_LOG, text or JSON lines on stderr.
+//! `tracing` set-up: level from --log-level or RUST_LOG, text or JSON lines on stderr. Text
+//! has colours only when stderr is a terminal: journald and log files get plain lines.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -14,7 +17,7 @@ pub fn init(args: &LogArgs) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match args.log_format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().init(),
     }
     Ok(())

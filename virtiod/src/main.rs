@@ -4,6 +4,7 @@ mod cli;
 mod control;
 mod device;
 mod doctor;
+mod door;
 mod logging;
 mod metrics;
 mod notify;
@@ -15,6 +16,7 @@ use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
+    raise_open_files_limit();
     if let Err(err) = logging::init(&cli.log) {
         eprintln!("virtiod: {err:#}");
         std::process::exit(2);
@@ -33,6 +35,21 @@ fn main() {
         eprintln!("virtiod: error: {}", one_line(&err));
         let usage = err.downcast_ref::<run::Usage>().is_some();
         std::process::exit(if usage { 2 } else { 1 });
+    }
+}
+
+/// Raise the soft limit on open files to the hard one, as servers do: every connection to a
+/// door and every device holds descriptors, and the default soft limit (1024) is low.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        // Not fatal: the daemon works with the lower limit.
+        let _ = setrlimit(Resource::Nofile, raised);
     }
 }
 

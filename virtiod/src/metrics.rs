@@ -4,9 +4,19 @@
 //! `virtiod_errors_total`, `virtiod_in_flight`, `virtiod_queues`, `virtiod_device_up`, and the
 //! `virtiod_request_latency_seconds` histogram (backend submit to completion). Values are read
 //! from the devices' own counters at each scrape; nothing is kept here.
+//!
+//! Served by [`crate::door`] within [`LIMITS`]: scrapes are answered concurrently with any
+//! number of idle or slow connections (none of them holds a thread), a request head is at most
+//! 8 KiB, a connection has 5 s to send it, 64 connections are kept.
+//!
+//! Why `httparse` and not an HTTP server crate: the request head, the part a hostile client
+//! controls, is parsed by `httparse` (hyper's parser: no dependencies, fuzzed, maintained), and
+//! the door's loop bounds everything else. `tiny_http` 0.12, the small server crate, spawns a
+//! thread per connection without limit, reads header lines without a length limit or a
+//! timeout, and stops accepting for good on the first accept error (EMFILE) — each a way to
+//! take the daemon down; `hyper` needs an async runtime this daemon does not otherwise have.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +29,16 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry as PromRegistry;
 use virtiod_blk::{OpKind, LATENCY_BOUNDS_US};
 
+use crate::door::{Framing, Limits, Notice, Reply};
 use crate::registry::Registry;
+
+/// The metrics endpoint's bounds.
+pub const LIMITS: Limits = Limits {
+    max_request: 8 * 1024,
+    max_clients: 64,
+    idle_timeout: Duration::from_secs(5),
+    workers: 2,
+};
 
 struct DeviceCollector(Arc<Registry>);
 
@@ -137,56 +156,70 @@ pub fn start(addr: SocketAddr, registry: Arc<Registry>) -> anyhow::Result<Socket
         format!("cannot listen on {addr} for --metrics: pick a free port or address")
     })?;
     let bound = listener.local_addr().context("metrics listener address")?;
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(err) = answer(stream, &registry) {
-                    tracing::debug!(%err, "metrics request failed");
-                }
-            }
-        })
+    crate::door::spawn("metrics", listener, MetricsHttp(registry), LIMITS)
         .context("cannot start the metrics thread")?;
     tracing::info!(address = %bound, "metrics on http://{bound}/metrics");
     Ok(bound)
 }
 
-fn answer(stream: TcpStream, registry: &Arc<Registry>) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Skip the headers.
-    let mut header = String::new();
-    while reader.read_line(&mut header)? > 2 {
-        header.clear();
+/// `GET /metrics` over HTTP/1.x, one request per connection.
+struct MetricsHttp(Arc<Registry>);
+
+impl crate::door::Protocol for MetricsHttp {
+    fn frame(&self, buf: &[u8], max: usize) -> Framing {
+        crate::door::frame_http_head(buf, max)
     }
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(registry),
-        ),
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "metrics are at /metrics\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
-            "GET /metrics\n".to_string(),
-        ),
-    };
-    let mut stream = stream;
-    write!(
-        stream,
+
+    fn handle(&self, request: &[u8]) -> Reply {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Request::new(&mut headers);
+        let text = |s: &str| ("text/plain; charset=utf-8", s.to_string());
+        let (status, (content_type, body)) = match parsed.parse(request) {
+            Ok(httparse::Status::Complete(_)) => {
+                let path = parsed.path.unwrap_or("");
+                let path = path.split('?').next().unwrap_or("");
+                match (parsed.method.unwrap_or(""), path) {
+                    ("GET", "/metrics") => (
+                        "200 OK",
+                        ("text/plain; version=0.0.4; charset=utf-8", render(&self.0)),
+                    ),
+                    ("GET", _) => ("404 Not Found", text("metrics are at /metrics\n")),
+                    _ => ("405 Method Not Allowed", text("GET /metrics\n")),
+                }
+            }
+            Ok(httparse::Status::Partial) | Err(_) => {
+                ("400 Bad Request", text("GET /metrics HTTP/1.1\n"))
+            }
+        };
+        Reply {
+            bytes: http_response(status, content_type, &body),
+            close: true,
+        }
+    }
+
+    fn notice(&self, notice: Notice, limits: &Limits) -> Vec<u8> {
+        let (status, body) = match notice {
+            Notice::TooLong => (
+                "431 Request Header Fields Too Large",
+                format!("request head over {} KiB\n", limits.max_request / 1024),
+            ),
+            Notice::TimedOut | Notice::Evicted => (
+                "408 Request Timeout",
+                format!(
+                    "send the request within {} s\n",
+                    limits.idle_timeout.as_secs()
+                ),
+            ),
+            Notice::Busy => ("503 Service Unavailable", "try again\n".to_string()),
+        };
+        http_response(status, "text/plain; charset=utf-8", &body)
+    }
+}
+
+fn http_response(status: &str, content_type: &str, body: &str) -> Vec<u8> {
+    format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
-    stream.flush()
+    )
+    .into_bytes()
 }

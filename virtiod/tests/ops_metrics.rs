@@ -3,6 +3,10 @@
 mod common;
 mod ops_common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
 use common::*;
 use ops_common::*;
 
@@ -97,4 +101,43 @@ fn metrics_address_in_use_is_refused_before_serving() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--metrics"), "{stderr}");
     assert!(!sock.exists(), "nothing served");
+}
+
+#[test]
+fn idle_and_slow_connections_do_not_delay_a_scrape() {
+    let dir = Scratch::new("metrics-idle");
+    let sock = dir.path("vu.sock");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start(&sock, "mem:1M", &["--metrics", &addr]);
+    wait_for_port(port);
+
+    // Ten connections that say nothing and one that stops half way through its request.
+    let idle: Vec<TcpStream> = (0..10)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.write_all(b"GET /metr").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+
+    let started = Instant::now();
+    let (status, body) = http_get(port, "/metrics");
+    let took = started.elapsed();
+    eprintln!("scrape with 11 idle or slow connections open: {took:?}");
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        body.contains(r#"virtiod_device_up{device="vu"} 1"#),
+        "{body}"
+    );
+    assert!(took < Duration::from_millis(100), "scrape took {took:?}");
+
+    // A request head without end past 8 KiB: 431 and closed.
+    let mut big = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let _ = big.write_all(format!("GET /metrics HTTP/1.1\r\nX: {}", "y".repeat(16384)).as_bytes());
+    big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = String::new();
+    let _ = big.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    drop((idle, slow));
+    assert!(daemon.terminate().success());
 }
