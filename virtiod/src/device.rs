@@ -1,5 +1,5 @@
 //! One served device, started from a [`DeviceSpec`] and stopped cleanly: vhost-user serves in
-//! its own thread, VDUSE through [`VduseBlk`]. `serve` runs one, `run` many.
+//! its own thread, VDUSE through [`VduseServer`]. `serve` runs one, `run` many.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use virtiod_backend::OpenOptions;
-use virtiod_blk::{BlkConfig, Stats};
+use virtiod_blk::{BlkConfig, BlkDevice, Stats};
 use virtiod_config::{Attach as AttachSpec, DeviceSpec, Transport};
-use virtiod_vduse::{Attach, VduseBlk, VduseOptions};
-use virtiod_vhost_user::{bind_socket, VhostUserBlk};
+use virtiod_vduse::{Attach, VduseOptions, VduseServer};
+use virtiod_vhost_user::{bind_socket, VhostUserDevice};
 
 /// How long a stop waits for a vhost-user serving thread to notice.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,12 +34,12 @@ pub enum Event {
 
 enum Kind {
     VhostUser {
-        dev: Arc<VhostUserBlk>,
+        dev: Arc<VhostUserDevice>,
         stop: Arc<AtomicBool>,
         thread: JoinHandle<()>,
         socket: PathBuf,
     },
-    Vduse(VduseBlk),
+    Vduse(VduseServer),
 }
 
 /// A device being served.
@@ -76,10 +76,12 @@ impl Device {
             read_only = info.read_only,
             "opened image"
         );
-        let (kind, stats, endpoint) = match &spec.transport {
+        let blk = Arc::new(BlkDevice::new(cfg, backend));
+        let stats = blk.stats();
+        let max_poll = Duration::from_micros(spec.poll_us);
+        let (kind, endpoint) = match &spec.transport {
             Transport::VhostUser(socket) => {
-                let dev = VhostUserBlk::new(cfg, backend)?;
-                dev.set_poll_us(spec.poll_us);
+                let dev = VhostUserDevice::new(blk, max_poll)?;
                 // Bind last: nothing is created unless everything before succeeded.
                 let listener = bind_socket(socket)?;
                 let stop = Arc::new(AtomicBool::new(false));
@@ -96,14 +98,13 @@ impl Device {
                         .context("cannot start a vhost-user thread")?
                 };
                 tracing::info!(device = %spec.name, socket = %socket.display(), "serving virtio-blk over vhost-user");
-                let stats = dev.stats();
                 let kind = Kind::VhostUser {
                     dev,
                     stop,
                     thread,
                     socket: socket.clone(),
                 };
-                (kind, stats, socket.clone())
+                (kind, socket.clone())
             }
             Transport::Vduse { name, attach } => {
                 let opts = VduseOptions {
@@ -114,9 +115,9 @@ impl Device {
                         AttachSpec::None => Attach::None,
                     },
                     state_dir: state_dir.to_path_buf(),
-                    poll: Duration::from_micros(spec.poll_us),
+                    poll: max_poll,
                 };
-                let dev = VduseBlk::create(cfg, backend, &opts)?;
+                let dev = VduseServer::create(blk, &opts)?;
                 let endpoint = match dev.node() {
                     Some(node) => {
                         tracing::info!(device = %spec.name, name, node = %node.display(), "serving virtio-blk through VDUSE");
@@ -131,8 +132,7 @@ impl Device {
                         PathBuf::from(format!("/dev/vduse/{name}"))
                     }
                 };
-                let stats = dev.stats();
-                (Kind::Vduse(dev), stats, endpoint)
+                (Kind::Vduse(dev), endpoint)
             }
         };
         Ok(Self {
@@ -189,7 +189,7 @@ impl Device {
 }
 
 fn stop_vhost_user(
-    dev: &Arc<VhostUserBlk>,
+    dev: &Arc<VhostUserDevice>,
     stop: &AtomicBool,
     thread: JoinHandle<()>,
     socket: &Path,

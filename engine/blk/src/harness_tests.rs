@@ -1,4 +1,5 @@
-//! Shared test harness: a real [`QueueWorker`] over a [`MemBackend`], driven through a queue
+//! Shared test harness: a real [`BlkQueue`] served by the core's [`QueueService`] over a
+//! [`MemBackend`], driven through a queue
 //! laid out by `virtio_queue::mock::MockSplitQueue` in plain guest memory.
 //!
 //! The harness plays the driver: it allocates buffers in an arena (with canary gaps between
@@ -14,9 +15,11 @@ use virtio_queue::{Queue, QueueT};
 use virtiod_backend::{Backend, MemBackend};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use virtiod_core::{Chain, Event, QueueService, ServiceError};
+
 use crate::request::{self, Request, RequestError, RequestType};
 use crate::request::{T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
-use crate::{BlkConfig, QueueWorker, Stats};
+use crate::{BlkConfig, BlkQueue, Stats};
 use crate::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 
 pub type Mem = GuestMemoryMmap<()>;
@@ -108,8 +111,8 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 pub struct Harness {
     pub mem: Arc<Mem>,
-    pub queue: Queue,
-    pub worker: QueueWorker<Mem>,
+    /// The core's service of the queue, with the blk handler under test.
+    pub svc: QueueService,
     pub backend: MemBackend,
     pub cfg: Arc<BlkConfig>,
     pub stats: Arc<Stats>,
@@ -150,7 +153,10 @@ impl Harness {
         let backend = MemBackend::new(DISK_SIZE, read_only);
         let cfg = Arc::new(BlkConfig::new(&backend.info(), 1, QSIZE, SERIAL));
         let stats = Arc::new(Stats::new(1));
-        let worker = QueueWorker::new(cfg.clone(), &backend, stats.clone(), 0).unwrap();
+        let handler = BlkQueue::new(cfg.clone(), &backend, stats.clone(), 0).unwrap();
+        let mut svc =
+            QueueService::new(0, Box::new(handler), QSIZE, std::time::Duration::ZERO).unwrap();
+        *svc.queue_mut() = queue;
         let mut shadow = vec![0u8; ARENA_END as usize];
         shadow[ARENA as usize..].fill(CANARY);
         mem.write_slice(&shadow[ARENA as usize..], GuestAddress(ARENA))
@@ -158,8 +164,7 @@ impl Harness {
         let used_end = used + 6 + 8 * u64::from(QSIZE);
         Self {
             mem,
-            queue,
-            worker,
+            svc,
             backend,
             cfg,
             stats,
@@ -292,7 +297,7 @@ impl Harness {
 
     /// Write `used_event` (the trailing field of the avail ring) and turn EVENT_IDX on.
     pub fn set_used_event(&mut self, used_event: u16) {
-        self.queue.set_event_idx(true);
+        self.svc.queue_mut().set_event_idx(true);
         self.put(
             self.avail + 4 + 2 * u64::from(QSIZE),
             &used_event.to_le_bytes(),
@@ -305,8 +310,8 @@ impl Harness {
         self.used_seen = idx;
         self.set_avail_idx(idx);
         self.put(self.used + 2, &idx.to_le_bytes());
-        self.queue.set_next_avail(idx);
-        self.queue.set_next_used(idx);
+        self.svc.queue_mut().set_next_avail(idx);
+        self.svc.queue_mut().set_next_used(idx);
     }
 
     /// `avail_event`, written by the device when EVENT_IDX is on.
@@ -322,25 +327,34 @@ impl Harness {
 
     /// Parse the next available chain without consuming it.
     pub fn parse_next(&mut self) -> (Result<RequestType, RequestError>, Request) {
-        let next_avail = self.queue.next_avail();
-        let chain = self
-            .queue
+        let next_avail = self.svc.queue_mut().next_avail();
+        let popped = self
+            .svc
+            .queue_mut()
             .pop_descriptor_chain(self.mem.as_ref())
             .expect("a chain on the avail ring");
+        let mut chain = Chain::new();
+        chain.collect(popped);
         let mut req = Request::default();
-        let parsed = request::parse(chain, &self.cfg, &mut req);
-        self.queue.set_next_avail(next_avail);
+        let parsed = request::parse(&chain, self.mem.as_ref(), &self.cfg, &mut req);
+        self.svc.queue_mut().set_next_avail(next_avail);
         (parsed, req)
     }
 
-    /// Let the worker process the queue; returns whether it asks for a notification.
+    /// Serve the queue as after a kick; returns whether the driver was notified.
+    pub fn process(&mut self) -> Result<bool, ServiceError> {
+        let mut mem = self.mem.clone();
+        let mut notified = false;
+        self.svc
+            .serve(Event::Kick, &mut mem, &mut || None, &mut || notified = true)
+            .map(|()| notified)
+    }
+
+    /// Let the service process the queue; returns whether it notified the driver.
     /// Checks that nothing outside the writable ranges changed.
     pub fn run(&mut self) -> bool {
-        let notify = self
-            .worker
-            .process_queue(&mut self.queue, &self.mem)
-            .expect("process_queue");
-        assert_eq!(self.worker.in_flight(), 0, "the mem backend is synchronous");
+        let notify = self.process().expect("serve");
+        assert_eq!(self.svc.in_flight(), 0, "the mem backend is synchronous");
         self.check_untouched();
         notify
     }

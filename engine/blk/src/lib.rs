@@ -1,34 +1,33 @@
-//! The virtio-blk device engine (virtio 1.2, section 5.2).
+//! The virtio-blk device (virtio 1.2, section 5.2) on virtiod's device core.
 //!
-//! The engine is transport-agnostic: a transport (vhost-user, VDUSE) owns the virtqueues and
-//! the driver's memory and hands them to a [`QueueWorker`], one per queue thread. The worker
-//! takes requests off the avail ring, [parses](request::parse) them — every descriptor is
-//! hostile input — starts them on the storage backend, and when the backend completes them
-//! writes the status byte, fills the used ring and tells the transport whether the driver
-//! wants an interrupt.
+//! [`BlkDevice`] is a [`virtiod_core::Device`]: any transport serves it. Each queue gets a
+//! [`BlkQueue`] (with its own backend I/O context, e.g. one `io_uring`), which
+//! [parses](request::parse) each chain the core hands it — every descriptor is hostile
+//! input — starts it on the storage backend, and when the backend completes it writes the
+//! status byte and reports the used entry back to the core.
 //!
 //! ```text
-//! kick ──► QueueWorker::process_queue ──► request::parse ──► BackendQueue::submit
-//!                                                               │
-//! interrupt ◄── used ring ◄── QueueWorker::process_completions ◄┘ (backend completion)
+//! QueueService ──► BlkQueue::start ──► request::parse ──► BackendQueue::submit
+//!                                                            │
+//! used ring ◄── QueueService ◄── BlkQueue::reap ◄────────────┘ (backend completion)
 //! ```
+#![deny(missing_docs)]
 
-pub mod chain;
 mod config;
+mod device;
+mod queue;
 pub mod request;
 mod stats;
-mod tracker;
-mod worker;
 
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
+pub use device::BlkDevice;
+pub use queue::BlkQueue;
 pub use request::{Request, RequestError, RequestType};
 pub use stats::{OpKind, QueueStats, Stats, LATENCY_BOUNDS_US};
-pub use tracker::InflightTracker;
-pub use worker::{Poll, QueueWorker, WorkerError};
 
 /// Request completed successfully.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
 /// Request failed.
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
 /// Request type not supported.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;

@@ -5,29 +5,28 @@
 //! WRITE_ZEROES segments); the device-writable bytes are the data to read (or the GET_ID
 //! string) followed by one status byte — the last byte of the last descriptor.
 
-use std::ops::Deref;
-
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
+use virtiod_core::{Chain, ChainDesc};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::config::MAX_DISCARD_SECTORS;
 use crate::BlkConfig;
 
+use virtio_bindings::virtio_blk;
+
 /// VIRTIO_BLK_T_IN
-pub const T_IN: u32 = 0;
+pub const T_IN: u32 = virtio_blk::VIRTIO_BLK_T_IN;
 /// VIRTIO_BLK_T_OUT
-pub const T_OUT: u32 = 1;
+pub const T_OUT: u32 = virtio_blk::VIRTIO_BLK_T_OUT;
 /// VIRTIO_BLK_T_FLUSH
-pub const T_FLUSH: u32 = 4;
+pub const T_FLUSH: u32 = virtio_blk::VIRTIO_BLK_T_FLUSH;
 /// VIRTIO_BLK_T_GET_ID
-pub const T_GET_ID: u32 = 8;
+pub const T_GET_ID: u32 = virtio_blk::VIRTIO_BLK_T_GET_ID;
 /// VIRTIO_BLK_T_DISCARD
-pub const T_DISCARD: u32 = 11;
+pub const T_DISCARD: u32 = virtio_blk::VIRTIO_BLK_T_DISCARD;
 /// VIRTIO_BLK_T_WRITE_ZEROES
-pub const T_WRITE_ZEROES: u32 = 13;
+pub const T_WRITE_ZEROES: u32 = virtio_blk::VIRTIO_BLK_T_WRITE_ZEROES;
 /// The UNMAP flag of a DISCARD / WRITE_ZEROES segment.
-pub const FLAG_UNMAP: u32 = 1;
+pub const FLAG_UNMAP: u32 = virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 
 /// Length of the request header (`type`, `reserved`, `sector`).
 pub const HEADER_LEN: u64 = 16;
@@ -127,10 +126,7 @@ pub struct Request {
     pub data: Vec<Segment>,
     /// Total data bytes in `data`.
     pub data_len: u64,
-    descs: Vec<(GuestAddress, u32, bool)>,
     readable: Vec<Segment>,
-    last: Option<Descriptor>,
-    bad_order: bool,
 }
 
 impl Request {
@@ -142,7 +138,6 @@ impl Request {
         self.num_sectors = 0;
         self.data.clear();
         self.data_len = 0;
-        self.descs.clear();
         self.readable.clear();
     }
 }
@@ -199,107 +194,41 @@ fn check_access<M: GuestMemory + ?Sized>(
     Ok(())
 }
 
-/// Parse `chain` into `req`. On error, `req.head` and `req.status` are still filled in as far
-/// as they could be established, so that the caller can answer with an error status.
-pub fn parse<D>(
-    mut chain: DescriptorChain<D>,
-    cfg: &BlkConfig,
-    req: &mut Request,
-) -> Result<RequestType, RequestError>
-where
-    D: Deref,
-    D::Target: GuestMemory,
-{
-    let head = chain.head_index();
-    req.reset(head);
-    collect(&mut chain, req);
-    parse_collected(chain.memory(), cfg, req)
-}
-
-/// Parse the chain `descs` whose head is `head` (see [`crate::chain::HeadChain`]).
-pub fn parse_descriptors<M: GuestMemory + ?Sized>(
-    head: u16,
-    descs: impl Iterator<Item = Descriptor>,
+/// Parse the request in `chain` into `req`. On error, `req.head` and `req.status` are still
+/// filled in as far as they could be established, so that the caller can answer with an
+/// error status.
+pub fn parse<M: GuestMemory + ?Sized>(
+    chain: &Chain,
     mem: &M,
     cfg: &BlkConfig,
     req: &mut Request,
 ) -> Result<RequestType, RequestError> {
-    req.reset(head);
-    collect(descs, req);
-    parse_collected(mem, cfg, req)
-}
-
-/// Step 1: collect the descriptors; the iterator stops at loops, bad indexes and bad
-/// indirect tables, which leaves the last descriptor with NEXT still set.
-fn collect(descs: impl Iterator<Item = Descriptor>, req: &mut Request) {
-    req.last = None;
-    req.bad_order = false;
-    let mut seen_writable = false;
-    for desc in descs {
-        let writable = desc.is_write_only();
-        req.bad_order |= seen_writable && !writable;
-        seen_writable |= writable;
-        req.descs.push((desc.addr(), desc.len(), writable));
-        req.last = Some(desc);
-    }
-}
-
-fn parse_collected<M: GuestMemory + ?Sized>(
-    mem: &M,
-    cfg: &BlkConfig,
-    req: &mut Request,
-) -> Result<RequestType, RequestError> {
-    let bad_order = req.bad_order;
-    let last = req.last.ok_or(RequestError::EmptyChain)?;
-    if last.has_next() {
+    req.reset(chain.head());
+    let descs = chain.descs();
+    let last = descs.last().ok_or(RequestError::EmptyChain)?;
+    if !chain.terminated() {
         return Err(RequestError::BrokenChain);
     }
-    // Step 2: the status byte is the last byte of the last descriptor, which must be writable.
-    if last.is_write_only() && last.len() > 0 {
-        let addr = last.addr().checked_add(u64::from(last.len()) - 1);
-        if let Some(addr) = addr.filter(|a| mem.check_range(*a, 1, Permissions::Write)) {
-            req.status = Some(addr);
-        }
-    }
+    req.status = status_byte(last, mem);
     if req.status.is_none() {
         return Err(RequestError::NoStatus);
     }
-    if bad_order {
+    if chain.bad_order() {
         return Err(RequestError::BadOrder);
     }
-    // Step 3: split into readable and writable bytes (minus the status byte).
-    let mut readable_len = 0u64;
-    let mut writable_len = 0u64;
-    let n = req.descs.len();
-    for (i, &(addr, len, writable)) in req.descs.iter().enumerate() {
-        let len = if i + 1 == n { len - 1 } else { len };
-        if len == 0 {
-            continue;
-        }
-        let seg = Segment { addr, len };
-        if writable {
-            writable_len += u64::from(len);
-            req.data.push(seg);
-        } else {
-            readable_len += u64::from(len);
-            req.readable.push(seg);
-        }
-    }
-    // Step 4: the header.
+    let (readable_len, writable_len) = split(descs, req);
     let mut header = [0u8; HEADER_LEN as usize];
     read_prefix(mem, &req.readable, &mut header)?;
     let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
-    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+    req.sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
     let out_len = readable_len - HEADER_LEN;
-    req.sector = sector;
-    // Step 5: per type.
     let kind = match req_type {
         T_IN => {
             if out_len != 0 {
                 return Err(RequestError::WrongDirection);
             }
             req.data_len = writable_len;
-            check_io_range(cfg, sector, writable_len, req.data.len())?;
+            check_io_range(cfg, req.sector, writable_len, req.data.len())?;
             check_access(mem, &req.data, Permissions::Write)?;
             RequestType::In
         }
@@ -313,7 +242,7 @@ fn parse_collected<M: GuestMemory + ?Sized>(
             req.data.clear();
             tail_after(&req.readable, HEADER_LEN, &mut req.data);
             req.data_len = out_len;
-            check_io_range(cfg, sector, out_len, req.data.len())?;
+            check_io_range(cfg, req.sector, out_len, req.data.len())?;
             check_access(mem, &req.data, Permissions::Read)?;
             RequestType::Out
         }
@@ -333,58 +262,103 @@ fn parse_collected<M: GuestMemory + ?Sized>(
             RequestType::GetId
         }
         T_DISCARD | T_WRITE_ZEROES => {
-            let offered = if req_type == T_DISCARD {
-                cfg.discard
-            } else {
-                cfg.write_zeroes
-            };
-            if !offered {
-                return Err(if cfg.read_only {
-                    RequestError::ReadOnly
-                } else {
-                    RequestError::Unsupported(req_type)
-                });
-            }
             if writable_len != 0 {
                 return Err(RequestError::WrongDirection);
             }
-            // We offer max_discard_seg = max_write_zeroes_seg = 1.
-            if out_len != RANGE_LEN {
-                return Err(RequestError::BadRange);
-            }
-            let mut range = [0u8; (HEADER_LEN + RANGE_LEN) as usize];
-            read_prefix(mem, &req.readable, &mut range)?;
-            let start = u64::from_le_bytes(range[16..24].try_into().unwrap_or_default());
-            let count = u32::from_le_bytes(range[24..28].try_into().unwrap_or_default());
-            let flags = u32::from_le_bytes(range[28..32].try_into().unwrap_or_default());
-            // Reserved flag bits, and UNMAP on a DISCARD, are not supported (5.2.6.2).
-            if flags & !FLAG_UNMAP != 0 || (req_type == T_DISCARD && flags != 0) {
-                return Err(RequestError::Unsupported(req_type));
-            }
-            if count > MAX_DISCARD_SECTORS {
-                return Err(RequestError::BadRange);
-            }
-            let end = start
-                .checked_add(u64::from(count))
-                .ok_or(RequestError::OutOfRange)?;
-            if end > cfg.capacity_sectors {
-                return Err(RequestError::OutOfRange);
-            }
-            req.sector = start;
-            req.num_sectors = u64::from(count);
-            req.data.clear();
-            if req_type == T_DISCARD {
-                RequestType::Discard
-            } else {
-                RequestType::WriteZeroes {
-                    unmap: flags & FLAG_UNMAP != 0,
-                }
-            }
+            parse_range(req_type, out_len, mem, cfg, req)?
         }
         other => return Err(RequestError::Unsupported(other)),
     };
     req.kind = Some(kind);
     Ok(kind)
+}
+
+/// The status byte: the last byte of the last descriptor, which must be writable.
+fn status_byte<M: GuestMemory + ?Sized>(last: &ChainDesc, mem: &M) -> Option<GuestAddress> {
+    if !last.writable || last.len == 0 {
+        return None;
+    }
+    last.addr
+        .checked_add(u64::from(last.len) - 1)
+        .filter(|a| mem.check_range(*a, 1, Permissions::Write))
+}
+
+/// Split the chain into readable segments (`req.readable`) and writable data segments
+/// (`req.data`, without the status byte). Returns the bytes of each.
+fn split(descs: &[ChainDesc], req: &mut Request) -> (u64, u64) {
+    let mut readable_len = 0u64;
+    let mut writable_len = 0u64;
+    let n = descs.len();
+    for (i, d) in descs.iter().enumerate() {
+        let len = if i + 1 == n { d.len - 1 } else { d.len };
+        if len == 0 {
+            continue;
+        }
+        let seg = Segment { addr: d.addr, len };
+        if d.writable {
+            writable_len += u64::from(len);
+            req.data.push(seg);
+        } else {
+            readable_len += u64::from(len);
+            req.readable.push(seg);
+        }
+    }
+    (readable_len, writable_len)
+}
+
+/// The single segment of a DISCARD / WRITE_ZEROES request (`out_len` readable bytes after
+/// the header).
+fn parse_range<M: GuestMemory + ?Sized>(
+    req_type: u32,
+    out_len: u64,
+    mem: &M,
+    cfg: &BlkConfig,
+    req: &mut Request,
+) -> Result<RequestType, RequestError> {
+    let offered = if req_type == T_DISCARD {
+        cfg.discard
+    } else {
+        cfg.write_zeroes
+    };
+    if !offered {
+        return Err(if cfg.read_only {
+            RequestError::ReadOnly
+        } else {
+            RequestError::Unsupported(req_type)
+        });
+    }
+    // We offer max_discard_seg = max_write_zeroes_seg = 1.
+    if out_len != RANGE_LEN {
+        return Err(RequestError::BadRange);
+    }
+    let mut range = [0u8; (HEADER_LEN + RANGE_LEN) as usize];
+    read_prefix(mem, &req.readable, &mut range)?;
+    let start = u64::from_le_bytes(range[16..24].try_into().unwrap_or_default());
+    let count = u32::from_le_bytes(range[24..28].try_into().unwrap_or_default());
+    let flags = u32::from_le_bytes(range[28..32].try_into().unwrap_or_default());
+    // Reserved flag bits, and UNMAP on a DISCARD, are not supported (5.2.6.2).
+    if flags & !FLAG_UNMAP != 0 || (req_type == T_DISCARD && flags != 0) {
+        return Err(RequestError::Unsupported(req_type));
+    }
+    if count > MAX_DISCARD_SECTORS {
+        return Err(RequestError::BadRange);
+    }
+    let end = start
+        .checked_add(u64::from(count))
+        .ok_or(RequestError::OutOfRange)?;
+    if end > cfg.capacity_sectors {
+        return Err(RequestError::OutOfRange);
+    }
+    req.sector = start;
+    req.num_sectors = u64::from(count);
+    req.data.clear();
+    Ok(if req_type == T_DISCARD {
+        RequestType::Discard
+    } else {
+        RequestType::WriteZeroes {
+            unmap: flags & FLAG_UNMAP != 0,
+        }
+    })
 }
 
 fn check_io_range(

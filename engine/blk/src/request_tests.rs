@@ -2,7 +2,7 @@
 //! right status and used length, writes nothing it should not, and the queue keeps working.
 
 use super::*;
-use crate::worker::tests::harness::*;
+use crate::queue::tests::harness::*;
 use RequestError::*;
 
 #[test]

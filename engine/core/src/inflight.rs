@@ -56,9 +56,22 @@ pub fn queue_block_len(queue_size: u16) -> usize {
     (HEADER + DESC * usize::from(queue_size)).div_ceil(ALIGN) * ALIGN
 }
 
+/// Memory that holds in-flight blocks: a shared mapping its owner (the transport) keeps
+/// alive as long as any block of it is in use.
+pub trait RecordMemory: Send + Sync {
+    /// The mapping.
+    fn mmap(&self) -> &MmapRegion<()>;
+}
+
+impl RecordMemory for MmapRegion<()> {
+    fn mmap(&self) -> &MmapRegion<()> {
+        self
+    }
+}
+
 /// The blocks of every queue of a device, mapped by this process.
 pub struct InflightRegion {
-    region: Arc<MmapRegion<()>>,
+    region: Arc<dyn RecordMemory>,
     base: usize,
     num_queues: u16,
     queue_size: u16,
@@ -148,7 +161,7 @@ impl InflightRegion {
     /// The blocks at byte `base` (a multiple of 64) of a region mapped by the caller (a
     /// file of the transport's own that starts with a header).
     pub fn within(
-        region: Arc<MmapRegion<()>>,
+        region: Arc<dyn RecordMemory>,
         base: usize,
         num_queues: u16,
         queue_size: u16,
@@ -157,11 +170,11 @@ impl InflightRegion {
         if num_queues == 0
             || queue_size == 0
             || !base.is_multiple_of(ALIGN)
-            || end.is_none_or(|e| e > region.len())
+            || end.is_none_or(|e| e > region.mmap().len())
         {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{num_queues} in-flight blocks of {queue_size} descriptors do not fit at {base} in {} bytes", region.len()),
+                format!("{num_queues} in-flight blocks of {queue_size} descriptors do not fit at {base} in {} bytes", region.mmap().len()),
             ));
         }
         Ok(Self {
@@ -185,7 +198,7 @@ impl InflightRegion {
 
 /// One queue's block. The [`crate::QueueService`] records every pop and completion in it.
 pub struct InflightQueue {
-    region: Arc<MmapRegion<()>>,
+    region: Arc<dyn RecordMemory>,
     base: usize,
     size: u16,
     counter: u64,
@@ -204,7 +217,7 @@ pub struct Recovered {
 
 impl InflightQueue {
     fn slice(&self) -> VolatileSlice<'_, ()> {
-        self.region.as_volatile_slice()
+        self.region.mmap().as_volatile_slice()
     }
 
     fn store_u8(&self, off: usize, v: u8) {

@@ -252,6 +252,20 @@ impl QueueService {
         result
     }
 
+    /// After [`Event::Completion`] on a ring the transport has paused (disabled, or being
+    /// stopped): publish what the handler finished, take nothing new.
+    pub fn complete_only(
+        &mut self,
+        mem: &GuestMem,
+        notify: &mut dyn FnMut(),
+    ) -> Result<(), ServiceError> {
+        self.handler.ack_completion_event();
+        if self.complete(mem)? {
+            notify();
+        }
+        Ok(())
+    }
+
     fn serve_once(
         &mut self,
         mem: &mut Arc<GuestMem>,

@@ -6,15 +6,11 @@ use std::sync::Arc;
 
 use vduse::{Request, Response, VqState};
 use virtio_queue::{Queue, QueueT};
+use virtiod_core::{F_EVENT_IDX, STATUS_DRIVER_OK};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::device::Shared;
 use crate::queue::{lock, Mem};
-
-/// VIRTIO_CONFIG_S_DRIVER_OK
-const STATUS_DRIVER_OK: u8 = 4;
-/// VIRTIO_RING_F_EVENT_IDX
-const EVENT_IDX: u64 = 1 << 29;
 
 pub(crate) fn run(shared: &Arc<Shared>, resume: bool) {
     if resume && shared.log.status() & STATUS_DRIVER_OK != 0 {
@@ -83,7 +79,9 @@ fn handle(shared: &Arc<Shared>, id: u32, request: Request) -> Response {
             if status == 0 {
                 stop_queues(shared);
                 for index in 0..shared.queues.len() {
-                    shared.log.queue(index).reset(0, 0);
+                    if let Some(mut block) = shared.log.queue(index) {
+                        block.initialise(0);
+                    }
                 }
                 shared
                     .iotlb
@@ -102,7 +100,10 @@ fn handle(shared: &Arc<Shared>, id: u32, request: Request) -> Response {
             let avail_index = shared
                 .queues
                 .get(index as usize)
-                .and_then(|q| lock(q).queue.as_ref().map(|q| q.next_avail()))
+                .and_then(|q| {
+                    let ctx = lock(q);
+                    ctx.mem.is_some().then(|| ctx.svc.queue().next_avail())
+                })
                 .or_else(|| shared.dev.vq_info(index).ok().map(|i| i.avail_index))
                 .unwrap_or(0);
             Response::vq_state(id, index, VqState::Split { avail_index })
@@ -144,7 +145,7 @@ fn current_memory(shared: &Shared) -> Result<Arc<Mem>, vduse::Error> {
     iotlb.memory()
 }
 
-/// DRIVER_OK: build each ready queue from the kernel's view of it and start serving.
+/// DRIVER_OK: set up each ready queue from the kernel's view of it and start serving.
 fn start_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
     let features = shared.dev.get_features()?;
     let mem = current_memory(shared)?;
@@ -153,20 +154,20 @@ fn start_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
         if !info.ready {
             continue;
         }
-        let Some(queue) = build_queue(shared, &mem, &info, features) else {
-            tracing::error!(queue = index, ?info, "the driver's virtqueue is not usable");
-            continue;
-        };
         {
             let mut ctx = lock(handle);
-            if ctx.queue.is_some() {
+            if ctx.mem.is_some() {
                 continue; // already running (DRIVER_OK set again)
             }
-            shared
-                .log
-                .queue(index)
-                .reset(queue.next_avail(), queue.next_used());
-            ctx.queue = Some(queue);
+            if !set_up_queue(ctx.svc.queue_mut(), &mem, &info, features) {
+                tracing::error!(queue = index, ?info, "the driver's virtqueue is not usable");
+                continue;
+            }
+            let mut block = shared.log.queue(index);
+            if let Some(block) = block.as_mut() {
+                block.initialise(ctx.svc.queue().next_used());
+            }
+            ctx.svc.set_inflight(block);
             ctx.mem = Some(mem.clone());
         }
         shared.dev.set_vq_kickfd(index as u32, Some(&handle.kick))?;
@@ -177,9 +178,9 @@ fn start_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
     Ok(())
 }
 
-/// After a restart on a device the driver is using: rebuild each queue from the kernel's
-/// addresses and our log, complete what the previous process left in flight, and kick once
-/// (kicks sent while no process listened are lost).
+/// After a restart on a device the driver is using: set each queue up from the kernel's
+/// addresses, let the core recover it from our log (it executes again what the previous
+/// process left in flight), and kick once (kicks sent while no process listened are lost).
 fn resume_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
     let features = shared.dev.get_features()?;
     let mem = current_memory(shared)?;
@@ -188,40 +189,20 @@ fn resume_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
         if !info.ready {
             continue;
         }
-        let qlog = shared.log.queue(index);
-        let resumed = vduse::VqInfo {
-            avail_index: qlog.last_avail(),
-            ..info
-        };
-        let Some(mut queue) = build_queue(shared, &mem, &resumed, features) else {
+        let mut ctx = lock(handle);
+        if !set_up_queue(ctx.svc.queue_mut(), &mem, &info, features) {
             tracing::error!(queue = index, ?info, "the driver's virtqueue is not usable");
             continue;
-        };
-        let num = u64::from(info.num.max(1));
-        let read_u16 = |addr: u64| {
-            mem.read_obj::<u16>(GuestAddress(addr))
-                .ok()
-                .map(u16::from_le)
-        };
-        let avail_idx = read_u16(info.driver_addr + 2).unwrap_or(resumed.avail_index);
-        let heads = qlog.recover(
-            queue.next_used(),
-            |i| read_u16(info.device_addr + 4 + 8 * (u64::from(i) % num)),
-            avail_idx,
-            |i| read_u16(info.driver_addr + 4 + 2 * (u64::from(i) % num)),
-        );
-        tracing::info!(
-            queue = index,
-            in_flight = heads.len(),
-            next_avail = queue.next_avail(),
-            next_used = queue.next_used(),
-            "resuming queue after a restart"
-        );
-        let mut ctx = lock(handle);
-        if let Err(e) = ctx.worker.resubmit(&mut queue, &mem, &heads) {
-            tracing::warn!(queue = index, %e, "resubmitting in-flight requests failed");
         }
-        ctx.queue = Some(queue);
+        match ctx.svc.activate(&mem, shared.log.queue(index)) {
+            Ok(_) => tracing::info!(
+                queue = index,
+                next_avail = ctx.svc.queue().next_avail(),
+                next_used = ctx.svc.queue().next_used(),
+                "resuming queue after a restart"
+            ),
+            Err(e) => tracing::warn!(queue = index, %e, "recovering the queue failed"),
+        }
         ctx.mem = Some(mem.clone());
         drop(ctx);
         shared.dev.set_vq_kickfd(index as u32, Some(&handle.kick))?;
@@ -232,33 +213,38 @@ fn resume_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
     Ok(())
 }
 
-fn build_queue(shared: &Shared, mem: &Mem, info: &vduse::VqInfo, features: u64) -> Option<Queue> {
-    let mut q = Queue::new(shared.cfg.queue_size).ok()?;
-    let size = u16::try_from(info.num).ok()?;
-    q.try_set_size(size).ok()?;
-    q.try_set_desc_table_address(GuestAddress(info.desc_addr))
-        .ok()?;
-    q.try_set_avail_ring_address(GuestAddress(info.driver_addr))
-        .ok()?;
-    q.try_set_used_ring_address(GuestAddress(info.device_addr))
-        .ok()?;
-    q.set_event_idx(features & EVENT_IDX != 0);
+/// Set `q` up from the kernel's view of the ring. Returns whether it is usable.
+fn set_up_queue(q: &mut Queue, mem: &Mem, info: &vduse::VqInfo, features: u64) -> bool {
+    let Ok(size) = u16::try_from(info.num) else {
+        return false;
+    };
+    let set = q
+        .try_set_size(size)
+        .and_then(|()| q.try_set_desc_table_address(GuestAddress(info.desc_addr)))
+        .and_then(|()| q.try_set_avail_ring_address(GuestAddress(info.driver_addr)))
+        .and_then(|()| q.try_set_used_ring_address(GuestAddress(info.device_addr)));
+    if set.is_err() {
+        return false;
+    }
+    q.set_event_idx(features & F_EVENT_IDX != 0);
     q.set_next_avail(info.avail_index);
-    let used_idx: u16 = mem
-        .read_obj(GuestAddress(info.device_addr).checked_add(2)?)
-        .ok()?;
+    let used_idx = GuestAddress(info.device_addr)
+        .checked_add(2)
+        .and_then(|a| mem.read_obj::<u16>(a).ok());
+    let Some(used_idx) = used_idx else {
+        return false;
+    };
     q.set_next_used(u16::from_le(used_idx));
     q.set_ready(true);
-    q.is_valid(mem).then_some(q)
+    q.is_valid(mem)
 }
 
 /// Reset or shutdown: complete everything in flight, then forget the queues.
 pub(crate) fn stop_queues(shared: &Shared) {
     for (index, handle) in shared.queues.iter().enumerate() {
         let mut ctx = lock(handle);
-        let crate::queue::QueueCtx { worker, queue, mem } = &mut *ctx;
-        if let (Some(q), Some(m)) = (queue.as_mut(), mem.as_ref()) {
-            match worker.drain(q, m.as_ref()) {
+        if let Some(m) = ctx.mem.take() {
+            match ctx.svc.drain(m.as_ref()) {
                 Ok(true) => {
                     let _ = shared.dev.inject_vq_irq(index as u32);
                 }
@@ -266,8 +252,7 @@ pub(crate) fn stop_queues(shared: &Shared) {
                 Err(e) => tracing::warn!(queue = index, %e, "draining failed"),
             }
         }
-        ctx.queue = None;
-        ctx.mem = None;
+        ctx.svc.reset();
         drop(ctx);
         let _ = shared.dev.set_vq_kickfd(index as u32, None);
     }

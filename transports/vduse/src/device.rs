@@ -1,4 +1,4 @@
-//! Creating, attaching and destroying one VDUSE virtio-blk device.
+//! Creating, attaching and destroying one VDUSE device (any device of the core).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,18 +8,12 @@ use std::time::{Duration, Instant};
 
 use vduse::vdpa::{self, Driver, VdpaClient};
 use vduse::{DeviceConfig, IotlbMemory, VduseControl, VduseDevice};
-use virtiod_backend::Backend;
-use virtiod_blk::{BlkConfig, QueueWorker, Stats};
+use virtiod_core::{Device, QueueService, F_ACCESS_PLATFORM};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::queue::{QueueCtx, QueueHandle};
 use crate::state::{self, Identity, StateLog};
 use crate::Error;
-
-/// `VIRTIO_F_ACCESS_PLATFORM`: VDUSE requires it (the driver's addresses are IOVAs).
-const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
-/// virtio device id of a block device.
-const VIRTIO_ID_BLOCK: u32 = 2;
 /// How long to wait for the device node after attaching.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -44,25 +38,24 @@ pub struct VduseOptions {
     pub attach: Attach,
     /// Directory of the in-flight log (`vduse-NAME.log`) that makes a restart lossless.
     pub state_dir: PathBuf,
-    /// Busy-poll each queue this long after its last request before sleeping (zero: never).
+    /// Longest adaptive busy-poll window of each queue after its last request (zero: never
+    /// poll).
     pub poll: Duration,
 }
 
 /// State shared by the control thread and the queue threads.
 pub(crate) struct Shared {
     pub dev: VduseDevice,
-    pub cfg: Arc<BlkConfig>,
     pub log: StateLog,
     pub iotlb: Mutex<IotlbMemory>,
     pub queues: Vec<QueueHandle>,
     pub stop: AtomicBool,
     pub stop_evt: EventFd,
-    pub poll: Duration,
 }
 
-/// A virtio-blk device served through VDUSE. Dropping it without [`VduseBlk::shutdown`]
-/// still detaches and destroys the device.
-pub struct VduseBlk {
+/// A device served through VDUSE. Dropping it without [`VduseServer::shutdown`] still
+/// detaches and destroys the VDUSE device.
+pub struct VduseServer {
     shared: Option<Arc<Shared>>,
     threads: Vec<JoinHandle<()>>,
     name: String,
@@ -70,8 +63,7 @@ pub struct VduseBlk {
     created: bool,
     attached: bool,
     node: Option<PathBuf>,
-    backend: Arc<dyn Backend>,
-    stats: Arc<Stats>,
+    device: Arc<dyn Device>,
 }
 
 /// Whether the vDPA bus has a device called `name`.
@@ -85,29 +77,26 @@ fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Os { what, source }
 }
 
-impl VduseBlk {
-    /// Create the VDUSE device, start serving it and attach it as `opts` says. Returns once
-    /// the device node is usable (see [`Self::node`]).
-    pub fn create(
-        cfg: BlkConfig,
-        backend: Arc<dyn Backend>,
-        opts: &VduseOptions,
-    ) -> Result<Self, Error> {
+impl VduseServer {
+    /// Create the VDUSE device for `device`, start serving it and attach it as `opts` says.
+    /// Returns once the device node is usable (see [`Self::node`]).
+    pub fn create(device: Arc<dyn Device>, opts: &VduseOptions) -> Result<Self, Error> {
         let control = VduseControl::open()?;
         let dev_cfg = DeviceConfig {
             name: opts.name.clone(),
-            device_id: VIRTIO_ID_BLOCK,
+            device_id: device.device_type(),
             vendor_id: 0,
-            features: cfg.features() | VIRTIO_F_ACCESS_PLATFORM,
-            vq_num: u32::from(cfg.num_queues),
+            features: device.features() | F_ACCESS_PLATFORM,
+            vq_num: u32::from(device.num_queues()),
             vq_align: 4096,
-            config: cfg.config_space().to_vec(),
+            config: device.config_space(),
         };
         let id = Identity {
-            num_queues: cfg.num_queues,
-            queue_size: cfg.queue_size,
+            device_type: dev_cfg.device_id,
+            num_queues: device.num_queues(),
+            queue_size: device.max_queue_size(),
             features: dev_cfg.features,
-            capacity_sectors: cfg.capacity_sectors,
+            config_hash: state::config_hash(&dev_cfg.config),
         };
         let log_file = state::log_path(&opts.state_dir, &opts.name);
         let exists = Path::new("/dev/vduse").join(&opts.name).exists();
@@ -167,10 +156,9 @@ impl VduseBlk {
             created: !exists,
             attached: false,
             node: None,
-            backend: backend.clone(),
-            stats: Arc::new(Stats::new(cfg.num_queues as usize)),
+            device: device.clone(),
         };
-        this.start(cfg, backend, dev, log, exists, opts.poll)?;
+        this.start(device, dev, log, exists, opts.poll)?;
         if exists && vdpa_has(&opts.name) {
             this.attached = true;
             this.created = true;
@@ -188,45 +176,34 @@ impl VduseBlk {
 
     fn start(
         &mut self,
-        cfg: BlkConfig,
-        backend: Arc<dyn Backend>,
+        device: Arc<dyn Device>,
         dev: VduseDevice,
         log: StateLog,
         resume: bool,
         poll: Duration,
     ) -> Result<(), Error> {
-        let cfg = Arc::new(cfg);
+        let size = device.max_queue_size();
         let mut queues = Vec::new();
-        for index in 0..cfg.num_queues as usize {
+        for index in 0..device.num_queues() {
             if !resume {
-                dev.setup_vq(index as u32, cfg.queue_size)?;
+                dev.setup_vq(u32::from(index), size)?;
             }
-            let mut worker =
-                QueueWorker::new(cfg.clone(), backend.as_ref(), self.stats.clone(), index)
-                    .map_err(|source| Error::Worker {
-                        queue: index,
-                        source,
-                    })?;
-            worker.set_tracker(Some(Box::new(log.queue(index))));
+            let handler = device.queue_handler(index)?;
+            let svc = QueueService::new(index, handler, size, poll)
+                .map_err(|e| Error::Attach(format!("queue {index} of size {size}: {e}")))?;
             queues.push(QueueHandle {
-                ctx: Mutex::new(QueueCtx {
-                    worker,
-                    queue: None,
-                    mem: None,
-                }),
+                ctx: Mutex::new(QueueCtx { svc, mem: None }),
                 kick: EventFd::new(EFD_NONBLOCK).map_err(os("creating a kick eventfd"))?,
                 wake: EventFd::new(EFD_NONBLOCK).map_err(os("creating an eventfd"))?,
             });
         }
         let shared = Arc::new(Shared {
             dev,
-            cfg,
             log,
             iotlb: Mutex::new(IotlbMemory::new()),
             queues,
             stop: AtomicBool::new(false),
             stop_evt: EventFd::new(EFD_NONBLOCK).map_err(os("creating an eventfd"))?,
-            poll,
         });
         self.shared = Some(shared.clone());
         for index in 0..shared.queues.len() {
@@ -301,18 +278,14 @@ impl VduseBlk {
         self.node.as_deref()
     }
 
-    /// Request counters.
-    pub fn stats(&self) -> Arc<Stats> {
-        self.stats.clone()
-    }
-
     /// The device name.
     pub fn name(&self) -> &str {
         &self.name
     }
 
     /// Detach from the vDPA bus (the kernel driver completes its I/O and resets the device),
-    /// complete anything still in flight, flush the backend, and destroy the device.
+    /// complete anything still in flight, stop the device (virtio-blk: flush the backend),
+    /// and destroy the VDUSE device.
     pub fn shutdown(mut self) -> Result<(), Error> {
         self.teardown()
     }
@@ -340,12 +313,9 @@ impl VduseBlk {
             }
             drop(shared); // closes /dev/vduse/NAME once the last reference goes
         }
-        if let Err(e) = self.backend.flush() {
-            tracing::error!(%e, "final flush failed");
-            first_err.get_or_insert(Error::Os {
-                what: "flushing the image",
-                source: e,
-            });
+        if let Err(e) = self.device.stop() {
+            tracing::error!(%e, "stopping the device failed");
+            first_err.get_or_insert(Error::Device(e));
         }
         if !std::mem::take(&mut self.created) {
             return first_err.map_or(Ok(()), Err);
@@ -360,7 +330,7 @@ impl VduseBlk {
     }
 }
 
-impl Drop for VduseBlk {
+impl Drop for VduseServer {
     fn drop(&mut self) {
         if self.created || self.shared.is_some() {
             if let Err(e) = self.teardown() {

@@ -1,21 +1,25 @@
-//! VDUSE transport: this process *is* the virtio-blk device on the kernel's vDPA bus.
+//! VDUSE transport: this process *is* the virtio device on the kernel's vDPA bus. It serves
+//! any [`virtiod_core::Device`] (the kernel accepts block and, since 6.10, net devices).
 //!
 //! Attached to `virtio_vdpa` the host gets `/dev/vdX`; attached to `vhost_vdpa` a VM (or a
-//! user-space driver) gets `/dev/vhost-vdpa-N`. The request path is the same engine as
-//! vhost-user ([`virtiod_blk::QueueWorker`]): one thread per queue, each with its own worker
-//! and backend I/O context; a control thread answers the kernel's messages (status changes,
-//! queue state, IOTLB invalidations) and starts/stops the queues.
+//! user-space driver) gets `/dev/vhost-vdpa-N`. The request path is the core's
+//! ([`virtiod_core::QueueService`]), as for vhost-user: one thread per queue, each with its
+//! own device handler (for virtio-blk: its own backend I/O context); a control thread answers
+//! the kernel's messages (status changes, queue state, IOTLB invalidations) and starts/stops
+//! the queues.
 //!
 //! Driver memory is the VDUSE IOTLB (IOVA space) mapped with [`vduse::IotlbMemory`]: mapped
 //! at DRIVER_OK, and again on demand when a request refers to an IOVA not mapped yet
 //! (virtio-vdpa maps its bounce buffer lazily).
+
+#![deny(missing_docs)]
 
 mod control;
 mod device;
 mod queue;
 mod state;
 
-pub use device::{Attach, VduseBlk, VduseOptions};
+pub use device::{Attach, VduseOptions, VduseServer};
 
 /// Errors of the VDUSE transport. Each says what failed and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -26,14 +30,9 @@ pub enum Error {
     /// The vDPA bus failed (netlink, sysfs).
     #[error(transparent)]
     Vdpa(#[from] vduse::vdpa::VdpaError),
-    /// Setting up the engine failed.
-    #[error("cannot set up queue {queue}")]
-    Worker {
-        /// Queue index.
-        queue: usize,
-        /// Cause.
-        source: virtiod_blk::WorkerError,
-    },
+    /// The device failed (setting up a queue, or stopping).
+    #[error(transparent)]
+    Device(#[from] virtiod_core::DeviceError),
     /// The device node did not appear.
     #[error("{0}")]
     Attach(String),

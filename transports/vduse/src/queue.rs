@@ -1,23 +1,22 @@
-//! One thread per virtqueue: kicks and backend completions in, used ring and interrupts out.
+//! One thread per virtqueue: kicks and handler completions in, used ring and interrupts out.
+//! The queue itself is served by the core's [`QueueService`].
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::Queue;
-use virtiod_blk::QueueWorker;
-use vm_memory::GuestMemoryMmap;
+use virtiod_core::{Event, GuestMem, QueueService};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::Shared;
 
-pub(crate) type Mem = GuestMemoryMmap<()>;
+pub(crate) type Mem = GuestMem;
 
-/// A queue's engine state; `queue` and `mem` are set while the driver has it running.
+/// A queue's state; `mem` is set (and the ring in `svc` set up) while the driver has it
+/// running.
 pub(crate) struct QueueCtx {
-    pub worker: QueueWorker<Mem>,
-    pub queue: Option<Queue>,
+    pub svc: QueueService,
     pub mem: Option<Arc<Mem>>,
 }
 
@@ -57,7 +56,7 @@ fn serve(shared: &Arc<Shared>, index: usize) -> std::io::Result<()> {
     };
     add(handle.kick.as_raw_fd(), TOKEN_KICK)?;
     add(handle.wake.as_raw_fd(), TOKEN_WAKE)?;
-    if let Some(fd) = lock(handle).worker.completion_fd() {
+    if let Some(fd) = lock(handle).svc.completion_fd() {
         add(fd, TOKEN_COMPLETION)?;
     }
     let mut events = vec![EpollEvent::default(); 4];
@@ -67,30 +66,34 @@ fn serve(shared: &Arc<Shared>, index: usize) -> std::io::Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        let mut event = Event::Completion;
         for ev in &events[..n] {
             match ev.data() {
                 TOKEN_KICK => {
                     let _ = handle.kick.read();
+                    event = Event::Kick;
                 }
                 TOKEN_WAKE => {
                     let _ = handle.wake.read();
+                    event = Event::Kick;
                 }
-                _ => lock(handle).worker.ack_completion_event(),
+                _ => {}
             }
         }
         if shared.stop.load(Ordering::Acquire) {
             return Ok(());
         }
-        service(shared, index);
+        service(shared, index, event);
     }
 }
 
-/// Complete what the backend finished and start what the driver queued.
-pub(crate) fn service(shared: &Arc<Shared>, index: usize) {
+/// Serve the queue after `event`: the core completes what the handler finished and starts
+/// what the driver queued, re-mapping the IOTLB when a chain or the ring is not mapped.
+pub(crate) fn service(shared: &Arc<Shared>, index: usize, event: Event) {
     let handle = &shared.queues[index];
     let mut guard = lock(handle);
-    let QueueCtx { worker, queue, mem } = &mut *guard;
-    let (Some(queue), Some(mem)) = (queue.as_mut(), mem.as_mut()) else {
+    let QueueCtx { svc, mem } = &mut *guard;
+    let Some(mem) = mem.as_mut() else {
         return;
     };
     // Another queue may already have mapped what this one misses: hand out the newest
@@ -108,35 +111,11 @@ pub(crate) fn service(shared: &Arc<Shared>, index: usize) {
         using = Arc::as_ptr(&newest);
         Some(newest)
     };
-    let mut result = worker
-        .process_completions(queue, mem.as_ref())
-        .and_then(|n1| Ok(n1 | worker.process_queue_remap(queue, mem, &mut remap)?));
-    if result.is_err() {
-        // The rings themselves may sit in memory mapped since our last snapshot.
-        if let Some(fresh) = remap() {
-            *mem = fresh;
-            result = worker
-                .process_completions(queue, mem.as_ref())
-                .and_then(|n1| Ok(n1 | worker.process_queue_remap(queue, mem, &mut remap)?));
-        }
-    }
-    let irq = || {
+    let mut irq = || {
         if let Err(e) = shared.dev.inject_vq_irq(index as u32) {
             tracing::warn!(queue = index, %e, "injecting an interrupt failed");
         }
     };
-    match result {
-        Ok(true) => irq(),
-        Ok(false) => {}
-        Err(e) => {
-            tracing::warn!(queue = index, %e, "the driver's virtqueue is broken");
-            return;
-        }
-    }
-    if !shared.poll.is_zero() {
-        let polled = worker.busy_poll(queue, mem, shared.poll, &mut remap, &mut { irq });
-        if let Err(e) = polled {
-            tracing::warn!(queue = index, %e, "the driver's virtqueue is broken");
-        }
-    }
+    // A broken ring is logged once by the core and stays quiet until the driver resets it.
+    let _ = svc.serve(event, mem, &mut remap, &mut irq);
 }

@@ -26,7 +26,7 @@ use crate::fault::MapError;
 
 use crate::inflight::InflightRegion;
 use crate::queue::{lock, Mem, QueueState};
-use crate::VhostUserBlk;
+use crate::VhostUserDevice;
 
 /// Memory slots offered with `CONFIGURE_MEM_SLOTS` (what QEMU's and rust-vmm's backends offer).
 const MAX_MEM_SLOTS: u64 = 509;
@@ -40,7 +40,7 @@ struct Mapping {
 
 /// The state of one frontend connection.
 pub(crate) struct Connection {
-    dev: Arc<VhostUserBlk>,
+    dev: Arc<VhostUserDevice>,
     acked_features: u64,
     acked_protocol: u64,
     mem: Arc<Mem>,
@@ -64,7 +64,7 @@ fn io_err(e: impl std::fmt::Display) -> VuError {
 }
 
 impl Connection {
-    pub fn new(dev: Arc<VhostUserBlk>, poison_wake: Arc<EventFd>) -> Self {
+    pub fn new(dev: Arc<VhostUserDevice>, poison_wake: Arc<EventFd>) -> Self {
         Self {
             dev,
             acked_features: 0,
@@ -137,7 +137,7 @@ impl Connection {
     fn maybe_activate(&self, st: &mut QueueState) {
         if st.wants_activation() {
             let inflight = self.inflight.as_ref().and_then(|r| r.queue(st.index));
-            st.activate(inflight, self.dev.poll_us());
+            st.activate(inflight);
         }
     }
 
@@ -192,7 +192,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let enable_all = !self.protocol_features_acked();
         for q in &self.dev.queues {
             let mut st = lock(q);
-            st.queue.set_event_idx(event_idx);
+            st.svc.queue_mut().set_event_idx(event_idx);
             if enable_all {
                 // Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled.
                 st.set_enabled(true);
@@ -225,13 +225,14 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
-        let max = u32::from(self.dev.cfg.queue_size);
+        let max = u32::from(self.dev.device.max_queue_size());
         if num == 0 || num > max {
             tracing::warn!(queue = index, num, max, "queue size out of range");
             return Err(VuError::InvalidParam);
         }
         let mut st = self.queue(index)?;
-        st.queue
+        st.svc
+            .queue_mut()
             .try_set_size(num as u16)
             .map_err(|_| VuError::InvalidParam)
     }
@@ -249,16 +250,17 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let avail = self.frontend_va_to_gpa(available)?;
         let used = self.frontend_va_to_gpa(used)?;
         let mut st = self.queue(index)?;
-        st.queue
+        let queue = st.svc.queue_mut();
+        queue
             .try_set_desc_table_address(desc)
-            .and_then(|()| st.queue.try_set_avail_ring_address(avail))
-            .and_then(|()| st.queue.try_set_used_ring_address(used))
+            .and_then(|()| queue.try_set_avail_ring_address(avail))
+            .and_then(|()| queue.try_set_used_ring_address(used))
             .map_err(|_| VuError::InvalidParam)
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
         let base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
-        self.queue(index)?.queue.set_next_avail(base);
+        self.queue(index)?.svc.queue_mut().set_next_avail(base);
         Ok(())
     }
 
@@ -323,18 +325,28 @@ impl VhostUserBackendReqHandlerMut for Connection {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VuResult<Vec<u8>> {
-        Ok(self.dev.cfg.read_config(offset, size))
+        // The protocol carries at most 256 bytes of configuration space.
+        if size > 256 {
+            tracing::warn!(
+                offset,
+                size,
+                "GET_CONFIG: size larger than the protocol allows"
+            );
+            return Err(VuError::InvalidParam);
+        }
+        Ok(self.dev.device.read_config(offset, size))
     }
 
     fn set_config(
         &mut self,
-        _offset: u32,
-        _buf: &[u8],
+        offset: u32,
+        buf: &[u8],
         _flags: VhostUserConfigFlags,
     ) -> VuResult<()> {
-        Err(VuError::InvalidOperation(
-            "the virtio-blk configuration space is read-only",
-        ))
+        self.dev.device.write_config(offset, buf).map_err(|e| {
+            tracing::warn!(offset, len = buf.len(), %e, "SET_CONFIG refused");
+            VuError::InvalidOperation("configuration write refused by the device")
+        })
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {

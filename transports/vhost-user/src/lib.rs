@@ -1,9 +1,10 @@
-//! vhost-user-blk transport: serves a virtio-blk engine to a vhost-user frontend (QEMU,
-//! cloud-hypervisor, libblkio) over a unix socket.
+//! vhost-user transport: serves any [`Device`] of the core (virtio-blk, or a device of your
+//! own) to a vhost-user frontend (QEMU, cloud-hypervisor, libblkio) over a unix socket.
 //!
-//! The `vhost` crate parses the protocol; [`handler`] decides what each message does. Each
-//! queue has one thread (per connection) and one [`QueueWorker`] (and with it one backend I/O
-//! context, e.g. one `io_uring`), so queues never share a lock on the hot path. After a
+//! The `vhost` crate parses the protocol; `handler` decides what each message does. Each
+//! queue has one thread (per connection) and one [`QueueService`] with the device's handler
+//! (and with it, for virtio-blk, one backend I/O context, e.g. one `io_uring`), so queues
+//! never share a lock on the hot path. After a
 //! frontend disconnects, in-flight requests are drained and the daemon waits for the next
 //! frontend on the same socket.
 //!
@@ -15,6 +16,8 @@
 //! memory regions must lie in their files, and a frontend that shrinks its memory later is
 //! cut off without harming the process or other devices ([`fault`], docs/security.md).
 
+#![deny(missing_docs)]
+
 mod fault;
 mod handler;
 pub mod inflight;
@@ -24,15 +27,13 @@ mod wire;
 
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
-use virtio_queue::{Queue, QueueT};
-use virtiod_backend::Backend;
-use virtiod_blk::{BlkConfig, QueueWorker, Stats};
+use virtiod_core::{Device, DeviceError, QueueService};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::fault::FrontendMemory;
@@ -48,14 +49,9 @@ pub enum Error {
     /// The socket could not be set up.
     #[error("{0}")]
     Socket(String),
-    /// The device engine could not be set up.
-    #[error("cannot set up queue {queue}")]
-    Worker {
-        /// Queue index.
-        queue: usize,
-        /// Cause.
-        source: virtiod_blk::WorkerError,
-    },
+    /// The device could not set up a queue.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     /// Serving a frontend failed.
     #[error("vhost-user: {0}")]
     Daemon(String),
@@ -66,48 +62,38 @@ pub struct Quiesced<'a> {
     _guards: Vec<MutexGuard<'a, QueueState>>,
 }
 
-/// A virtio-blk device served over vhost-user.
-pub struct VhostUserBlk {
-    cfg: Arc<BlkConfig>,
-    backend: Arc<dyn Backend>,
-    stats: Arc<Stats>,
+/// A device served over vhost-user.
+pub struct VhostUserDevice {
+    device: Arc<dyn Device>,
     queues: Vec<Arc<Mutex<QueueState>>>,
-    poll_us: Arc<AtomicU64>,
     /// The current frontend's socket (a clone), to cut it off.
     connection: Mutex<Option<UnixStream>>,
     /// The frontend's memory regions mapped by this device (unmapped once unused).
     frontend_memory: Mutex<FrontendMemory>,
 }
 
-impl VhostUserBlk {
-    /// A device over `backend` described by `cfg`, with one worker per queue.
-    pub fn new(cfg: BlkConfig, backend: Arc<dyn Backend>) -> Result<Arc<Self>, Error> {
-        let cfg = Arc::new(cfg);
-        let stats = Arc::new(Stats::new(cfg.num_queues as usize));
-        let queues = (0..cfg.num_queues as usize)
-            .map(|queue| {
-                let worker = QueueWorker::new(cfg.clone(), backend.as_ref(), stats.clone(), queue)
-                    .map_err(|source| Error::Worker { queue, source })?;
-                let ring = Queue::new(cfg.queue_size)
-                    .map_err(|e| Error::Daemon(format!("queue size {}: {e}", cfg.queue_size)))?;
-                Ok(Arc::new(Mutex::new(QueueState::new(queue, worker, ring))))
+impl VhostUserDevice {
+    /// Serve `device`, with one queue service (and handler) per queue, each busy-polling
+    /// adaptively for at most `max_poll` after its last request (zero: never poll).
+    pub fn new(device: Arc<dyn Device>, max_poll: Duration) -> Result<Arc<Self>, Error> {
+        let size = device.max_queue_size();
+        let queues = (0..device.num_queues())
+            .map(|index| {
+                let handler = device.queue_handler(index)?;
+                let svc = QueueService::new(index, handler, size, max_poll)
+                    .map_err(|e| Error::Daemon(format!("queue size {size}: {e}")))?;
+                Ok(Arc::new(Mutex::new(QueueState::new(
+                    usize::from(index),
+                    svc,
+                ))))
             })
             .collect::<Result<_, Error>>()?;
         Ok(Arc::new(Self {
-            cfg,
-            backend,
-            stats,
+            device,
             queues,
-            poll_us: Arc::new(AtomicU64::new(0)),
             connection: Mutex::new(None),
             frontend_memory: Mutex::new(FrontendMemory::default()),
         }))
-    }
-
-    /// Busy-poll each queue for up to `us` microseconds after the last request before
-    /// sleeping again (0, the default: always sleep on the kick eventfd).
-    pub fn set_poll_us(&self, us: u64) {
-        self.poll_us.store(us, Ordering::Relaxed);
     }
 
     fn frontend_memory(&self) -> MutexGuard<'_, FrontendMemory> {
@@ -116,13 +102,9 @@ impl VhostUserBlk {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn poll_us(&self) -> u64 {
-        self.poll_us.load(Ordering::Relaxed)
-    }
-
     /// Virtio features offered to the frontend.
     fn features(&self) -> u64 {
-        self.cfg.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     /// Disconnect the frontend that is connected now, if any (its requests in flight should
@@ -138,28 +120,18 @@ impl VhostUserBlk {
         }
     }
 
-    /// Request counters of this device.
-    pub fn stats(&self) -> Arc<Stats> {
-        self.stats.clone()
-    }
-
-    /// The device configuration.
-    pub fn config(&self) -> &BlkConfig {
-        &self.cfg
-    }
-
-    /// Stop taking requests, complete everything in flight, and flush the backend. The queues
-    /// stay locked (no new request starts) until the returned guard is dropped; a daemon that
-    /// is exiting simply exits while holding it.
-    pub fn quiesce(&self) -> (Quiesced<'_>, std::io::Result<()>) {
+    /// Stop taking requests, complete everything in flight, and stop the device (virtio-blk:
+    /// flush the backend). The queues stay locked (no new request starts) until the returned
+    /// guard is dropped; a daemon that is exiting simply exits while holding it.
+    pub fn quiesce(&self) -> (Quiesced<'_>, Result<(), DeviceError>) {
         let mut guards = Vec::new();
         for q in &self.queues {
             let mut g = lock(q);
             g.drain();
             guards.push(g);
         }
-        let flushed = self.backend.flush();
-        (Quiesced { _guards: guards }, flushed)
+        let stopped = self.device.stop();
+        (Quiesced { _guards: guards }, stopped)
     }
 
     /// Serve frontends on `listener`, one after the other, until `stop` is set (checked
@@ -186,7 +158,7 @@ impl VhostUserBlk {
         let mut threads = Vec::with_capacity(self.queues.len());
         let mut result = Ok(());
         for q in &self.queues {
-            match QueueThread::spawn(q.clone(), self.poll_us.clone()) {
+            match QueueThread::spawn(q.clone()) {
                 Ok(t) => threads.push(t),
                 Err(err) => {
                     tracing::error!(%err, "cannot start a queue thread");
@@ -276,18 +248,4 @@ impl VhostUserBlk {
             "frontend memory shrunk under the device: stopping its queues and disconnecting it"
         );
     }
-}
-
-/// Remove the socket file when dropped.
-pub struct SocketGuard(pub PathBuf);
-
-impl Drop for SocketGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Whether a frontend could reach `path` (used by tests and the CLI).
-pub fn socket_in_use(path: &Path) -> bool {
-    std::os::unix::net::UnixStream::connect(path).is_ok()
 }

@@ -1,4 +1,5 @@
-//! One virtqueue: its ring state, the engine's worker, and the thread that serves it.
+//! One virtqueue: the core's queue service, the frontend's fds for it, and the thread that
+//! serves it.
 //!
 //! The state lives in a mutex per queue; the queue's thread takes it for every event (kick or
 //! backend completion) and the connection's message handler takes it to change the ring's
@@ -7,19 +8,15 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use virtio_queue::{Queue, QueueT};
-use virtiod_blk::{Poll, QueueWorker, WorkerError};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::QueueT;
+use virtiod_core::inflight::InflightQueue;
+use virtiod_core::{Event, GuestMem, QueueService};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::inflight::InflightQueue;
-
-pub(crate) type Mem = GuestMemoryMmap<()>;
+pub(crate) type Mem = GuestMem;
 
 /// Epoll token of the thread's exit eventfd.
 const TOKEN_EXIT: u64 = 0;
@@ -31,8 +28,8 @@ const TOKEN_KICK: u64 = 2;
 /// The state of one queue (behind its mutex).
 pub(crate) struct QueueState {
     pub index: usize,
-    pub worker: QueueWorker<Mem>,
-    pub queue: Queue,
+    /// The ring and the device's handler.
+    pub svc: QueueService,
     /// The driver's memory, while a frontend has set a memory table.
     pub mem: Option<Arc<Mem>>,
     kick: Option<File>,
@@ -42,8 +39,6 @@ pub(crate) struct QueueState {
     started: bool,
     /// `SET_VRING_ENABLE` (or implied when protocol features were not negotiated).
     pub enabled: bool,
-    /// The driver broke the ring: no more requests until the ring is set up again.
-    broken: bool,
     /// Started, not yet served: the next activation reads the used index and recovers.
     activation_pending: bool,
     /// The current connection's queue thread epoll (kick registration).
@@ -52,37 +47,33 @@ pub(crate) struct QueueState {
 }
 
 impl QueueState {
-    pub fn new(index: usize, worker: QueueWorker<Mem>, queue: Queue) -> Self {
+    pub fn new(index: usize, svc: QueueService) -> Self {
         Self {
             index,
-            worker,
-            queue,
+            svc,
             mem: None,
             kick: None,
             kick_gen: 0,
             call: None,
             started: false,
             enabled: false,
-            broken: false,
             activation_pending: false,
             epoll: None,
             registered: None,
         }
     }
 
-    /// Forget everything of the previous frontend (the worker must have been drained).
+    /// Forget everything of the previous frontend (the queue must have been drained).
     pub fn reset(&mut self) {
         self.unregister();
-        self.queue.reset();
+        self.svc.reset();
         self.mem = None;
         self.kick = None;
         self.call = None;
         self.started = false;
         self.enabled = false;
-        self.broken = false;
         self.activation_pending = false;
         self.epoll = None;
-        self.worker.set_tracker(None);
     }
 
     pub fn attach_epoll(&mut self, epoll: Option<Arc<Epoll>>) {
@@ -92,7 +83,7 @@ impl QueueState {
     }
 
     fn running(&self) -> bool {
-        self.started && self.enabled && !self.broken && self.queue.ready()
+        self.started && self.enabled && !self.svc.is_broken() && self.svc.queue().ready()
     }
 
     fn unregister(&mut self) {
@@ -133,14 +124,13 @@ impl QueueState {
         self.kick_gen += 1;
         if self.started && !self.activation_pending {
             // A new kick fd for a ring that runs: only listen to it. Starting again would
-            // resubmit the in-flight requests this worker is still executing.
+            // resubmit the in-flight requests the handler is still executing.
             self.update_registration();
             return;
         }
         self.started = true;
-        self.broken = false;
         self.activation_pending = true;
-        self.queue.set_ready(true);
+        self.svc.queue_mut().set_ready(true);
     }
 
     pub fn set_call(&mut self, call: Option<File>) {
@@ -162,69 +152,24 @@ impl QueueState {
         self.activation_pending && self.running() && self.mem.is_some()
     }
 
-    /// First service of a started ring: set the used index from the ring, recover in-flight
-    /// requests from `inflight` (and keep it as the tracker), then serve whatever is on the
-    /// ring already (kicks sent before we listened are lost).
-    pub fn activate(&mut self, inflight: Option<InflightQueue>, poll_us: u64) {
+    /// First service of a started ring: recover in-flight requests from `inflight` (which
+    /// then records this process's requests), then serve whatever is on the ring already
+    /// (kicks sent before we listened are lost).
+    pub fn activate(&mut self, inflight: Option<InflightQueue>) {
         self.activation_pending = false;
         let Some(mem) = self.mem.clone() else {
             return;
         };
-        let mut resubmit = Vec::new();
-        match inflight {
-            Some(mut region) => match region.recover(&mut self.queue, mem.as_ref()) {
-                Ok(found) => {
-                    if !found.heads.is_empty() || found.repaired != 0 {
-                        tracing::info!(
-                            queue = self.index,
-                            in_flight = found.heads.len(),
-                            repaired_used = found.repaired,
-                            next_avail = self.queue.next_avail(),
-                            next_used = self.queue.next_used(),
-                            "resubmitting requests in flight when the previous backend stopped"
-                        );
-                    }
-                    resubmit = found.heads;
-                    self.worker.set_tracker(Some(Box::new(region)));
-                }
-                Err(err) => {
-                    self.stop_broken(&format!("cannot read the ring to recover it: {err}"));
-                    return;
-                }
-            },
-            None => {
-                self.worker.set_tracker(None);
-                match self.queue.used_idx(mem.as_ref(), Ordering::Acquire) {
-                    Ok(used) => self.queue.set_next_used(used.0),
-                    Err(err) => {
-                        self.stop_broken(&format!("cannot read the used ring: {err}"));
-                        return;
-                    }
-                }
-            }
-        }
-        if !resubmit.is_empty() {
-            match self.worker.resubmit(&mut self.queue, &mem, &resubmit) {
-                Ok(true) => self.signal(),
-                Ok(false) => {}
-                Err(err) => {
-                    self.stop_broken(&err.to_string());
-                    return;
-                }
+        match self.svc.activate(&mem, inflight) {
+            Ok(true) => self.signal(),
+            Ok(false) => {}
+            Err(err) => {
+                tracing::error!(queue = self.index, %err, "cannot recover the ring: queue stopped until the frontend sets it up again");
+                return;
             }
         }
         self.update_registration();
-        self.service(true, poll_us);
-    }
-
-    fn stop_broken(&mut self, why: &str) {
-        tracing::error!(
-            queue = self.index,
-            err = why,
-            "queue stopped until the frontend sets it up again"
-        );
-        self.broken = true;
-        self.update_registration();
+        self.service(Event::Kick);
     }
 
     /// Stop the ring (`GET_VRING_BASE`): complete everything in flight, stop listening, and
@@ -234,16 +179,14 @@ impl QueueState {
         self.started = false;
         self.activation_pending = false;
         self.update_registration();
-        self.queue.set_ready(false);
+        self.svc.queue_mut().set_ready(false);
         self.kick = None;
         self.call = None;
-        self.queue.next_avail()
+        self.svc.queue().next_avail()
     }
 
     pub fn signal(&self) {
-        if let Some(call) = self.call.as_ref() {
-            let _ = (&*call).write(&1u64.to_ne_bytes());
-        }
+        signal_call(self.call.as_ref());
     }
 
     /// Complete every in-flight request into the used ring (if the ring is still known).
@@ -251,7 +194,7 @@ impl QueueState {
         let Some(mem) = self.mem.clone() else {
             return;
         };
-        match self.worker.drain(&mut self.queue, mem.as_ref()) {
+        match self.svc.drain(mem.as_ref()) {
             Ok(true) => self.signal(),
             Ok(false) => {}
             Err(err) => tracing::warn!(queue = self.index, %err, "draining a queue failed"),
@@ -269,45 +212,33 @@ impl QueueState {
         true
     }
 
-    /// Serve the queue after a kick (`kick`) or a backend completion event, then busy-poll
-    /// for up to `poll_us` microseconds.
-    pub fn service(&mut self, kick: bool, poll_us: u64) {
-        if !kick {
-            self.worker.ack_completion_event();
-        }
+    /// Serve the queue after `event` (the core busy-polls adaptively and decides when the
+    /// driver needs an interrupt). A broken ring stops listening to kicks.
+    pub fn service(&mut self, event: Event) {
         let Some(mut mem) = self.mem.clone() else {
             return;
         };
-        let run = |s: &mut Self, mem: &Arc<Mem>| -> Result<bool, WorkerError> {
-            let mut notify = false;
-            if !kick {
-                notify |= s.worker.process_completions(&mut s.queue, mem.as_ref())?;
+        let call = self.call.as_ref();
+        let mut notify = || signal_call(call);
+        if !self.running() {
+            if event == Event::Completion {
+                let _ = self.svc.complete_only(mem.as_ref(), &mut notify);
             }
-            if s.running() {
-                notify |= s.worker.process_queue(&mut s.queue, mem)?;
-            }
-            Ok(notify)
-        };
-        match run(self, &mem) {
-            Ok(true) => self.signal(),
-            Ok(false) => {}
-            Err(err) => return self.stop_broken(&err.to_string()),
-        }
-        if poll_us == 0 || !self.running() {
             return;
         }
-        let mut poll = Poll::new(Duration::from_micros(poll_us));
-        loop {
-            match self
-                .worker
-                .poll_step(&mut poll, &mut self.queue, &mut mem, &mut || None)
-            {
-                Ok(Some(true)) => self.signal(),
-                Ok(Some(false)) => {}
-                Ok(None) => return,
-                Err(err) => return self.stop_broken(&err.to_string()),
-            }
+        if self
+            .svc
+            .serve(event, &mut mem, &mut || None, &mut notify)
+            .is_err()
+        {
+            self.update_registration();
         }
+    }
+}
+
+fn signal_call(call: Option<&File>) {
+    if let Some(call) = call {
+        let _ = (&*call).write(&1u64.to_ne_bytes());
     }
 }
 
@@ -324,7 +255,7 @@ pub(crate) fn lock(cell: &Mutex<QueueState>) -> MutexGuard<'_, QueueState> {
 impl QueueThread {
     /// Start serving `cell`: its completion fd is watched at once, its kick fd once the ring
     /// runs.
-    pub fn spawn(cell: Arc<Mutex<QueueState>>, poll_us: Arc<AtomicU64>) -> std::io::Result<Self> {
+    pub fn spawn(cell: Arc<Mutex<QueueState>>) -> std::io::Result<Self> {
         let epoll = Arc::new(Epoll::new()?);
         let exit = EventFd::new(EFD_NONBLOCK)?;
         epoll.ctl(
@@ -334,7 +265,7 @@ impl QueueThread {
         )?;
         let index = {
             let mut st = lock(&cell);
-            if let Some(fd) = st.worker.completion_fd() {
+            if let Some(fd) = st.svc.completion_fd() {
                 epoll.ctl(
                     ControlOperation::Add,
                     fd,
@@ -346,7 +277,7 @@ impl QueueThread {
         };
         let join = std::thread::Builder::new()
             .name(format!("vu-queue-{index}"))
-            .spawn(move || run(&cell, &epoll, &poll_us))?;
+            .spawn(move || run(&cell, &epoll))?;
         Ok(Self {
             exit,
             join: Some(join),
@@ -362,7 +293,7 @@ impl QueueThread {
     }
 }
 
-fn run(cell: &Mutex<QueueState>, epoll: &Epoll, poll_us: &AtomicU64) {
+fn run(cell: &Mutex<QueueState>, epoll: &Epoll) {
     let mut events = vec![EpollEvent::default(); 8];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -379,11 +310,10 @@ fn run(cell: &Mutex<QueueState>, epoll: &Epoll, poll_us: &AtomicU64) {
                 return;
             }
             let mut st = lock(cell);
-            let budget = poll_us.load(Ordering::Relaxed);
             if token == TOKEN_COMPLETION {
-                st.service(false, budget);
+                st.service(Event::Completion);
             } else if st.consume_kick(token) {
-                st.service(true, budget);
+                st.service(Event::Kick);
             }
         }
     }

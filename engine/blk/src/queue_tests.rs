@@ -1,4 +1,4 @@
-//! Good requests through a real worker over a RAM disk, notification suppression
+//! Good requests through the blk handler and the core's queue service over a RAM disk, notification suppression
 //! (EVENT_IDX), and rings broken by the driver.
 
 /// The test harness shared with `request_tests.rs`.
@@ -8,9 +8,12 @@ pub(crate) mod harness;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::*;
 use crate::request::{FLAG_UNMAP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
+use crate::OpKind;
 use harness::*;
+use virtio_queue::QueueT;
+use virtiod_core::inflight::InflightRegion;
+use virtiod_core::ServiceError;
 
 #[test]
 fn write_then_read() {
@@ -260,10 +263,10 @@ fn event_idx_across_index_wrap() {
 }
 
 /// Run `process_queue` on another thread so that a spinning worker fails the test.
-fn process_with_timeout(mut h: Harness) -> (Harness, Result<bool, WorkerError>) {
+fn process_with_timeout(mut h: Harness) -> (Harness, Result<bool, ServiceError>) {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let result = h.worker.process_queue(&mut h.queue, &h.mem);
+        let result = h.process();
         let _ = tx.send((h, result));
     });
     rx.recv_timeout(Duration::from_secs(10))
@@ -277,7 +280,7 @@ fn avail_index_too_far_ahead_stops_the_queue() {
     h.add_chain(&chain);
     h.set_avail_idx(QSIZE + 1);
     let (h, result) = process_with_timeout(h);
-    assert!(matches!(result, Err(WorkerError::Queue(_))), "{result:?}");
+    assert!(matches!(result, Err(ServiceError::Queue(_))), "{result:?}");
     h.check_untouched();
 }
 
@@ -286,10 +289,12 @@ fn unreadable_avail_ring_stops_the_queue() {
     let mut h = Harness::new();
     // The avail index is the last u16 of memory: the ring entries are not in memory.
     let avail = MEM_SIZE - 4;
-    h.queue.set_avail_ring_address(Some(avail as u32), Some(0));
+    h.svc
+        .queue_mut()
+        .set_avail_ring_address(Some(avail as u32), Some(0));
     h.put(avail + 2, &1u16.to_le_bytes());
     let (h, result) = process_with_timeout(h);
-    assert!(matches!(result, Err(WorkerError::Queue(_))), "{result:?}");
+    assert!(matches!(result, Err(ServiceError::Queue(_))), "{result:?}");
     h.check_untouched();
 }
 
@@ -304,7 +309,7 @@ fn head_index_out_of_range_stops_the_queue() {
     assert!(
         matches!(
             result,
-            Err(WorkerError::Queue(
+            Err(ServiceError::Queue(
                 virtio_queue::Error::InvalidDescriptorIndex
             ))
         ),
@@ -334,81 +339,38 @@ fn read_only_device_serves_reads() {
     assert_eq!(h.stats.errors(), 1);
 }
 
-/// Records what an [`InflightTracker`] is told.
-#[derive(Clone, Default)]
-struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<Event>>>);
-
-/// (what, head, index after it)
-type Event = (&'static str, u16, u16);
-
-impl InflightTracker for Recorder {
-    fn popped(&mut self, head: u16, next_avail: u16) {
-        self.0.lock().unwrap().push(("popped", head, next_avail));
-    }
-    fn completing(&mut self, head: u16) {
-        self.0.lock().unwrap().push(("completing", head, 0));
-    }
-    fn used(&mut self, head: u16, next_used: u16) {
-        self.0.lock().unwrap().push(("used", head, next_used));
-    }
-}
-
 #[test]
-fn tracker_sees_every_pop_and_used_entry_in_order() {
-    let mut h = Harness::new();
-    let log = Recorder::default();
-    h.worker.set_tracker(Some(Box::new(log.clone())));
-    let out = h.out_chain(0, &pattern(5, 512));
-    let head_out = h.add_chain(&out);
-    let bad = h.bare_chain(0xdead, 0); // refused at once: still popped, then used
-    let head_bad = h.add_chain(&bad);
-    h.run();
-    let events = log.0.lock().unwrap().clone();
-    assert_eq!(
-        events,
-        // The refused request completes at once; the OUT when the backend batch is reaped.
-        vec![
-            ("popped", head_out, 1),
-            ("popped", head_bad, 2),
-            ("completing", head_bad, 0),
-            ("used", head_bad, 1),
-            ("completing", head_out, 0),
-            ("used", head_out, 2),
-        ]
-    );
-}
-
-#[test]
-fn resubmit_executes_heads_that_are_no_longer_on_the_ring() {
+fn requests_in_flight_at_a_kill_are_executed_again_through_the_in_flight_record() {
     let mut h = Harness::new();
     let data = pattern(9, 1024);
     h.write(16, &pattern(3, 512));
     let _ = h.take_used();
-    // The driver made an OUT and an IN available; a previous process popped both and died.
+    // The driver made an OUT and an IN available; a previous process popped both (and
+    // recorded them) and died.
     let out = h.out_chain(4, &data);
     let head_out = h.add_chain(&out);
     let read = h.in_chain(16, 512);
     let head_in = h.add_chain(&read);
-    h.queue.set_next_avail(h.queue.next_avail() + 2); // both already taken off the ring
-    let log = Recorder::default();
-    h.worker.set_tracker(Some(Box::new(log.clone())));
+    let (region, _file, _) = InflightRegion::create(1, QSIZE).unwrap();
+    let mut block = region.queue(0).unwrap();
+    block.initialise(h.used_idx());
+    block.popped(head_out);
+    block.popped(head_in);
     let mem = h.mem.clone();
-    h.worker
-        .resubmit(&mut h.queue, &mem, &[head_out, head_in])
-        .unwrap();
+    let notify = h.svc.activate(&mem, region.queue(0)).unwrap();
+    assert!(notify);
     h.check_untouched();
-    let used = h.take_used();
     assert_eq!(
-        used,
+        h.take_used(),
         vec![(u32::from(head_out), 1), (u32::from(head_in), 513)]
     );
     assert_eq!(h.disk(4 * 512, 1024), data);
     assert_eq!(h.contents(read[1]), pattern(3, 512));
     assert_eq!(h.status(out[2]), OK);
-    // Resubmitted requests were popped by the dead process: only their used entries are new.
-    let events = log.0.lock().unwrap().clone();
-    assert!(events.iter().all(|e| e.0 != "popped"), "{events:?}");
-    // A broken head (a loop) is answered without a status byte instead of crashing.
+    assert_eq!(h.svc.queue().next_avail(), h.svc.queue().next_used());
+    // Nothing in flight is left in the record.
+    assert!(region.queue(0).unwrap().in_flight().is_empty());
+    // A recorded head whose chain is a loop is answered without a status byte.
     let a = h.writable(16);
     let last = QSIZE - 1;
     h.write_desc(
@@ -420,11 +382,10 @@ fn resubmit_executes_heads_that_are_no_longer_on_the_ring() {
         },
         last,
     );
+    let mut block = region.queue(0).unwrap();
+    block.popped(last);
     let next_used = h.used_idx();
-    // A head outside the queue is skipped.
-    h.worker
-        .resubmit(&mut h.queue, &mem, &[QSIZE, last])
-        .unwrap();
+    h.svc.activate(&mem, region.queue(0)).unwrap();
     assert_eq!(h.used_idx(), next_used.wrapping_add(1));
     assert_eq!(h.take_used(), vec![(u32::from(last), 0)]);
 }
