@@ -1,4 +1,4 @@
-//! Fuzz vhost-user in-flight recovery: the frontend hands a restarted daemon an in-flight
+//! Fuzz in-flight recovery (the core's record, as vhost-user hands it over): the frontend hands a restarted daemon an in-flight
 //! region (its own memory, so hostile input) and the rings; the daemon recovers the queue from
 //! them and executes again what the region says was in flight.
 //!
@@ -20,8 +20,9 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use virtiod_backend::{Backend, MemBackend};
-use virtiod_blk::{BlkConfig, QueueWorker, Stats};
-use virtiod_vhost_user::inflight::{queue_block_len, InflightRegion};
+use virtiod_blk::{BlkConfig, BlkQueue, Stats};
+use virtiod_core::inflight::{queue_block_len, InflightRegion};
+use virtiod_core::{Event, QueueService};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 type Mem = GuestMemoryMmap<()>;
@@ -29,6 +30,17 @@ type Mem = GuestMemoryMmap<()>;
 const MEM_LEN: usize = 0x1_0000;
 const MAX_QUEUE: u16 = 16;
 const USED: u64 = 0x200;
+
+/// The ring as the frontend sets it up (base 0).
+fn ring(size: u16) -> Queue {
+    let mut queue = Queue::new(MAX_QUEUE).unwrap();
+    queue.set_size(size);
+    queue.set_ready(true);
+    queue.set_desc_table_address(Some(0), Some(0));
+    queue.set_avail_ring_address(Some(0x100), Some(0));
+    queue.set_used_ring_address(Some(USED as u32), Some(0));
+    queue
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&options, rest)) = data.split_first() else {
@@ -50,12 +62,7 @@ fuzz_target!(|data: &[u8]| {
     let mem = Arc::new(Mem::from_ranges(&[(GuestAddress(0), MEM_LEN)]).unwrap());
     mem.write_slice(&image[..image.len().min(MEM_LEN)], GuestAddress(0))
         .unwrap();
-    let mut queue = Queue::new(MAX_QUEUE).unwrap();
-    queue.set_size(size);
-    queue.set_ready(true);
-    queue.set_desc_table_address(Some(0), Some(0));
-    queue.set_avail_ring_address(Some(0x100), Some(0));
-    queue.set_used_ring_address(Some(USED as u32), Some(0));
+    let mut queue = ring(size);
 
     let mut tracker = region.queue(0).unwrap();
     let Ok(found) = tracker.recover(&mut queue, mem.as_ref()) else {
@@ -86,13 +93,19 @@ fuzz_target!(|data: &[u8]| {
 
     let backend = MemBackend::new(64 << 10, false);
     let cfg = Arc::new(BlkConfig::new(&backend.info(), 1, MAX_QUEUE, "fuzz-serial"));
-    let mut worker = QueueWorker::new(cfg, &backend, Arc::new(Stats::new(1)), 0).unwrap();
-    worker.set_tracker(Some(Box::new(tracker)));
-    if worker.resubmit(&mut queue, &mem, &found.heads).is_ok() {
-        let _ = worker.process_queue(&mut queue, &mem);
+    let handler = BlkQueue::new(cfg, &backend, Arc::new(Stats::new(1)), 0).unwrap();
+    let mut svc =
+        QueueService::new(0, Box::new(handler), MAX_QUEUE, std::time::Duration::ZERO).unwrap();
+    // The service recovers the repaired block again (same heads) and executes them.
+    *svc.queue_mut() = ring(size);
+    drop(tracker);
+    if svc.activate(&mem, region.queue(0)).is_ok() {
+        let mut m = mem.clone();
+        let _ = svc.serve(Event::Kick, &mut m, &mut || None, &mut || {});
     }
-    let _ = worker.drain(&mut queue, mem.as_ref());
-    assert_eq!(worker.in_flight(), 0);
+    let _ = svc.drain(mem.as_ref());
+    assert_eq!(svc.in_flight(), 0);
+    let queue = svc.queue();
 
     let view = region.queue(0).unwrap();
     assert_eq!(view.in_flight(), Vec::<u16>::new(), "left in flight");

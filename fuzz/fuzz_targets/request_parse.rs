@@ -1,5 +1,6 @@
 //! Fuzz the request path: the input *is* the driver's memory (descriptor table, avail ring,
-//! buffers, indirect tables), and a real `QueueWorker` processes the queue over a RAM disk.
+//! buffers, indirect tables), and the core's queue service with the real virtio-blk handler
+//! processes the queue over a RAM disk.
 //!
 //! Input layout: byte 0 selects the queue size (bits 0-2), EVENT_IDX (bit 3) and a read-only
 //! disk (bit 4); the remaining bytes are copied to guest address 0. Guest memory is two
@@ -16,7 +17,8 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use virtiod_backend::{Backend, MemBackend};
-use virtiod_blk::{BlkConfig, QueueWorker, Stats};
+use virtiod_blk::{BlkConfig, BlkQueue, Stats};
+use virtiod_core::{Event, QueueService};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 type Mem = GuestMemoryMmap<()>;
@@ -167,19 +169,24 @@ fuzz_target!(|data: &[u8]| {
     let backend = MemBackend::new(DISK_SIZE, read_only);
     let cfg = Arc::new(BlkConfig::new(&backend.info(), 1, MAX_QUEUE, "fuzz-serial"));
     let stats = Arc::new(Stats::new(1));
-    let mut worker = QueueWorker::new(cfg, &backend, stats, 0).unwrap();
+    let handler = BlkQueue::new(cfg, &backend, stats, 0).unwrap();
+    let mut svc =
+        QueueService::new(0, Box::new(handler), MAX_QUEUE, std::time::Duration::ZERO).unwrap();
+    *svc.queue_mut() = queue;
 
     let before = Snapshot::take(&mem);
     let allowed = writable_ranges(&before, size);
 
     // Twice: the second pass must find nothing new (or fail the same way).
     for _ in 0..2 {
-        if worker.process_queue(&mut queue, &mem).is_err() {
+        let mut m = mem.clone();
+        if svc.serve(Event::Kick, &mut m, &mut || None, &mut || {}).is_err() {
             break;
         }
     }
-    let _ = worker.drain(&mut queue, mem.as_ref());
-    assert_eq!(worker.in_flight(), 0);
+    let _ = svc.drain(mem.as_ref());
+    assert_eq!(svc.in_flight(), 0);
+    let queue = svc.queue();
 
     let after = Snapshot::take(&mem);
     if let Some(allowed) = &allowed {
