@@ -18,6 +18,8 @@
 //! VDUSE names, both or neither transport, bad values. Each error carries the line and column
 //! it is about.
 
+#![deny(missing_docs)]
+
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
