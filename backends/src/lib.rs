@@ -81,6 +81,8 @@
 //! assert_eq!(mem.read_obj::<u8>(GuestAddress(0x31ff)).unwrap(), 7);
 //! ```
 
+#![deny(missing_docs)]
+
 mod buffers;
 mod file;
 mod mem;

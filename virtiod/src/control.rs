@@ -28,6 +28,7 @@ use serde_json::Value;
 use crate::cli::{CtlArgs, CtlCommand};
 use crate::door::{Framing, Limits, Notice, Reply};
 use crate::registry::Registry;
+use crate::usage::Usage;
 
 /// The control socket's bounds. Four workers: `add` and `remove` can take seconds (a VDUSE
 /// device is created, a removed device flushes) and `list` must not wait behind them.
@@ -218,8 +219,7 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 Err(_) => device,
             };
             // Check it here too, so mistakes show their line and column before any round trip.
-            virtiod_config::parse_device(&text)
-                .map_err(|e| crate::run::Usage(format!("device: {e}")))?;
+            virtiod_config::parse_device(&text).map_err(|e| Usage(format!("device: {e}")))?;
             Request::Add { device: text }
         }
         CtlCommand::Remove { name } => Request::Remove { name },

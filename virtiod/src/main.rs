@@ -11,6 +11,8 @@ mod notify;
 mod registry;
 mod run;
 mod serve;
+mod signals;
+mod usage;
 
 use clap::Parser;
 
@@ -33,7 +35,7 @@ fn main() {
     };
     if let Err(err) = result {
         eprintln!("virtiod: error: {}", one_line(&err));
-        let usage = err.downcast_ref::<run::Usage>().is_some();
+        let usage = err.downcast_ref::<usage::Usage>().is_some();
         std::process::exit(if usage { 2 } else { 1 });
     }
 }

@@ -7,18 +7,8 @@ use anyhow::Context;
 use crate::cli::RunArgs;
 use crate::device::Event;
 use crate::registry::Registry;
-
-/// An operator mistake (bad config, bad arguments): exit status 2.
-#[derive(Debug)]
-pub struct Usage(pub String);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Usage {}
+use crate::signals::forward_signals;
+use crate::usage::Usage;
 
 /// Read and validate a devices file: every error as `FILE:LINE:COLUMN: what`.
 pub fn load(path: &std::path::Path) -> anyhow::Result<Vec<virtiod_config::DeviceSpec>> {
@@ -35,7 +25,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // Validate everything before starting anything.
     let specs = load(&args.config)?;
     let (tx, rx) = channel();
-    crate::serve::forward_signals(tx.clone())?;
+    forward_signals(tx.clone())?;
     let registry = Registry::new(&args.state_dir, tx);
     if let Some(addr) = args.metrics {
         crate::metrics::start(addr, registry.clone())?;

@@ -1,15 +1,14 @@
 //! `virtiod serve`: one image, one device, over vhost-user or VDUSE.
 
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver};
 
 use anyhow::Context;
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 use virtiod_config::{Attach, DeviceSpec, Transport};
 
 use crate::cli::{AttachArg, ServeArgs};
 use crate::device::Event;
 use crate::registry::Registry;
+use crate::signals::forward_signals;
 
 /// The device `serve`'s flags describe.
 fn spec_of(args: &ServeArgs) -> anyhow::Result<DeviceSpec> {
@@ -42,22 +41,6 @@ fn spec_of(args: &ServeArgs) -> anyhow::Result<DeviceSpec> {
         serial: args.serial.clone(),
         poll_us: args.poll_us,
     })
-}
-
-/// Forward SIGTERM/SIGINT to the main loop's channel.
-pub fn forward_signals(events: Sender<Event>) -> anyhow::Result<()> {
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if events.send(Event::Signal(sig)).is_err() {
-                    break;
-                }
-            }
-        })
-        .context("cannot start the signal thread")?;
-    Ok(())
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {

@@ -44,7 +44,8 @@ struct CacheStat {
 const SYS_CACHESTAT: libc::c_long = 451;
 
 /// The page-cache state of `len` bytes of `path` from `offset`, or `None` on a kernel
-/// without cachestat(2).
+/// without cachestat(2) (reported through [`skip_or_fail`]: a failure under
+/// `VIRTIOD_NO_SKIP=1`).
 fn cachestat(path: &Path, offset: u64, len: u64) -> Option<CacheStat> {
     #[repr(C)]
     struct Range {
@@ -72,7 +73,7 @@ fn cachestat(path: &Path, offset: u64, len: u64) -> Option<CacheStat> {
             Some(libc::ENOSYS),
             "cachestat failed: {err}"
         );
-        eprintln!("cachestat(2) not available: page-cache checks skipped");
+        skip_or_fail("cachestat(2) not available (Linux < 6.5): page-cache checks");
         return None;
     }
     Some(stat)

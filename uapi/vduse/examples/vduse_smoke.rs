@@ -22,21 +22,22 @@ use std::time::{Duration, Instant};
 
 use vduse::vdpa::{self, Driver, VdpaClient};
 use vduse::{DeviceConfig, IotlbMemory, Request, Response, VduseControl, VduseDevice, VqState};
+use virtio_bindings::virtio_blk::{
+    self, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::{virtio_config, virtio_ring};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
-const STATUS_DRIVER_OK: u8 = 4;
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const VIRTIO_BLK_T_IN: u32 = 0;
-const VIRTIO_BLK_T_OUT: u32 = 1;
-const VIRTIO_BLK_T_FLUSH: u32 = 4;
-const VIRTIO_BLK_T_GET_ID: u32 = 8;
-const BLK_S_OK: u8 = 0;
-const BLK_S_IOERR: u8 = 1;
-const BLK_S_UNSUPP: u8 = 2;
+// The virtio values, in the widths of the fields they go into.
+const STATUS_DRIVER_OK: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+const VRING_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+const VRING_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+const BLK_S_OK: u8 = virtio_blk::VIRTIO_BLK_S_OK as u8;
+const BLK_S_IOERR: u8 = virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+const BLK_S_UNSUPP: u8 = virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 fn log(msg: impl AsRef<str>) {
     eprintln!("vduse_smoke: {}", msg.as_ref());

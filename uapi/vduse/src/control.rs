@@ -4,6 +4,8 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use virtio_bindings::{virtio_config, virtio_ids};
+
 use crate::error::{Error, Result};
 use crate::raw;
 use crate::sys;
@@ -12,11 +14,11 @@ use crate::sys;
 pub const CONTROL_PATH: &str = "/dev/vduse/control";
 
 /// virtio device id of a block device.
-pub const VIRTIO_ID_BLOCK: u32 = 2;
-/// Feature bit `VIRTIO_F_VERSION_1` (modern virtio).
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Feature bit `VIRTIO_F_ACCESS_PLATFORM`; VDUSE refuses devices without it.
-pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+pub const VIRTIO_ID_BLOCK: u32 = virtio_ids::VIRTIO_ID_BLOCK;
+/// Feature mask of `VIRTIO_F_VERSION_1` (modern virtio).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+/// Feature mask of `VIRTIO_F_ACCESS_PLATFORM`; VDUSE refuses devices without it.
+pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 /// Largest config space VDUSE accepts (one page).
 pub const MAX_CONFIG_SIZE: usize = 4096;
 

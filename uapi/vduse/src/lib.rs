@@ -17,6 +17,8 @@
 //! `unsafe` lives only in [`sys`]-adjacent private modules (`raw` for ioctls,
 //! `vdpa::socket` for the netlink socket), each block with a `// SAFETY:` comment.
 
+#![deny(missing_docs)]
+
 pub mod control;
 pub mod device;
 mod error;

@@ -38,13 +38,21 @@ pub const VDUSE_REQ_RESULT_FAILED: u32 = 0x01;
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct vduse_dev_config {
+    /// Device name, NUL-terminated: `/dev/vduse/NAME` and the vdpa device name.
     pub name: [u8; VDUSE_NAME_MAX],
+    /// virtio vendor id.
     pub vendor_id: u32,
+    /// virtio device id (`VIRTIO_ID_BLOCK` for a block device).
     pub device_id: u32,
+    /// Feature bits the device offers.
     pub features: u64,
+    /// Number of virtqueues.
     pub vq_num: u32,
+    /// Alignment of the virtqueue rings (bytes).
     pub vq_align: u32,
+    /// Must be zero.
     pub reserved: [u32; 13],
+    /// Bytes of config space that follow this struct.
     pub config_size: u32,
     // __u8 config[] follows.
 }
@@ -53,9 +61,13 @@ pub struct vduse_dev_config {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct vduse_iotlb_entry {
+    /// Offset of the mapping in the file `VDUSE_IOTLB_GET_FD` returns.
     pub offset: u64,
+    /// First IOVA of the range.
     pub start: u64,
+    /// Last IOVA of the range (inclusive).
     pub last: u64,
+    /// Access the driver granted: `VDUSE_ACCESS_RO`, `_WO` or `_RW`.
     pub perm: u8,
 }
 
@@ -63,7 +75,9 @@ pub struct vduse_iotlb_entry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct vduse_config_data {
+    /// Offset in the config space.
     pub offset: u32,
+    /// Bytes that follow this struct.
     pub length: u32,
     // __u8 buffer[] follows.
 }
@@ -72,8 +86,11 @@ pub struct vduse_config_data {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct vduse_vq_config {
+    /// Virtqueue index.
     pub index: u32,
+    /// Largest queue size the device accepts.
     pub max_size: u16,
+    /// Must be zero.
     pub reserved: [u16; 13],
 }
 
@@ -81,6 +98,7 @@ pub struct vduse_vq_config {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct vduse_vq_state_split {
+    /// Next available-ring index the device will read.
     pub avail_index: u16,
 }
 
@@ -88,9 +106,13 @@ pub struct vduse_vq_state_split {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct vduse_vq_state_packed {
+    /// Wrap counter of the next available descriptor.
     pub last_avail_counter: u16,
+    /// Index of the next available descriptor.
     pub last_avail_idx: u16,
+    /// Wrap counter of the next used descriptor.
     pub last_used_counter: u16,
+    /// Index of the next used descriptor.
     pub last_used_idx: u16,
 }
 
@@ -98,7 +120,9 @@ pub struct vduse_vq_state_packed {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub union vduse_vq_state_union {
+    /// State of a split virtqueue.
     pub split: vduse_vq_state_split,
+    /// State of a packed virtqueue.
     pub packed: vduse_vq_state_packed,
 }
 
@@ -114,12 +138,19 @@ impl Default for vduse_vq_state_union {
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct vduse_vq_info {
+    /// Virtqueue index (set by the caller).
     pub index: u32,
+    /// Queue size the driver chose.
     pub num: u32,
+    /// IOVA of the descriptor table.
     pub desc_addr: u64,
+    /// IOVA of the driver area (available ring).
     pub driver_addr: u64,
+    /// IOVA of the device area (used ring).
     pub device_addr: u64,
+    /// Where the device resumes (split or packed).
     pub state: vduse_vq_state_union,
+    /// Non-zero once the driver enabled the queue.
     pub ready: u8,
 }
 
@@ -127,7 +158,9 @@ pub struct vduse_vq_info {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct vduse_vq_eventfd {
+    /// Virtqueue index.
     pub index: u32,
+    /// eventfd signalled on a kick, or `VDUSE_EVENTFD_DEASSIGN`.
     pub fd: i32,
 }
 
@@ -135,9 +168,13 @@ pub struct vduse_vq_eventfd {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct vduse_iova_umem {
+    /// Start of the user memory in this process.
     pub uaddr: u64,
+    /// IOVA it is registered at.
     pub iova: u64,
+    /// Bytes.
     pub size: u64,
+    /// Must be zero.
     pub reserved: [u64; 3],
 }
 
@@ -145,9 +182,13 @@ pub struct vduse_iova_umem {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct vduse_iova_info {
+    /// First IOVA of the range (input).
     pub start: u64,
+    /// Last IOVA of the range (input, inclusive).
     pub last: u64,
+    /// `VDUSE_IOVA_CAP_*` bits of the range.
     pub capability: u64,
+    /// Must be zero.
     pub reserved: [u64; 3],
 }
 
@@ -155,7 +196,9 @@ pub struct vduse_iova_info {
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct vduse_vq_state {
+    /// Virtqueue index.
     pub index: u32,
+    /// Split or packed state.
     pub state: vduse_vq_state_union,
 }
 
@@ -163,6 +206,7 @@ pub struct vduse_vq_state {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct vduse_dev_status {
+    /// virtio device status byte.
     pub status: u8,
 }
 
@@ -170,7 +214,9 @@ pub struct vduse_dev_status {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct vduse_iova_range {
+    /// First IOVA (inclusive).
     pub start: u64,
+    /// Last IOVA (inclusive).
     pub last: u64,
 }
 
@@ -178,9 +224,13 @@ pub struct vduse_iova_range {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub union vduse_dev_request_payload {
+    /// `VDUSE_GET_VQ_STATE`: the queue asked about.
     pub vq_state: vduse_vq_state,
+    /// `VDUSE_SET_STATUS`: the status the driver wrote.
     pub s: vduse_dev_status,
+    /// `VDUSE_UPDATE_IOTLB`: the range whose mapping changed.
     pub iova: vduse_iova_range,
+    /// Fixes the size of the union.
     pub padding: [u32; 32],
 }
 
@@ -188,9 +238,13 @@ pub union vduse_dev_request_payload {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct vduse_dev_request {
+    /// `VDUSE_GET_VQ_STATE`, `VDUSE_SET_STATUS` or `VDUSE_UPDATE_IOTLB`.
     pub type_: u32,
+    /// Echoed in the response.
     pub request_id: u32,
+    /// Zero.
     pub reserved: [u32; 4],
+    /// Depends on `type_`.
     pub payload: vduse_dev_request_payload,
 }
 
@@ -198,7 +252,9 @@ pub struct vduse_dev_request {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub union vduse_dev_response_payload {
+    /// Answer to `VDUSE_GET_VQ_STATE`.
     pub vq_state: vduse_vq_state,
+    /// Fixes the size of the union.
     pub padding: [u32; 32],
 }
 
@@ -206,9 +262,13 @@ pub union vduse_dev_response_payload {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct vduse_dev_response {
+    /// The `request_id` of the request answered.
     pub request_id: u32,
+    /// `VDUSE_REQ_RESULT_OK` or `VDUSE_REQ_RESULT_FAILED`.
     pub result: u32,
+    /// Must be zero.
     pub reserved: [u32; 4],
+    /// The answer, for requests that have one.
     pub payload: vduse_dev_response_payload,
 }
 
@@ -291,38 +351,70 @@ pub mod vdpa {
     /// Generic netlink family version.
     pub const VDPA_GENL_VERSION: u8 = 0x1;
 
+    /// No command.
     pub const VDPA_CMD_UNSPEC: u8 = 0;
+    /// Reserved by the kernel (not implemented).
     pub const VDPA_CMD_MGMTDEV_NEW: u8 = 1;
+    /// List management devices (e.g. "vduse").
     pub const VDPA_CMD_MGMTDEV_GET: u8 = 2;
+    /// Create a vdpa device on a management device.
     pub const VDPA_CMD_DEV_NEW: u8 = 3;
+    /// Delete a vdpa device.
     pub const VDPA_CMD_DEV_DEL: u8 = 4;
+    /// List vdpa devices.
     pub const VDPA_CMD_DEV_GET: u8 = 5;
+    /// Read a device's config.
     pub const VDPA_CMD_DEV_CONFIG_GET: u8 = 6;
+    /// Read a device's vendor statistics.
     pub const VDPA_CMD_DEV_VSTATS_GET: u8 = 7;
 
+    /// No attribute.
     pub const VDPA_ATTR_UNSPEC: u16 = 0;
+    /// Padding (same value as `VDPA_ATTR_UNSPEC`).
     pub const VDPA_ATTR_PAD: u16 = 0;
+    /// Bus of the management device (string).
     pub const VDPA_ATTR_MGMTDEV_BUS_NAME: u16 = 1;
+    /// Name of the management device (string).
     pub const VDPA_ATTR_MGMTDEV_DEV_NAME: u16 = 2;
+    /// virtio device ids it can create, as a bit mask (u64).
     pub const VDPA_ATTR_MGMTDEV_SUPPORTED_CLASSES: u16 = 3;
+    /// vdpa device name (string).
     pub const VDPA_ATTR_DEV_NAME: u16 = 4;
+    /// virtio device id (u32).
     pub const VDPA_ATTR_DEV_ID: u16 = 5;
+    /// virtio vendor id (u32).
     pub const VDPA_ATTR_DEV_VENDOR_ID: u16 = 6;
+    /// Number of virtqueues (u32).
     pub const VDPA_ATTR_DEV_MAX_VQS: u16 = 7;
+    /// Largest queue size (u16).
     pub const VDPA_ATTR_DEV_MAX_VQ_SIZE: u16 = 8;
+    /// Smallest queue size (u16).
     pub const VDPA_ATTR_DEV_MIN_VQ_SIZE: u16 = 9;
+    /// virtio-net: MAC address.
     pub const VDPA_ATTR_DEV_NET_CFG_MACADDR: u16 = 10;
+    /// virtio-net: link status.
     pub const VDPA_ATTR_DEV_NET_STATUS: u16 = 11;
+    /// virtio-net: queue pairs.
     pub const VDPA_ATTR_DEV_NET_CFG_MAX_VQP: u16 = 12;
+    /// virtio-net: MTU.
     pub const VDPA_ATTR_DEV_NET_CFG_MTU: u16 = 13;
+    /// Features the driver accepted (u64).
     pub const VDPA_ATTR_DEV_NEGOTIATED_FEATURES: u16 = 14;
+    /// Most virtqueues the management device supports (u32).
     pub const VDPA_ATTR_DEV_MGMTDEV_MAX_VQS: u16 = 15;
+    /// Features a management device can offer (u64).
     pub const VDPA_ATTR_DEV_SUPPORTED_FEATURES: u16 = 16;
+    /// Virtqueue index (u32).
     pub const VDPA_ATTR_DEV_QUEUE_INDEX: u16 = 17;
+    /// Name of a vendor statistic (string).
     pub const VDPA_ATTR_DEV_VENDOR_ATTR_NAME: u16 = 18;
+    /// Value of a vendor statistic (u64).
     pub const VDPA_ATTR_DEV_VENDOR_ATTR_VALUE: u16 = 19;
+    /// Features to provision a new device with (u64).
     pub const VDPA_ATTR_DEV_FEATURES: u16 = 20;
+    /// Features a vdpa device offers (u64).
     pub const VDPA_ATTR_VDPA_DEV_SUPPORTED_FEATURES: u16 = 21;
+    /// One past the last attribute listed here (newer kernels add more before theirs).
     pub const VDPA_ATTR_MAX: u16 = 22;
 }
 

@@ -18,6 +18,8 @@
 //! VDUSE names, both or neither transport, bad values. Each error carries the line and column
 //! it is about.
 
+#![deny(missing_docs)]
+
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
@@ -252,38 +254,89 @@ fn one(line: usize, message: String) -> ConfigErrors {
     }])
 }
 
+/// The errors found in one device, each placed in the text.
+struct Problems<'p> {
+    pos: &'p Positions<'p>,
+    errors: Vec<ConfigError>,
+}
+
+impl Problems<'_> {
+    fn bad(&mut self, span: Range<usize>, message: String) {
+        self.errors.push(self.pos.error(span, message));
+    }
+}
+
+/// Check one `[[device]]` table (`span`: where it is) and build its spec, or report every
+/// error in it.
 fn validate(
     raw: RawDevice,
     span: Range<usize>,
     pos: &Positions<'_>,
 ) -> Result<DeviceSpec, Vec<ConfigError>> {
-    let mut errors = Vec::new();
+    let mut problems = Problems {
+        pos,
+        errors: Vec::new(),
+    };
     let name = raw.name.get_ref().clone();
-    let mut bad = |span: Range<usize>, msg: String| errors.push(pos.error(span, msg));
-    if name.is_empty()
-        || !name
+    check_name(&raw.name, &mut problems);
+    if let Err(e) = virtiod_backend::ImageSpec::parse(raw.image.get_ref()) {
+        problems.bad(raw.image.span(), e.to_string());
+    }
+    let transport = transport(&raw, &name, span, &mut problems);
+    let queues = queues(raw.queues.as_ref(), &mut problems);
+    let queue_size = queue_size(raw.queue_size.as_ref(), &mut problems);
+    let poll_us = poll_us(raw.poll_us.as_ref(), &mut problems);
+    let serial = serial(raw.serial.as_ref(), &name, &mut problems);
+    match transport {
+        Some(transport) if problems.errors.is_empty() => Ok(DeviceSpec {
+            name,
+            image: raw.image.into_inner(),
+            transport,
+            queues,
+            queue_size,
+            read_only: raw.read_only,
+            buffered: raw.buffered,
+            serial,
+            poll_us,
+        }),
+        _ => Err(problems.errors),
+    }
+}
+
+/// A device name: letters, digits, '.', '_' or '-', not empty.
+fn check_name(name: &Spanned<String>, problems: &mut Problems<'_>) {
+    let value = name.get_ref();
+    if value.is_empty()
+        || !value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
     {
-        bad(
-            raw.name.span(),
-            format!("device name {name:?}: use letters, digits, '.', '_' or '-'"),
+        problems.bad(
+            name.span(),
+            format!("device name {value:?}: use letters, digits, '.', '_' or '-'"),
         );
     }
-    if let Err(e) = virtiod_backend::ImageSpec::parse(raw.image.get_ref()) {
-        bad(raw.image.span(), e.to_string());
-    }
-    let transport = match (&raw.vduse, &raw.vhost_user) {
+}
+
+/// Exactly one of `vduse` and `vhost-user`, and `attach` only with `vduse`. `None` when
+/// neither or both are given (an error is reported).
+fn transport(
+    raw: &RawDevice,
+    name: &str,
+    span: Range<usize>,
+    problems: &mut Problems<'_>,
+) -> Option<Transport> {
+    match (&raw.vduse, &raw.vhost_user) {
         (Some(_), Some(v)) => {
-            bad(
+            problems.bad(
                 v.span(),
                 format!("device {name:?} has both vduse and vhost-user: keep one"),
             );
             None
         }
         (None, None) => {
-            bad(
-                span.clone(),
+            problems.bad(
+                span,
                 format!("device {name:?} has no transport: add vduse = \"NAME\" or vhost-user = \"/path/to.sock\""),
             );
             None
@@ -291,7 +344,7 @@ fn validate(
         (Some(v), None) => {
             let vname = v.get_ref();
             if vname.is_empty() || vname.len() > 255 || vname.contains('/') {
-                bad(
+                problems.bad(
                     v.span(),
                     format!("VDUSE name {vname:?}: 1 to 255 bytes, no '/'"),
                 );
@@ -303,67 +356,64 @@ fn validate(
         }
         (None, Some(s)) => {
             if let Some(a) = &raw.attach {
-                bad(
+                problems.bad(
                     a.span(),
                     "attach is for VDUSE devices only: remove it or use vduse = \"NAME\"".into(),
                 );
             }
             if s.get_ref().as_os_str().is_empty() {
-                bad(s.span(), "vhost-user socket path is empty".into());
+                problems.bad(s.span(), "vhost-user socket path is empty".into());
             }
             Some(Transport::VhostUser(s.get_ref().clone()))
         }
-    };
-    let queues = raw.queues.as_ref().map_or(1, |q| *q.get_ref());
-    if let Some(q) = raw
-        .queues
-        .as_ref()
-        .filter(|_| !(1..=MAX_QUEUES).contains(&queues))
-    {
-        bad(q.span(), format!("{queues} queues: give 1 to {MAX_QUEUES}"));
     }
-    let queue_size = raw.queue_size.as_ref().map_or(256, |q| *q.get_ref());
-    if let Some(q) = raw
-        .queue_size
-        .as_ref()
-        .filter(|_| !queue_size.is_power_of_two() || queue_size < 2)
-    {
-        bad(
+}
+
+/// `queues`: 1 to [`MAX_QUEUES`], default 1.
+fn queues(raw: Option<&Spanned<u16>>, problems: &mut Problems<'_>) -> u16 {
+    let queues = raw.map_or(1, |q| *q.get_ref());
+    if let Some(q) = raw.filter(|_| !(1..=MAX_QUEUES).contains(&queues)) {
+        problems.bad(q.span(), format!("{queues} queues: give 1 to {MAX_QUEUES}"));
+    }
+    queues
+}
+
+/// `queue-size`: a power of two from 2, default 256.
+fn queue_size(raw: Option<&Spanned<u16>>, problems: &mut Problems<'_>) -> u16 {
+    let queue_size = raw.map_or(256, |q| *q.get_ref());
+    if let Some(q) = raw.filter(|_| !queue_size.is_power_of_two() || queue_size < 2) {
+        problems.bad(
             q.span(),
             format!("queue size {queue_size}: give a power of two from 2 to 32768 (e.g. 256)"),
         );
     }
-    let poll_us = raw.poll_us.as_ref().map_or(0, |p| *p.get_ref());
-    if let Some(p) = raw.poll_us.as_ref().filter(|_| poll_us > MAX_POLL_US) {
-        bad(
+    queue_size
+}
+
+/// `poll-us`: 0 to [`MAX_POLL_US`], default 0.
+fn poll_us(raw: Option<&Spanned<u64>>, problems: &mut Problems<'_>) -> u64 {
+    let poll_us = raw.map_or(0, |p| *p.get_ref());
+    if let Some(p) = raw.filter(|_| poll_us > MAX_POLL_US) {
+        problems.bad(
             p.span(),
             format!("poll-us {poll_us}: give 0 to {MAX_POLL_US}"),
         );
     }
-    let serial = match &raw.serial {
+    poll_us
+}
+
+/// `serial`: at most [`MAX_SERIAL`] bytes, default the device name cut to that length.
+fn serial(raw: Option<&Spanned<String>>, name: &str, problems: &mut Problems<'_>) -> String {
+    match raw {
         Some(s) if s.get_ref().len() > MAX_SERIAL => {
-            bad(
+            problems.bad(
                 s.span(),
                 format!("serial {:?} is longer than {MAX_SERIAL} bytes", s.get_ref()),
             );
             String::new()
         }
         Some(s) => s.get_ref().clone(),
-        None => cut(&name, MAX_SERIAL),
-    };
-    match transport {
-        Some(transport) if errors.is_empty() => Ok(DeviceSpec {
-            name,
-            image: raw.image.into_inner(),
-            transport,
-            queues,
-            queue_size,
-            read_only: raw.read_only,
-            buffered: raw.buffered,
-            serial,
-            poll_us,
-        }),
-        _ => Err(errors),
+        None => cut(name, MAX_SERIAL),
     }
 }
 

@@ -8,6 +8,39 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
+/// A test that cannot run here (a privilege or kernel feature is missing) calls this and
+/// returns. With `VIRTIOD_NO_SKIP=1` (CI) it panics instead, so the test fails with `reason`;
+/// otherwise it prints `SKIPPED: reason` to stderr and, when `VIRTIOD_SKIP_LOG` names a file,
+/// appends that line to it (`scripts/test.sh` counts them).
+#[track_caller]
+pub fn skip_or_fail(reason: &str) {
+    if std::env::var_os("VIRTIOD_NO_SKIP").is_some_and(|v| v == "1") {
+        panic!("VIRTIOD_NO_SKIP=1 but this test would skip: {reason}");
+    }
+    let line = format!("SKIPPED: {reason}");
+    eprintln!("{line}");
+    if let Some(log) = std::env::var_os("VIRTIOD_SKIP_LOG").filter(|p| !p.is_empty()) {
+        use std::io::Write;
+        let thread = std::thread::current();
+        let test = format!(
+            "{}::{}",
+            env!("CARGO_CRATE_NAME"),
+            thread.name().unwrap_or("?")
+        );
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(format!("{test}: {line}\n").as_bytes()));
+        if let Err(err) = appended {
+            eprintln!(
+                "cannot append to VIRTIOD_SKIP_LOG={}: {err}",
+                log.to_string_lossy()
+            );
+        }
+    }
+}
+
 /// A scratch directory removed at drop.
 pub struct Scratch(pub PathBuf);
 

@@ -306,6 +306,7 @@ fn decode_device(attrs: &[Attr<'_>]) -> VdpaDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 
     fn attrs_of(req: GenlRequest) -> Vec<u8> {
         req.encode(0)[20..].to_vec()
@@ -318,7 +319,7 @@ mod tests {
                 .attr_str(VDPA_ATTR_MGMTDEV_DEV_NAME, "vduse")
                 .attr_bytes(
                     VDPA_ATTR_MGMTDEV_SUPPORTED_CLASSES,
-                    &((1u64 << 1) | (1 << 2)).to_ne_bytes(),
+                    &((1u64 << VIRTIO_ID_NET) | (1 << VIRTIO_ID_BLOCK)).to_ne_bytes(),
                 ),
         );
         let m = decode_mgmtdev(&parse_attrs(&m));
