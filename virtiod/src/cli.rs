@@ -201,9 +201,9 @@ pub struct ServeArgs {
     /// Use the page cache instead of O_DIRECT.
     #[arg(long)]
     pub buffered: bool,
-    /// Busy-poll each queue for up to this many microseconds after its last request before
-    /// sleeping again: lower latency for one busy CPU per active queue (0: never poll).
-    #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    /// Largest adaptive busy-poll window of each queue, in microseconds: a queue polls after
+    /// its last request only while requests keep arriving within the window (0: never poll).
+    #[arg(long, value_name = "US", default_value_t = virtiod_config::DEFAULT_POLL_US, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub poll_us: u64,
     /// Serial number returned to the driver (at most 20 bytes).
     #[arg(long, default_value = "virtiod")]

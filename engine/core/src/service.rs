@@ -35,6 +35,10 @@ pub enum Event {
 /// so the backend does not run dry while the rest is parsed.
 const SUBMIT_BATCH: u32 = 4;
 
+/// See [`QueueService::process`]: how many used entries a long batch publishes between two
+/// notification decisions.
+const NOTIFY_EVERY: u32 = 8;
+
 /// Longest single busy-poll period: then the control path (which needs the queue) gets a turn.
 const MAX_POLL_PERIOD: Duration = Duration::from_millis(2);
 
@@ -56,6 +60,8 @@ pub struct QueueService {
     done: Vec<Completed>,
     inflight: Option<InflightQueue>,
     pending_used: bool,
+    /// Used entries published since the last notification decision.
+    used_since_notify: u32,
     polling: bool,
     unsubmitted: u32,
     poll: AdaptivePoll,
@@ -79,6 +85,7 @@ impl QueueService {
             done: Vec::with_capacity(usize::from(max_size)),
             inflight: None,
             pending_used: false,
+            used_since_notify: 0,
             polling: false,
             unsubmitted: 0,
             poll: AdaptivePoll::new(max_poll),
@@ -221,12 +228,12 @@ impl QueueService {
             Event::Kick => self.poll.woken(),
             Event::Completion => self.handler.ack_completion_event(),
         }
-        let mut served = self.serve_once(mem, remap);
+        let mut served = self.serve_once(mem, remap, notify);
         if served.is_err() {
             // The rings themselves may sit in memory mapped since the last snapshot.
             if let Some(fresh) = remap() {
                 *mem = fresh;
-                served = self.serve_once(mem, remap);
+                served = self.serve_once(mem, remap, notify);
             }
         }
         let result = served.and_then(|wants_irq| {
@@ -270,9 +277,10 @@ impl QueueService {
         &mut self,
         mem: &mut Arc<GuestMem>,
         remap: Remap<'_>,
+        notify: &mut dyn FnMut(),
     ) -> Result<bool, ServiceError> {
         let completed = self.complete(mem)?;
-        Ok(completed | self.process(mem, remap)?)
+        Ok(completed | self.process(mem, remap, notify)?)
     }
 
     /// Busy-poll the ring and the handler while work keeps coming within the adaptive
@@ -294,7 +302,7 @@ impl QueueService {
         self.polling = true;
         loop {
             let before = (self.queue.next_avail(), self.queue.next_used());
-            let step = self.serve_once(mem, remap);
+            let step = self.serve_once(mem, remap, notify);
             let wants_irq = match step {
                 Ok(w) => w,
                 Err(err) => {
@@ -318,7 +326,7 @@ impl QueueService {
         }
         self.polling = false;
         // Sleep again: notifications on, serving whatever arrived in between.
-        if self.serve_once(mem, remap)? {
+        if self.serve_once(mem, remap, notify)? {
             notify();
         }
         Ok(())
@@ -330,7 +338,15 @@ impl QueueService {
 
     /// Take every available chain off the ring and start it. Returns whether the driver
     /// must be notified.
-    fn process(&mut self, mem: &mut Arc<GuestMem>, remap: Remap<'_>) -> Result<bool, ServiceError> {
+    /// Within a long batch, the driver is told about completions every this many used entries
+    /// (when it wants to be, per EVENT_IDX): it reaps and refills while the rest is served,
+    /// instead of the two sides taking turns one batch at a time.
+    fn process(
+        &mut self,
+        mem: &mut Arc<GuestMem>,
+        remap: Remap<'_>,
+        notify: &mut dyn FnMut(),
+    ) -> Result<bool, ServiceError> {
         let mut retried = false;
         let mut pending_seen = false;
         loop {
@@ -359,6 +375,9 @@ impl QueueService {
                 if self.unsubmitted >= SUBMIT_BATCH {
                     self.handler.submit()?;
                     self.unsubmitted = 0;
+                }
+                if self.used_since_notify >= NOTIFY_EVERY && self.notify_decision(mem)? {
+                    notify();
                 }
             }
             if pending_seen && !popped {
@@ -424,6 +443,7 @@ impl QueueService {
     }
 
     fn notify_decision(&mut self, mem: &GuestMem) -> Result<bool, ServiceError> {
+        self.used_since_notify = 0;
         if !std::mem::take(&mut self.pending_used) {
             return Ok(false);
         }
@@ -445,6 +465,7 @@ impl QueueService {
             block.used(head, self.queue.next_used());
         }
         self.pending_used = true;
+        self.used_since_notify += 1;
         Ok(())
     }
 }

@@ -11,7 +11,7 @@
 //! serial = "a"
 //! attach = "virtio"                 # VDUSE only: virtio | vhost | none
 //! buffered = false                  # page cache instead of O_DIRECT
-//! poll-us = 0                       # busy-poll queues this long after a request
+//! poll-us = 32                      # largest adaptive busy-poll window (0: never poll)
 //! ```
 //!
 //! Everything is checked before anything starts: unknown keys, duplicate names, sockets or
@@ -34,6 +34,9 @@ pub const MAX_QUEUES: u16 = 64;
 pub const MAX_SERIAL: usize = 20;
 /// Longest busy-poll period (µs).
 pub const MAX_POLL_US: u64 = 1_000_000;
+/// Default largest adaptive busy-poll window in microseconds (QEMU's default `poll-max-ns`
+/// is the same 32 µs): a queue polls only while its driver keeps sending within the window.
+pub const DEFAULT_POLL_US: u64 = 32;
 
 /// Which vDPA bus driver gets a VDUSE device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -390,9 +393,9 @@ fn queue_size(raw: Option<&Spanned<u16>>, problems: &mut Problems<'_>) -> u16 {
     queue_size
 }
 
-/// `poll-us`: 0 to [`MAX_POLL_US`], default 0.
+/// `poll-us`: 0 to [`MAX_POLL_US`], default [`DEFAULT_POLL_US`].
 fn poll_us(raw: Option<&Spanned<u64>>, problems: &mut Problems<'_>) -> u64 {
-    let poll_us = raw.map_or(0, |p| *p.get_ref());
+    let poll_us = raw.map_or(DEFAULT_POLL_US, |p| *p.get_ref());
     if let Some(p) = raw.filter(|_| poll_us > MAX_POLL_US) {
         problems.bad(
             p.span(),

@@ -43,7 +43,7 @@ fn parses_the_documented_example() {
             read_only: false,
             buffered: false,
             serial: "a".into(),
-            poll_us: 0,
+            poll_us: DEFAULT_POLL_US,
         }
     );
     assert_eq!(
