@@ -20,6 +20,9 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
 
+step "cargo doc (public crates documented, no broken links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
+
 step "cargo test (unit + integration, release build)"
 # A test that cannot run here (no root, no loop devices, an old kernel) appends a line to this
 # file (virtiod/tests/common: skip_or_fail); with VIRTIOD_NO_SKIP=1 (CI) it fails instead.

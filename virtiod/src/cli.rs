@@ -126,7 +126,7 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// Every device: name, transport, endpoint, up or DOWN (with the reason).
     List,
-    /// Start a device: TOML (keys of one [[device]] table), a JSON object, or a file of either.
+    /// Start a device: TOML (keys of one `[[device]]` table), a JSON object, or a file of either.
     Add {
         /// The device description, or a file holding it.
         #[arg(value_name = "DEVICE")]

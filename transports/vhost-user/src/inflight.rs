@@ -6,7 +6,7 @@
 //! it does not own, exactly which requests it had taken off the avail ring and not yet
 //! completed, and the next backend executes them again. The layout and the recovery are the
 //! core's ([`virtiod_core::inflight`]); this module only maps the file, guarded against a
-//! frontend that shrinks it ([`crate::fault`]).
+//! frontend that shrinks it (`fault.rs`).
 
 use std::fs::File;
 use std::io;

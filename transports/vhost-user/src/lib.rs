@@ -12,9 +12,9 @@
 //! memory the frontend keeps ([`inflight`]); a daemon restarted after a crash finds there what
 //! its predecessor had in flight and executes it again when the ring starts.
 //!
-//! The frontend is untrusted: messages are read whole however they are split ([`wire`]),
+//! The frontend is untrusted: messages are read whole however they are split (`wire.rs`),
 //! memory regions must lie in their files, and a frontend that shrinks its memory later is
-//! cut off without harming the process or other devices ([`fault`], docs/security.md).
+//! cut off without harming the process or other devices (`fault.rs`, docs/security.md).
 
 #![deny(missing_docs)]
 
