@@ -66,6 +66,8 @@ pub struct QueueService {
     unsubmitted: u32,
     poll: AdaptivePoll,
     broken: bool,
+    /// Check each chain for unmapped memory and ask for a re-map (VDUSE).
+    remap_on_fault: bool,
 }
 
 impl QueueService {
@@ -90,6 +92,7 @@ impl QueueService {
             unsubmitted: 0,
             poll: AdaptivePoll::new(max_poll),
             broken: false,
+            remap_on_fault: false,
         })
     }
 
@@ -122,6 +125,14 @@ impl QueueService {
     /// Whether the driver broke this ring (it is not served until [`Self::reset`]).
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// For transports whose driver memory is mapped on demand (VDUSE's IOTLB): check every
+    /// chain for memory that is not mapped and call `remap` before refusing it. Off by default
+    /// (a chain in unmapped memory is then simply refused by the device), which saves the
+    /// check on the hot path of transports whose memory table is complete (vhost-user).
+    pub fn set_remap_on_fault(&mut self, on: bool) {
+        self.remap_on_fault = on;
     }
 
     /// Change the largest busy-poll window.
@@ -358,7 +369,7 @@ impl QueueService {
                 };
                 popped = true;
                 self.chain.collect(chain);
-                if !retried && self.chain.faults_in(mem.as_ref()) {
+                if self.remap_on_fault && !retried && self.chain.faults_in(mem.as_ref()) {
                     if let Some(fresh) = remap() {
                         *mem = fresh;
                         self.queue.go_to_previous_position();

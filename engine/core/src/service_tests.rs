@@ -251,6 +251,7 @@ fn a_chain_in_unmapped_memory_is_collected_again_after_a_remap() {
     let (small, _) = drv.mem.remove_region(GuestAddress(0x4000), 0xc000).unwrap();
     let small = Arc::new(small);
     let mut svc = drv.service(Box::new(AtOnce));
+    svc.set_remap_on_fault(true);
     svc.activate(&drv.mem, None).unwrap();
     drv.post(2, BUF, 64);
     let mut mem = small;

@@ -189,8 +189,10 @@ impl VduseServer {
                 dev.setup_vq(u32::from(index), size)?;
             }
             let handler = device.queue_handler(index)?;
-            let svc = QueueService::new(index, handler, size, poll)
+            let mut svc = QueueService::new(index, handler, size, poll)
                 .map_err(|e| Error::Attach(format!("queue {index} of size {size}: {e}")))?;
+            // The IOTLB is mapped on demand: a chain in unmapped memory triggers a re-map.
+            svc.set_remap_on_fault(true);
             queues.push(QueueHandle {
                 ctx: Mutex::new(QueueCtx { svc, mem: None }),
                 kick: EventFd::new(EFD_NONBLOCK).map_err(os("creating a kick eventfd"))?,
