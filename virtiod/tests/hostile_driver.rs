@@ -9,14 +9,12 @@
 //! write) stop the queue, and those come last, each followed by a new connection.
 
 mod common;
-#[path = "common/frontend.rs"]
-mod frontend;
 
 use std::path::Path;
 use std::time::Duration;
 
+use common::frontend::*;
 use common::{Daemon, Scratch};
-use frontend::*;
 use vhost::{VhostBackend, VringConfigData};
 
 /// Sectors 0..8 hold [`known`]; every case ends by reading them back.

@@ -4,8 +4,6 @@
 //! well-behaved frontend writes a pattern and reads it back.
 
 mod common;
-#[path = "common/frontend.rs"]
-mod frontend;
 mod ops_common;
 
 use std::io::{Read, Write};
@@ -17,8 +15,8 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use common::frontend::*;
 use common::{check_pattern, fill_pattern, Client, Daemon, Scratch};
-use frontend::*;
 use ops_common::RunDaemon;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};

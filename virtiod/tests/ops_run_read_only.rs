@@ -4,12 +4,10 @@
 //! unchanged; SIGTERM exits 0 and removes both sockets.
 
 mod common;
-#[path = "common/frontend.rs"]
-mod frontend;
 mod ops_common;
 
+use common::frontend::*;
 use common::*;
-use frontend::*;
 use ops_common::*;
 
 const MIB: u64 = 1 << 20;

@@ -3,18 +3,16 @@
 //! daemon started after a SIGKILL executes exactly the requests its predecessor left in
 //! flight — not the ones it had completed, not the ones it never took.
 //!
-//! The frontend is the hand-written one of the hostile-driver suite (`common/frontend.rs`),
+//! The frontend is the hand-written one of the hostile-driver suite (`virtiod-testkit`),
 //! reconnecting the way QEMU does with `reconnect-ms` on its chardev.
 
 mod common;
-#[path = "common/frontend.rs"]
-mod frontend;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::frontend::*;
 use common::{Daemon, Scratch};
-use frontend::*;
 use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory};
 
 const BLOCK: usize = 4096;

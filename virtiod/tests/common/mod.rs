@@ -1,12 +1,21 @@
-//! Test support: run the real `virtiod` binary and drive it with libblkio's vhost-user driver.
+//! Test support: run the real `virtiod` binary and drive it with libblkio's vhost-user driver
+//! or with the testkit's hand-written frontend ([`frontend`]).
 #![allow(dead_code)]
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use virtiod_testkit::process::{send_signal, wait_exit, wait_listening};
+
+/// The hand-written vhost-user frontend of `virtiod-testkit`, with its virtio-blk helpers.
+#[allow(unused_imports)] // not every test binary drives the frontend
+pub mod frontend {
+    pub use virtiod_testkit::blk::*;
+    pub use virtiod_testkit::frontend::*;
+}
 
 /// A test that cannot run here (a privilege or kernel feature is missing) calls this and
 /// returns. With `VIRTIOD_NO_SKIP=1` (CI) it panics instead, so the test fails with `reason`;
@@ -93,27 +102,12 @@ impl Daemon {
             child,
             socket: socket.to_path_buf(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if let Some(status) = d.child.try_wait().unwrap() {
-                panic!("virtiod exited early: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "virtiod did not listen on {}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // That probe connection was a (short-lived) frontend; let the daemon go back to accept.
-        std::thread::sleep(Duration::from_millis(50));
+        wait_listening(&mut d.child, socket);
         d
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid has no memory-safety implications.
-        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
-        assert_eq!(rc, 0);
+        send_signal(&self.child, sig);
     }
 
     /// Send SIGTERM and wait for the exit status.
@@ -123,14 +117,7 @@ impl Daemon {
     }
 
     pub fn wait_timeout(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "virtiod did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit(&mut self.child, limit)
     }
 }
 

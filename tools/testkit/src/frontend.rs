@@ -4,9 +4,12 @@
 //!
 //! Every byte of guest memory is mirrored in a shadow copy; after each request
 //! [`Driver::verify`] checks that the daemon wrote nothing outside the ranges the case allows
-//! (the used ring of queue 0 and, e.g., one status byte). Fresh buffers are surrounded by at
-//! least [`GUARD`] bytes of [`CANARY`], so any stray write shows up as a changed canary.
-#![allow(dead_code)]
+//! (the used rings of the enabled queues and, e.g., one status byte). Fresh buffers are
+//! surrounded by at least [`GUARD`] bytes of [`CANARY`], so any stray write shows up as a
+//! changed canary.
+//!
+//! Guest memory is three regions: A (rings, then the buffer arena), B right after A (a
+//! buffer may straddle the two) and C after a hole; [`HOLE`] is in no region.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -15,41 +18,37 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::eventfd::EventFd;
 
-/// Queue size used for every queue (the daemon's default).
+use crate::F_EVENT_IDX;
+
+/// Queue size used for every queue (virtiod's default; the device must allow it).
 pub const QSIZE: u16 = 256;
-/// Descriptor flags.
+/// Descriptor flag `VIRTQ_DESC_F_NEXT`.
 pub const F_NEXT: u16 = 1;
+/// Descriptor flag `VIRTQ_DESC_F_WRITE` (device-writable buffer).
 pub const F_WRITE: u16 = 2;
+/// Descriptor flag `VIRTQ_DESC_F_INDIRECT`.
 pub const F_INDIRECT: u16 = 4;
-/// virtio-blk status codes and request types.
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const T_DISCARD: u32 = 11;
-pub const T_WRITE_ZEROES: u32 = 13;
 
 /// Region A: rings and the buffer arena.
 pub const A_BASE: u64 = 0x1_0000;
+/// Length of region A.
 pub const A_LEN: u64 = 2 << 20;
 /// Region B starts exactly where A ends (a buffer may straddle the two).
 pub const B_BASE: u64 = A_BASE + A_LEN;
+/// Length of region B.
 pub const B_LEN: u64 = 1 << 20;
 /// Region C, after a hole: `B_BASE + B_LEN .. C_BASE` is not guest memory.
 pub const C_BASE: u64 = 0x1000_0000;
+/// Length of region C.
 pub const C_LEN: u64 = 1 << 20;
 /// An address in no region.
 pub const HOLE: u64 = 0x4000_0000;
@@ -59,15 +58,24 @@ pub const CANARY: u8 = 0xCC;
 /// Canary bytes on each side of every allocated buffer.
 pub const GUARD: u64 = 64;
 
-const ARENA: u64 = A_BASE + 0x8000;
+/// Most queues a [`Driver`] sets up (their rings sit at the start of region A).
+pub const MAX_QUEUES: usize = 4;
+/// Bytes of region A each queue's three rings take.
+const RINGS_LEN: u64 = 0x3000;
+/// Start of the buffer arena in region A, after the rings of [`MAX_QUEUES`] queues.
+const ARENA: u64 = A_BASE + RINGS_LEN * MAX_QUEUES as u64;
 const WAIT: Duration = Duration::from_secs(10);
 
 /// One split-ring descriptor as the driver writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Desc {
+    /// Guest address of the buffer.
     pub addr: u64,
+    /// Length in bytes.
     pub len: u32,
+    /// `F_NEXT`, `F_WRITE`, `F_INDIRECT` (or anything else: nothing is checked).
     pub flags: u16,
+    /// Index of the next descriptor (with `F_NEXT`).
     pub next: u16,
 }
 
@@ -94,6 +102,10 @@ impl Desc {
     pub fn last(&self) -> u64 {
         self.addr + u64::from(self.len) - 1
     }
+    /// The byte range of the buffer, as [`Driver::verify`] takes it.
+    pub fn range(&self) -> (u64, u64) {
+        (self.addr, u64::from(self.len))
+    }
     /// The 16 bytes of the descriptor in a table.
     pub fn bytes(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
@@ -107,6 +119,13 @@ impl Desc {
 
 /// `descs` chained in table order (index i → i + 1), the last without NEXT.
 pub fn linked(descs: &[Desc]) -> Vec<Desc> {
+    linked_from(0, descs)
+}
+
+/// `descs` chained in table order starting at table index `first` (index `first + i` →
+/// `first + i + 1`), the last without NEXT: write them at `first` of the table with
+/// [`Driver::write_table_at`] and make `first` available.
+pub fn linked_from(first: u16, descs: &[Desc]) -> Vec<Desc> {
     let n = descs.len();
     descs
         .iter()
@@ -115,45 +134,47 @@ pub fn linked(descs: &[Desc]) -> Vec<Desc> {
             let mut d = *d;
             if i + 1 < n {
                 d.flags |= F_NEXT;
-                d.next = (i + 1) as u16;
+                d.next = first + (i + 1) as u16;
             }
             d
         })
         .collect()
 }
 
-/// The 16-byte request header.
-pub fn header(kind: u32, sector: u64) -> Vec<u8> {
-    let mut h = kind.to_le_bytes().to_vec();
-    h.extend_from_slice(&[0; 4]);
-    h.extend_from_slice(&sector.to_le_bytes());
-    h
-}
-
 /// Where one queue's rings live (guest addresses).
 #[derive(Debug, Clone, Copy)]
 pub struct Rings {
+    /// Descriptor table.
     pub desc: u64,
+    /// Avail ring.
     pub avail: u64,
+    /// Used ring.
     pub used: u64,
 }
 
-pub const Q0: Rings = Rings {
-    desc: A_BASE,
-    avail: A_BASE + 0x1000,
-    used: A_BASE + 0x2000,
-};
-pub const Q1: Rings = Rings {
-    desc: A_BASE + 0x3000,
-    avail: A_BASE + 0x4000,
-    used: A_BASE + 0x5000,
-};
+impl Rings {
+    /// The rings of queue `q` (< [`MAX_QUEUES`]).
+    pub const fn of(q: usize) -> Self {
+        let base = A_BASE + RINGS_LEN * q as u64;
+        Self {
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+        }
+    }
+}
 
+/// The rings of queue 0.
+pub const Q0: Rings = Rings::of(0);
+/// The rings of queue 1.
+pub const Q1: Rings = Rings::of(1);
+
+/// A memfd of `len` bytes (guest memory shared with the daemon).
 pub fn memfd(len: u64) -> File {
     // SAFETY: memfd_create reads a NUL-terminated name and returns a new fd (or -1), which we
     // own from here on; no memory of ours is handed to the kernel beyond the name.
     let file = unsafe {
-        let fd = libc::memfd_create(c"virtiod-hostile".as_ptr(), libc::MFD_CLOEXEC);
+        let fd = libc::memfd_create(c"virtiod-testkit".as_ptr(), libc::MFD_CLOEXEC);
         assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
         File::from_raw_fd(fd)
     };
@@ -161,31 +182,99 @@ pub fn memfd(len: u64) -> File {
     file
 }
 
+/// How [`Driver::connect_opts`] sets up the connection.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Virtio feature bits to acknowledge; each must be offered (the vhost-user
+    /// `PROTOCOL_FEATURES` bit is added when offered, as QEMU does). `None`: everything
+    /// offered but EVENT_IDX (the driver polls the used ring and always kicks).
+    pub features: Option<u64>,
+    /// Queues to set up (at most [`MAX_QUEUES`]; fewer if the device has fewer).
+    pub queues: usize,
+    /// How many of them are enabled, from queue 0; the others get rings and a kick fd but
+    /// are never enabled.
+    pub enabled: usize,
+    /// Negotiate the in-flight region and get it from the daemon before the rings start
+    /// (as QEMU does).
+    pub inflight: bool,
+}
+
+impl Default for Options {
+    /// What virtiod's blk tests use: up to two queues, queue 0 enabled, queue 1 never
+    /// enabled, every offered feature but EVENT_IDX, no in-flight region.
+    fn default() -> Self {
+        Self {
+            features: None,
+            queues: 2,
+            enabled: 1,
+            inflight: false,
+        }
+    }
+}
+
+impl Options {
+    /// `n` queues, all enabled, every offered feature but EVENT_IDX.
+    pub fn queues(n: usize) -> Self {
+        Self {
+            queues: n,
+            enabled: n,
+            ..Self::default()
+        }
+    }
+
+    /// Acknowledge exactly `features` (see [`Self::features`](Options#structfield.features)).
+    pub fn features(mut self, features: u64) -> Self {
+        self.features = Some(features);
+        self
+    }
+
+    /// Negotiate the in-flight region.
+    pub fn inflight(mut self, on: bool) -> Self {
+        self.inflight = on;
+        self
+    }
+}
+
 /// The frontend side of one vhost-user connection, with its guest memory.
 pub struct Driver {
+    /// The vhost-user connection (for messages the helpers do not cover).
     pub fe: Frontend,
+    /// The guest memory (three memfd regions, see the module docs).
     pub mem: GuestMemoryMmap<()>,
     shadow: Vec<(u64, Vec<u8>)>,
     kicks: Vec<EventFd>,
     _calls: Vec<EventFd>,
     next_alloc: u64,
-    avail_idx: [u16; 2],
-    used_seen: [u16; 2],
+    avail_idx: Vec<u16>,
+    used_seen: Vec<u16>,
+    enabled: usize,
+    offered: u64,
+    acked: u64,
     /// The in-flight region the daemon gave (`GET_INFLIGHT_FD`), kept across reconnects as
     /// QEMU keeps it.
     pub inflight: Option<(VhostUserInflight, File)>,
 }
 
 impl Driver {
-    /// Connect and set up queue 0 (enabled) and, if the device has a second queue, queue 1
-    /// (started with a kick fd but never enabled).
+    /// Connect with [`Options::default`]: set up queue 0 (enabled) and, if the device has a
+    /// second queue, queue 1 (started with a kick fd but never enabled).
     pub fn connect(socket: &Path) -> Self {
-        Self::connect_with(socket, false)
+        Self::connect_opts(socket, &Options::default())
     }
 
     /// Like [`Self::connect`]; with `inflight`, also negotiate the in-flight region and get
     /// it from the daemon before the rings start (as QEMU does).
     pub fn connect_with(socket: &Path, inflight: bool) -> Self {
+        Self::connect_opts(socket, &Options::default().inflight(inflight))
+    }
+
+    /// Connect and set up the queues as `opts` says.
+    pub fn connect_opts(socket: &Path, opts: &Options) -> Self {
+        assert!(
+            opts.queues <= MAX_QUEUES,
+            "at most {MAX_QUEUES} queues, not {}",
+            opts.queues
+        );
         let regions = [(A_BASE, A_LEN), (B_BASE, B_LEN), (C_BASE, C_LEN)];
         let ranges: Vec<_> = regions
             .iter()
@@ -202,36 +291,40 @@ impl Driver {
         for (base, bytes) in &shadow {
             mem.write_slice(bytes, GuestAddress(*base)).unwrap();
         }
-        let (fe, num_queues) = Self::handshake(socket, inflight);
+        let hs = Self::handshake(socket, opts.features, opts.inflight);
+        let num_queues = hs.num_queues.min(opts.queues);
         let mut d = Self {
-            fe,
+            fe: hs.fe,
             mem,
             shadow,
             kicks: Vec::new(),
             _calls: Vec::new(),
             next_alloc: ARENA,
-            avail_idx: [0; 2],
-            used_seen: [0; 2],
+            avail_idx: vec![0; num_queues],
+            used_seen: vec![0; num_queues],
+            enabled: opts.enabled.min(num_queues),
+            offered: hs.offered,
+            acked: hs.acked,
             inflight: None,
         };
-        if inflight {
+        if opts.inflight {
             let want = VhostUserInflight::new(0, 0, num_queues as u16, QSIZE);
             d.inflight = Some(d.fe.get_inflight_fd(&want).expect("GET_INFLIGHT_FD"));
         }
         d.set_mem_table();
-        for (q, rings) in [Q0, Q1].into_iter().enumerate().take(num_queues) {
-            d.setup_queue(q, rings, q == 0, true);
+        for q in 0..num_queues {
+            d.setup_queue(q, q < d.enabled, true);
         }
         d
     }
 
     /// What a QEMU frontend does when its backend died and it reconnects (to a new daemon
-    /// on the same socket): same memory and rings, the in-flight region handed over with
-    /// `SET_INFLIGHT_FD`, and each ring's base set to its used index (the only position the
-    /// frontend knows without the dead backend). Queue 0 only.
+    /// on the same socket): same memory and rings, the same features, the in-flight region
+    /// handed over with `SET_INFLIGHT_FD`, and each ring's base set to its used index (the
+    /// only position the frontend knows without the dead backend). Queue 0 only.
     pub fn reconnect(mut self, socket: &Path) -> Self {
-        let (fe, _) = Self::handshake(socket, self.inflight.is_some());
-        self.fe = fe;
+        let hs = Self::handshake(socket, Some(self.acked), self.inflight.is_some());
+        self.fe = hs.fe;
         if let Some((msg, file)) = self.inflight.as_ref() {
             self.fe
                 .set_inflight_fd(msg, file.as_raw_fd())
@@ -240,17 +333,41 @@ impl Driver {
         self.set_mem_table();
         self.kicks.clear();
         self._calls.clear();
-        self.setup_queue(0, Q0, true, false);
+        self.setup_queue(0, true, false);
         self
     }
 
-    fn handshake(socket: &Path, inflight: bool) -> (Frontend, usize) {
-        let mut fe = Frontend::connect(socket, 2).expect("connect to the daemon");
+    /// Feature bits the device offered (`GET_FEATURES`).
+    pub fn offered_features(&self) -> u64 {
+        self.offered
+    }
+
+    /// Feature bits this frontend acknowledged (`SET_FEATURES`).
+    pub fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
+    /// Queues set up on this connection.
+    pub fn num_queues(&self) -> usize {
+        self.avail_idx.len()
+    }
+
+    fn handshake(socket: &Path, features: Option<u64>, inflight: bool) -> Handshake {
+        let mut fe = Frontend::connect(socket, MAX_QUEUES as u64).expect("connect to the daemon");
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
-        // Everything but EVENT_IDX: the test polls the used ring and always kicks.
-        fe.set_features(offered & !(1 << VIRTIO_RING_F_EVENT_IDX))
-            .unwrap();
+        let acked = match features {
+            Some(want) => {
+                assert_eq!(
+                    offered & want,
+                    want,
+                    "the device offers {offered:#x}, not every feature of {want:#x}"
+                );
+                want | (offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+            }
+            None => offered & !F_EVENT_IDX,
+        };
+        fe.set_features(acked).unwrap();
         let proto = fe.get_protocol_features().unwrap();
         let mut want = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
@@ -266,8 +383,13 @@ impl Driver {
         // Every request from here on is acknowledged: set-up is done before the first kick,
         // and a refused request is an error here.
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let num_queues = fe.get_queue_num().unwrap().min(2) as usize;
-        (fe, num_queues)
+        let num_queues = fe.get_queue_num().unwrap() as usize;
+        Handshake {
+            fe,
+            offered,
+            acked,
+            num_queues,
+        }
     }
 
     fn set_mem_table(&mut self) {
@@ -283,7 +405,8 @@ impl Driver {
         self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
     }
 
-    fn setup_queue(&mut self, q: usize, rings: Rings, enable: bool, fresh: bool) {
+    fn setup_queue(&mut self, q: usize, enable: bool, fresh: bool) {
+        let rings = Rings::of(q);
         let base = if fresh {
             // Rings start zeroed (flags, idx), unlike the canary-filled arena.
             self.put(rings.avail, &[0; 4 + 2 * QSIZE as usize + 2]);
@@ -326,43 +449,6 @@ impl Driver {
         let region = self.mem.find_region(GuestAddress(gpa)).unwrap();
         let file = region.file_offset().unwrap().file();
         file.set_len(len).unwrap();
-    }
-
-    /// Write `data` at `sector` and read it back; panics unless both succeed and match.
-    pub fn round_trip(&mut self, sector: u64, data: &[u8]) {
-        let h = self.readable(&header(T_OUT, sector));
-        let buf = self.readable(data);
-        let s = self.writable(1);
-        let used = self.exec_table("write", &linked(&[h, buf, s]), 0, &[(s.addr, 1)]);
-        assert_eq!(
-            (used, self.get(s.addr, 1)[0]),
-            (1, S_OK),
-            "write at {sector}"
-        );
-        let h = self.readable(&header(T_IN, sector));
-        let len = data.len() as u32;
-        let buf = self.writable(len);
-        let s = self.writable(1);
-        let allowed = [(buf.addr, u64::from(len)), (s.addr, 1)];
-        let used = self.exec_table("read", &linked(&[h, buf, s]), 0, &allowed);
-        assert_eq!(
-            (used, self.get(s.addr, 1)[0]),
-            (len + 1, S_OK),
-            "read at {sector}"
-        );
-        assert!(
-            self.get(buf.addr, data.len()) == data,
-            "read back what was written at {sector}"
-        );
-    }
-
-    /// Capacity in sectors, from the configuration space.
-    pub fn capacity(&mut self) -> u64 {
-        let (_, cfg) = self
-            .fe
-            .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0; 8])
-            .unwrap();
-        u64::from_le_bytes(cfg[..8].try_into().unwrap())
     }
 
     fn shadow_mut(&mut self, gpa: u64) -> Option<(&mut Vec<u8>, usize)> {
@@ -418,6 +504,15 @@ impl Driver {
         self.put(table, &bytes);
     }
 
+    /// Write raw descriptors into queue `q`'s descriptor table from index `first` on.
+    pub fn write_table_at(&mut self, q: usize, first: u16, descs: &[Desc]) {
+        assert!(
+            usize::from(first) + descs.len() <= usize::from(QSIZE),
+            "descriptors past the end of the table"
+        );
+        self.write_table(Rings::of(q).desc + 16 * u64::from(first), descs);
+    }
+
     /// An indirect descriptor whose table holds `descs` verbatim.
     pub fn indirect(&mut self, descs: &[Desc]) -> Desc {
         let table = self.alloc(16 * descs.len() as u64);
@@ -432,7 +527,7 @@ impl Driver {
 
     /// Put `heads` on queue `q`'s avail ring, publish the new avail index and kick.
     pub fn make_available(&mut self, q: usize, heads: &[u16]) {
-        let rings = [Q0, Q1][q];
+        let rings = Rings::of(q);
         for &head in heads {
             let slot = rings.avail + 4 + 2 * u64::from(self.avail_idx[q] % QSIZE);
             self.put(slot, &head.to_le_bytes());
@@ -443,7 +538,7 @@ impl Driver {
 
     /// Store `idx` as queue `q`'s avail index (whatever it is) and kick.
     pub fn publish_avail_idx(&mut self, q: usize, idx: u16) {
-        let addr = [Q0, Q1][q].avail + 2;
+        let addr = Rings::of(q).avail + 2;
         self.mem
             .store(idx.to_le(), GuestAddress(addr), Ordering::Release)
             .unwrap();
@@ -454,7 +549,7 @@ impl Driver {
 
     /// Queue `q`'s used index as the daemon last published it.
     pub fn used_idx(&self, q: usize) -> u16 {
-        let addr = [Q0, Q1][q].used + 2;
+        let addr = Rings::of(q).used + 2;
         u16::from_le(
             self.mem
                 .load(GuestAddress(addr), Ordering::Acquire)
@@ -474,7 +569,7 @@ impl Driver {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        let used = [Q0, Q1][q].used;
+        let used = Rings::of(q).used;
         (0..n)
             .map(|_| {
                 let slot = used + 4 + 8 * u64::from(self.used_seen[q] % QSIZE);
@@ -498,10 +593,13 @@ impl Driver {
         );
     }
 
-    /// Check that guest memory equals the shadow everywhere except queue 0's used ring and
-    /// the `allowed` (address, length) ranges, then accept what the daemon wrote there.
+    /// Check that guest memory equals the shadow everywhere except the used rings of the
+    /// enabled queues and the `allowed` (address, length) ranges, then accept what the
+    /// daemon wrote there.
     pub fn verify(&mut self, case: &str, allowed: &[(u64, u64)]) {
-        let used = Q0.used..Q0.used + 0x1000;
+        let used: Vec<_> = (0..self.enabled)
+            .map(|q| Rings::of(q).used..Rings::of(q).used + 0x1000)
+            .collect();
         for i in 0..self.shadow.len() {
             let base = self.shadow[i].0;
             let actual = self.get(base, self.shadow[i].1.len());
@@ -517,7 +615,7 @@ impl Driver {
                     .map(move |(off, b)| (at + off as u64, b))
             });
             for (gpa, (a, e)) in bytes {
-                if a == e || used.contains(&gpa) {
+                if a == e || used.iter().any(|r| r.contains(&gpa)) {
                     continue;
                 }
                 let ok = allowed
@@ -552,4 +650,12 @@ impl Driver {
         self.verify(case, allowed);
         used[0].1
     }
+}
+
+/// What the handshake settled.
+struct Handshake {
+    fe: Frontend,
+    offered: u64,
+    acked: u64,
+    num_queues: usize,
 }
