@@ -11,9 +11,9 @@
 #      VIRTIOD_NO_SKIP=1 (fail instead of skipping), VIRTIOD_SKIP_LOG (file the skip is logged to).
 #
 # The guest needs the virtio_rng driver: Debian's cloud kernel builds it as a module
-# (CONFIG_HW_RANDOM_VIRTIO=m, file virtio-rng.ko), which run-in-vm.sh loads only when it is in
-# its MODULES list. Without it the guest still sees the device and the host checks still run,
-# and the test reports SKIPPED (exit 0) for the /dev/hwrng part.
+# (CONFIG_HW_RANDOM_VIRTIO=m, file virtio-rng.ko), which run-in-vm.sh loads (it is in its
+# MODULES list). A guest image without it would report SKIPPED for the /dev/hwrng part
+# (a failure under VIRTIOD_NO_SKIP=1, as in CI).
 # Exit 0 when every check passes (or the hwrng part is skipped); non-zero otherwise.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -32,7 +32,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${VM_CACHE:-$HOME/.cache/virtiod-vm}
 KPKG=${VM_KERNEL_PKG:-}
 BASE_VERSION=3
-MODULES="vhost_iotlb vdpa vduse virtio_vdpa irqbypass vhost vhost_vdpa virtio_blk loop"
+MODULES="vhost_iotlb vdpa vduse virtio_vdpa irqbypass vhost vhost_vdpa virtio_blk loop virtio-rng"
 BASE_TOOLS="/usr/sbin/vdpa /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/blkdiscard"
 BASE_STAMP="base v$BASE_VERSION; kernel=${KPKG:-newest}; modules=$MODULES; tools=$BASE_TOOLS"
 
