@@ -2,18 +2,16 @@
 //! its own thread, VDUSE through [`VduseServer`]. `serve` runs one, `run` many.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use virtiod_backend::OpenOptions;
 use virtiod_blk::{BlkConfig, BlkDevice, Stats};
 use virtiod_config::{Attach as AttachSpec, DeviceSpec, Transport};
 use virtiod_vduse::{Attach, VduseOptions, VduseServer};
-use virtiod_vhost_user::{bind_socket, VhostUserDevice};
+use virtiod_vhost_user::{bind_socket, Server, VhostUserDevice};
 
 /// How long a stop waits for a vhost-user serving thread to notice.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,12 +31,7 @@ pub enum Event {
 }
 
 enum Kind {
-    VhostUser {
-        dev: Arc<VhostUserDevice>,
-        stop: Arc<AtomicBool>,
-        thread: JoinHandle<()>,
-        socket: PathBuf,
-    },
+    VhostUser(Server),
     Vduse(VduseServer),
 }
 
@@ -84,27 +77,20 @@ impl Device {
                 let dev = VhostUserDevice::new(blk, max_poll)?;
                 // Bind last: nothing is created unless everything before succeeded.
                 let listener = bind_socket(socket)?;
-                let stop = Arc::new(AtomicBool::new(false));
-                let thread = {
-                    let (dev, stop, name) = (dev.clone(), stop.clone(), spec.name.clone());
-                    std::thread::Builder::new()
-                        .name(format!("vu-{}", spec.name))
-                        .spawn(move || {
-                            let result = dev.serve(listener, &stop).map_err(|e| e.to_string());
-                            if !stop.load(Ordering::Acquire) {
-                                let _ = events.send(Event::Exited { name, result });
-                            }
-                        })
-                        .context("cannot start a vhost-user thread")?
-                };
+                let name = spec.name.clone();
+                let server = dev
+                    .spawn(
+                        listener,
+                        socket,
+                        &format!("vu-{}", spec.name),
+                        move |result| {
+                            let result = result.map_err(|e| e.to_string());
+                            let _ = events.send(Event::Exited { name, result });
+                        },
+                    )
+                    .context("cannot start a vhost-user thread")?;
                 tracing::info!(device = %spec.name, socket = %socket.display(), "serving virtio-blk over vhost-user");
-                let kind = Kind::VhostUser {
-                    dev,
-                    stop,
-                    thread,
-                    socket: socket.clone(),
-                };
-                (kind, socket.clone())
+                (Kind::VhostUser(server), socket.clone())
             }
             Transport::Vduse { name, attach } => {
                 let opts = VduseOptions {
@@ -161,7 +147,7 @@ impl Device {
     /// Whether it still serves (a vhost-user thread can end on a library error).
     pub fn is_up(&self) -> bool {
         match &self.kind {
-            Kind::VhostUser { thread, .. } => !thread.is_finished(),
+            Kind::VhostUser(server) => server.is_serving(),
             Kind::Vduse(_) => true,
         }
     }
@@ -172,12 +158,9 @@ impl Device {
     pub fn stop(self) -> anyhow::Result<()> {
         let name = self.spec.name;
         let result = match self.kind {
-            Kind::VhostUser {
-                dev,
-                stop,
-                thread,
-                socket,
-            } => stop_vhost_user(&dev, &stop, thread, &socket),
+            Kind::VhostUser(server) => server
+                .stop(STOP_TIMEOUT)
+                .context("final flush failed: data may not be durable"),
             Kind::Vduse(dev) => dev.shutdown().map_err(anyhow::Error::from),
         };
         match &result {
@@ -186,35 +169,4 @@ impl Device {
         }
         result.with_context(|| format!("device {name}"))
     }
-}
-
-fn stop_vhost_user(
-    dev: &Arc<VhostUserDevice>,
-    stop: &AtomicBool,
-    thread: JoinHandle<()>,
-    socket: &Path,
-) -> anyhow::Result<()> {
-    stop.store(true, Ordering::Release);
-    // Complete what the frontend has in flight while it is still connected, then cut it off
-    // with the queues still locked, so nothing new starts.
-    let (quiesced, flushed) = dev.quiesce();
-    dev.disconnect();
-    drop(quiesced);
-    // Wake a server waiting in accept(): it takes this connection, sees it close, and stops.
-    let _ = std::os::unix::net::UnixStream::connect(socket);
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    while !thread.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if thread.is_finished() {
-        let _ = thread.join();
-    } else {
-        tracing::warn!(socket = %socket.display(), "the vhost-user thread did not stop; leaving it");
-    }
-    // Anything the frontend slipped in between: complete and flush it too.
-    let (_quiesced, flushed_again) = dev.quiesce();
-    let _ = std::fs::remove_file(socket);
-    flushed
-        .and(flushed_again)
-        .context("final flush failed: data may not be durable")
 }

@@ -104,8 +104,11 @@ pub struct Completed {
 /// finished requests with [`Self::reap`] (right after submitting for handlers without a
 /// [`Self::completion_fd`], otherwise when that fd becomes readable).
 pub trait QueueHandler: Send {
-    /// Whether one more request can be started now (e.g. a free I/O slot).
-    fn can_start(&self) -> bool;
+    /// Whether one more request can be started now (e.g. a free I/O slot). The default,
+    /// always, fits handlers that finish every request in [`Self::start`].
+    fn can_start(&self) -> bool {
+        true
+    }
     /// Start the request in `chain` (every field of it is hostile input). Requests the device
     /// refuses are answered in the chain itself and reported as [`Outcome::Done`].
     fn start(&mut self, chain: &Chain, mem: &Arc<GuestMem>) -> Outcome;

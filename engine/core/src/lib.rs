@@ -30,6 +30,10 @@ pub use device::{Completed, Device, DeviceError, HandlerError, Outcome, QueueHan
 pub use poll::AdaptivePoll;
 pub use service::{Event, QueueService, ServiceError};
 
+// The crates a device author needs with the core's types, in the versions the core uses.
+pub use virtio_bindings;
+pub use vm_memory;
+
 /// The driver's memory as every transport maps it (vhost-user regions, the VDUSE IOTLB).
 pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
 

@@ -1,13 +1,10 @@
 //! `virtiod-rng --vhost-user SOCKET`: serve the example virtio-rng device to a vhost-user
 //! frontend (QEMU's `vhost-user-rng-pci`), until SIGTERM or SIGINT.
 
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -66,17 +63,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Bind last: nothing is created unless everything before succeeded.
     let socket = args.vhost_user;
     let listener = bind_socket(&socket)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = {
-        let (dev, stop) = (dev.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("vhost-user".into())
-            .spawn(move || {
-                let result = dev.serve(listener, &stop).map_err(|e| e.to_string());
-                let _ = events.send(Event::Exited(result));
-            })
-            .context("cannot start the vhost-user thread")?
-    };
+    let server = dev
+        .spawn(listener, &socket, "vhost-user", move |result| {
+            let _ = events.send(Event::Exited(result.map_err(|e| e.to_string())));
+        })
+        .context("cannot start the vhost-user thread")?;
     tracing::info!(socket = %socket.display(), "serving virtio-rng over vhost-user");
     let result = match rx.recv() {
         Ok(Event::Signal(sig)) => {
@@ -88,7 +79,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             .context("the vhost-user server stopped"),
         Err(_) => Ok(()),
     };
-    stop_serving(&dev, &stop, server, &socket);
+    if let Err(err) = server.stop(STOP_TIMEOUT) {
+        tracing::warn!(%err, "stopping the device");
+    }
+    tracing::info!("stopped");
     result
 }
 
@@ -106,31 +100,4 @@ fn forward_signals(events: Sender<Event>) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
     Ok(())
-}
-
-/// Complete what is in flight, cut the frontend off, let the serving thread end, and remove
-/// the socket.
-fn stop_serving(dev: &VhostUserDevice, stop: &AtomicBool, server: JoinHandle<()>, socket: &Path) {
-    stop.store(true, Ordering::Release);
-    let (quiesced, stopped) = dev.quiesce();
-    if let Err(err) = stopped {
-        tracing::warn!(%err, "stopping the device");
-    }
-    dev.disconnect();
-    drop(quiesced);
-    // Wake a server waiting in accept(): it takes this connection, sees `stop`, and returns.
-    let _ = UnixStream::connect(socket);
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    while !server.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if server.is_finished() {
-        let _ = server.join();
-    } else {
-        tracing::warn!("the vhost-user thread did not stop; exiting without it");
-    }
-    if let Err(err) = std::fs::remove_file(socket) {
-        tracing::warn!(socket = %socket.display(), %err, "cannot remove the socket");
-    }
-    tracing::info!("stopped");
 }

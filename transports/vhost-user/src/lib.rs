@@ -22,6 +22,7 @@ mod fault;
 mod handler;
 pub mod inflight;
 mod queue;
+mod server;
 mod socket;
 mod wire;
 
@@ -41,6 +42,7 @@ use crate::handler::Connection;
 use crate::queue::{lock, QueueState, QueueThread};
 use crate::wire::{Wire, WireError};
 
+pub use server::Server;
 pub use socket::bind_socket;
 
 /// Errors of the vhost-user transport.
@@ -135,7 +137,9 @@ impl VhostUserDevice {
     }
 
     /// Serve frontends on `listener`, one after the other, until `stop` is set (checked
-    /// between connections) or an error occurs.
+    /// between connections: a caller that sets it must also wake `accept`, e.g. by
+    /// connecting once; [`Self::spawn`] and [`Server::stop`] do all of that) or an error
+    /// occurs.
     pub fn serve(self: &Arc<Self>, listener: UnixListener, stop: &AtomicBool) -> Result<(), Error> {
         while !stop.load(Ordering::Acquire) {
             let (stream, _) = listener
