@@ -9,8 +9,7 @@ use virtio_queue::{Queue, QueueT};
 use virtiod_core::{F_EVENT_IDX, STATUS_DRIVER_OK};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use crate::device::Shared;
-use crate::queue::{lock, Mem};
+use crate::shared::{lock, Mem, Shared};
 
 pub(crate) fn run(shared: &Arc<Shared>, resume: bool) {
     if resume && shared.log.status() & STATUS_DRIVER_OK != 0 {

@@ -11,7 +11,7 @@ use vduse::{DeviceConfig, IotlbMemory, VduseControl, VduseDevice};
 use virtiod_core::{Device, QueueService, F_ACCESS_PLATFORM};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::queue::{QueueCtx, QueueHandle};
+use crate::shared::{QueueCtx, QueueHandle, Shared};
 use crate::state::{self, Identity, StateLog};
 use crate::Error;
 /// How long to wait for the device node after attaching.
@@ -43,16 +43,6 @@ pub struct VduseOptions {
     pub poll: Duration,
 }
 
-/// State shared by the control thread and the queue threads.
-pub(crate) struct Shared {
-    pub dev: VduseDevice,
-    pub log: StateLog,
-    pub iotlb: Mutex<IotlbMemory>,
-    pub queues: Vec<QueueHandle>,
-    pub stop: AtomicBool,
-    pub stop_evt: EventFd,
-}
-
 /// A device served through VDUSE. Dropping it without [`VduseServer::shutdown`] still
 /// detaches and destroys the VDUSE device.
 pub struct VduseServer {
@@ -77,6 +67,64 @@ fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Os { what, source }
 }
 
+/// A device of that name survives: a previous virtiod died (or still runs). Open it and the
+/// in-flight log it left.
+fn reopen(opts: &VduseOptions, id: Identity) -> Result<(VduseDevice, StateLog), Error> {
+    let log_file = state::log_path(&opts.state_dir, &opts.name);
+    let dev = VduseDevice::open(&opts.name)?;
+    let log = StateLog::open_existing(&opts.state_dir, &opts.name, id)
+        .map_err(|e| {
+            Error::Attach(format!(
+                "cannot use the in-flight log {}: {e}",
+                log_file.display()
+            ))
+        })?
+        .ok_or_else(|| {
+            Error::Attach(format!(
+                "a VDUSE device named {} already exists but {} has no in-flight log for it: \
+                 restart with the --state-dir it was created with, or remove it (vdpa dev del {})",
+                opts.name,
+                opts.state_dir.display(),
+                opts.name
+            ))
+        })?;
+    tracing::info!(name = %opts.name, "re-opening the existing VDUSE device");
+    Ok((dev, log))
+}
+
+/// Create the VDUSE device and its in-flight log; nothing is left behind on failure.
+fn create_new(
+    control: &VduseControl,
+    dev_cfg: &DeviceConfig,
+    opts: &VduseOptions,
+    id: Identity,
+) -> Result<(VduseDevice, StateLog), Error> {
+    if vdpa_has(&opts.name) {
+        return Err(Error::Attach(format!(
+            "a vdpa device named {} already exists: choose another name or remove it (vdpa dev del {})",
+            opts.name, opts.name
+        )));
+    }
+    let log = StateLog::create(&opts.state_dir, &opts.name, id).map_err(|e| {
+        Error::Attach(format!(
+            "cannot create the in-flight log {}: {e} (choose a writable --state-dir)",
+            state::log_path(&opts.state_dir, &opts.name).display()
+        ))
+    })?;
+    if let Err(e) = control.create_device(dev_cfg) {
+        log.remove();
+        return Err(e.into());
+    }
+    match VduseDevice::open(&opts.name) {
+        Ok(dev) => Ok((dev, log)),
+        Err(e) => {
+            log.remove();
+            let _ = control.destroy_device(&opts.name);
+            Err(e.into())
+        }
+    }
+}
+
 impl VduseServer {
     /// Create the VDUSE device for `device`, start serving it and attach it as `opts` says.
     /// Returns once the device node is usable (see [`Self::node`]).
@@ -98,54 +146,11 @@ impl VduseServer {
             features: dev_cfg.features,
             config_hash: state::config_hash(&dev_cfg.config),
         };
-        let log_file = state::log_path(&opts.state_dir, &opts.name);
         let exists = Path::new("/dev/vduse").join(&opts.name).exists();
         let (dev, log) = if exists {
-            // A device of that name survives: a previous virtiod died (or still runs).
-            let dev = VduseDevice::open(&opts.name)?;
-            let log = StateLog::open_existing(&opts.state_dir, &opts.name, id)
-                .map_err(|e| Error::Attach(format!("cannot use the in-flight log {}: {e}", log_file.display())))?
-                .ok_or_else(|| {
-                    Error::Attach(format!(
-                        "a VDUSE device named {} already exists but {} has no in-flight log for it: \
-                         restart with the --state-dir it was created with, or remove it (vdpa dev del {})",
-                        opts.name,
-                        opts.state_dir.display(),
-                        opts.name
-                    ))
-                })?;
-            tracing::info!(name = %opts.name, "re-opening the existing VDUSE device");
-            (dev, log)
+            reopen(opts, id)?
         } else {
-            if let Ok(mut vdpa) = VdpaClient::open() {
-                if vdpa
-                    .list_devices()
-                    .is_ok_and(|devs| devs.iter().any(|d| d.name == opts.name))
-                {
-                    return Err(Error::Attach(format!(
-                        "a vdpa device named {} already exists: choose another name or remove it (vdpa dev del {})",
-                        opts.name, opts.name
-                    )));
-                }
-            }
-            let log = StateLog::create(&opts.state_dir, &opts.name, id).map_err(|e| {
-                Error::Attach(format!(
-                    "cannot create the in-flight log {}: {e} (choose a writable --state-dir)",
-                    log_file.display()
-                ))
-            })?;
-            if let Err(e) = control.create_device(&dev_cfg) {
-                log.remove();
-                return Err(e.into());
-            }
-            match VduseDevice::open(&opts.name) {
-                Ok(dev) => (dev, log),
-                Err(e) => {
-                    log.remove();
-                    let _ = control.destroy_device(&opts.name);
-                    return Err(e.into());
-                }
-            }
+            create_new(&control, &dev_cfg, opts, id)?
         };
         let mut this = Self {
             shared: None,

@@ -17,6 +17,7 @@
 mod control;
 mod device;
 mod queue;
+mod shared;
 mod state;
 
 pub use device::{Attach, VduseOptions, VduseServer};

@@ -3,39 +3,16 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use virtiod_core::{Event, GuestMem, QueueService};
+use virtiod_core::Event;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::Shared;
-
-pub(crate) type Mem = GuestMem;
-
-/// A queue's state; `mem` is set (and the ring in `svc` set up) while the driver has it
-/// running.
-pub(crate) struct QueueCtx {
-    pub svc: QueueService,
-    pub mem: Option<Arc<Mem>>,
-}
-
-/// What the control thread and the queue thread share for one queue.
-pub(crate) struct QueueHandle {
-    pub ctx: Mutex<QueueCtx>,
-    /// Given to the kernel with VDUSE_VQ_SETUP_KICKFD.
-    pub kick: EventFd,
-    /// Wakes the thread to re-check `Shared::stop`.
-    pub wake: EventFd,
-}
+use crate::shared::{lock, QueueCtx, Shared};
 
 const TOKEN_KICK: u64 = 0;
 const TOKEN_COMPLETION: u64 = 1;
 const TOKEN_WAKE: u64 = 2;
-
-pub(crate) fn lock(q: &QueueHandle) -> std::sync::MutexGuard<'_, QueueCtx> {
-    q.ctx.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The queue thread's loop.
 pub(crate) fn run(shared: &Arc<Shared>, index: usize) {

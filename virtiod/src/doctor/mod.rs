@@ -20,7 +20,7 @@ const CAP_SYS_ADMIN: u32 = 21;
 /// `sizeof(struct page)` on 64-bit kernels (what the vmemmap holds per base page).
 const STRUCT_PAGE_SIZE: u64 = 64;
 /// virtio device id of a block device (bit in a management device's supported classes).
-const VIRTIO_ID_BLOCK: u32 = 2;
+use vduse::control::VIRTIO_ID_BLOCK;
 
 /// A verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
