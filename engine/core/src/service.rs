@@ -386,6 +386,10 @@ impl QueueService {
                 if self.unsubmitted >= SUBMIT_BATCH {
                     self.handler.submit()?;
                     self.unsubmitted = 0;
+                    if self.handler.completion_fd().is_none() {
+                        // Synchronous handler: its requests are done, publish them now.
+                        self.reap(mem)?;
+                    }
                 }
                 if self.used_since_notify >= NOTIFY_EVERY && self.notify_decision(mem)? {
                     notify();
