@@ -111,7 +111,8 @@ fn server() -> &'static Server {
     SERVER.get_or_init(|| {
         // SAFETY: setting SIGPIPE's disposition has no memory effects (see the module doc).
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-        let dir = std::env::temp_dir().join(format!("virtiod-fuzz-vu-{}", std::process::id()));
+        remove_stale_dirs();
+        let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("vu.sock");
         let backend = MemBackend::new(DISK_SIZE, false);
@@ -139,6 +140,23 @@ fn server() -> &'static Server {
             result,
         }
     })
+}
+
+/// Each fuzz process's socket directory is `DIR_PREFIX` + its pid.
+const DIR_PREFIX: &str = "virtiod-fuzz-vu-";
+
+/// Remove the socket directories of fuzz processes that are gone.
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX));
+        if pid.is_some_and(|p| !std::path::Path::new("/proc").join(p).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn memfd(len: u64) -> File {
