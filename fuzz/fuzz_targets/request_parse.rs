@@ -180,7 +180,10 @@ fuzz_target!(|data: &[u8]| {
     // Twice: the second pass must find nothing new (or fail the same way).
     for _ in 0..2 {
         let mut m = mem.clone();
-        if svc.serve(Event::Kick, &mut m, &mut || None, &mut || {}).is_err() {
+        if svc
+            .serve(Event::Kick, &mut m, &mut || None, &mut || {})
+            .is_err()
+        {
             break;
         }
     }
