@@ -86,6 +86,23 @@ impl Chain {
         self.fill(HeadChain::new(mem, table, size, head));
     }
 
+    /// A terminated chain of `descs` at `head`, for a device's unit tests (no descriptor
+    /// table needed): `Chain::of(0, &[ChainDesc { addr, len, writable: true }])`.
+    pub fn of(head: u16, descs: &[ChainDesc]) -> Self {
+        let mut chain = Self {
+            head,
+            descs: descs.to_vec(),
+            terminated: !descs.is_empty(),
+            bad_order: false,
+        };
+        let mut seen_writable = false;
+        for d in descs {
+            chain.bad_order |= seen_writable && !d.writable;
+            seen_writable |= d.writable;
+        }
+        chain
+    }
+
     /// Collect from any descriptor iterator (tests and fuzz targets use this).
     pub fn collect_descriptors(&mut self, head: u16, descs: impl Iterator<Item = Descriptor>) {
         self.head = head;
@@ -267,6 +284,23 @@ mod tests {
         // A head outside the table.
         c.collect_head(&m, GuestAddress(TABLE), 8, 8);
         assert!(c.descs().is_empty() && !c.terminated());
+    }
+
+    #[test]
+    fn a_chain_built_for_a_test_has_the_same_properties() {
+        let w = |addr| ChainDesc {
+            addr: GuestAddress(addr),
+            len: 8,
+            writable: true,
+        };
+        let r = ChainDesc {
+            writable: false,
+            ..w(0x4000)
+        };
+        let c = Chain::of(3, &[r, w(0x5000)]);
+        assert!(c.terminated() && !c.bad_order() && c.head() == 3);
+        assert!(Chain::of(0, &[w(0x5000), r]).bad_order());
+        assert!(!Chain::of(0, &[]).terminated());
     }
 
     #[test]
