@@ -125,7 +125,8 @@ impl RxQueue {
         };
         self.stream.clear();
         self.stream.resize(NET_HDR_LEN, 0);
-        let num_buffers = count as u16; // count <= max_buffers <= 32768 (a queue size)
+        // count <= held <= max_buffers (can_start), a queue size: at most 32768.
+        let num_buffers = u16::try_from(count).unwrap_or(u16::MAX);
         self.stream[NUM_BUFFERS_AT..NET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
         self.stream.extend_from_slice(&self.frame);
         let mut at = 0;
@@ -174,6 +175,12 @@ fn write_buffer(buf: &RxBuffer, bytes: &[u8]) -> usize {
 }
 
 impl QueueHandler for RxQueue {
+    /// At most a queue's worth of buffers is held (a driver that repeats heads on the avail
+    /// ring cannot make the device keep more).
+    fn can_start(&self) -> bool {
+        self.held.len() < self.max_buffers
+    }
+
     /// Keep the receive buffer for the next frame; refuse (used length 0, counted) a chain
     /// that is not only device-writable buffers in the driver's memory, at least a header
     /// long.
@@ -380,6 +387,43 @@ mod tests {
     }
 
     #[test]
+    fn at_most_a_queue_of_buffers_is_held_and_a_frame_larger_than_all_of_them_is_dropped() {
+        let m = Arc::new(mem());
+        let (port, sender) = ports();
+        let mut q = RxQueue::new(port.clone(), true, 2);
+        q.start(&chain_at(0, &[(0x1000, 16, true)]), &m);
+        assert!(q.can_start());
+        q.start(&chain_at(1, &[(0x2000, 16, true)]), &m);
+        assert!(!q.can_start(), "a queue's worth of buffers held");
+        q.submit().unwrap();
+        sender.transmit(&frame(60, 6)); // 72 bytes with the header > 32
+        let mut out = Vec::new();
+        q.reap(&mut out);
+        assert!(
+            out.is_empty() && q.buffers() == 2,
+            "buffers kept for the next frame"
+        );
+        assert_eq!(port.stats().snapshot().rx_too_big, 1);
+        sender.transmit(&frame(20, 7)); // 32 bytes with the header: both buffers
+        q.reap(&mut out);
+        assert_eq!(
+            out,
+            [
+                Completed {
+                    head: 0,
+                    used_len: 16
+                },
+                Completed {
+                    head: 1,
+                    used_len: 16
+                }
+            ]
+        );
+        assert_eq!(get(&m, 0x1000, 12), header(2));
+        untouched_outside(&m, &[(0x1000, 16), (0x2000, 16)]);
+    }
+
+    #[test]
     fn without_mrg_rxbuf_a_frame_too_big_for_the_buffer_is_dropped_and_counted() {
         let m = Arc::new(mem());
         let (port, sender) = ports();
@@ -417,6 +461,7 @@ mod tests {
             assert_eq!(q.start(c, &m), Outcome::Done { used_len: 0 });
         }
         assert_eq!(port.stats().snapshot().rx_malformed, 4);
+        assert!(q.can_start());
         // A chain cut short (NEXT to itself) is refused too.
         let mut cut = Chain::new();
         let looping = virtio_queue::desc::split::Descriptor::new(0x1000, 64, 3, 0);
