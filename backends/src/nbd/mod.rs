@@ -239,14 +239,14 @@ fn check_export(addr: &NbdAddress, info: &ExportInfo) -> std::result::Result<(),
         addr: addr.to_string(),
         reason,
     };
-    if info.size == 0 || info.size % SECTOR_SIZE != 0 {
+    if info.size == 0 || !info.size.is_multiple_of(SECTOR_SIZE) {
         return Err(unusable(format!(
             "the export is {} bytes, not a non-zero multiple of 512: resize it",
             info.size
         )));
     }
     let min = info.min_block;
-    if min == 0 || !min.is_power_of_two() || SECTOR_SIZE as u32 % min != 0 {
+    if min == 0 || !min.is_power_of_two() || !(SECTOR_SIZE as u32).is_multiple_of(min) {
         return Err(unusable(format!(
             "the server's minimum block size {min} does not divide 512: virtio-blk sends 512-byte requests"
         )));
@@ -288,7 +288,7 @@ impl NbdBackend {
             server_read_only = server_ro,
             "NBD export negotiated"
         );
-        if !info.has(proto::TFLAG_SEND_FLUSH) && !(read_only || server_ro) {
+        if !(info.has(proto::TFLAG_SEND_FLUSH) || read_only || server_ro) {
             tracing::warn!(export = %addr, "the NBD server offers no FLUSH: durability of writes is up to the server");
         }
         Ok(Self {
