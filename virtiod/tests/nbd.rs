@@ -205,3 +205,27 @@ fn missing_server_and_unknown_export_are_one_line_errors() {
     assert_one_line_error(&o, "the server has no export \"nope\"", &sock);
     assert_one_line_error(&o, "check the export name", &sock);
 }
+
+#[test]
+fn a_lost_server_fails_requests_with_eio_and_the_daemon_stays_up() {
+    let dir = Scratch::new("nbd-lost");
+    let img = dir.image("disk.img", 4 * MIB);
+    let nbd_sock = dir.path("nbd.sock");
+    let Some(server) = qemu_nbd(&nbd_sock, &img, &[]) else {
+        return;
+    };
+    let sock = dir.path("vu.sock");
+    let mut daemon = Daemon::start(&sock, &uri(&nbd_sock, ""), &[]);
+    let mut client = Client::connect(&sock, 1, MIB as usize).unwrap();
+    assert_eq!(client.read(0, 0, 0, 4096), 0);
+    drop(server); // SIGKILL: the connection drops
+    for _ in 0..2 {
+        // virtio-blk reports IOERR; libblkio maps it to -EIO.
+        assert_eq!(client.read(0, 0, 0, 4096), -libc::EIO);
+        assert_eq!(client.write(0, 0, 0, 4096), -libc::EIO);
+    }
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "daemon still up"
+    );
+}
