@@ -3,7 +3,8 @@
 //! A backend is chosen by an *image spec* ([`open`]):
 //! - a path: a raw image file or a block device, served with `io_uring`, `O_DIRECT` by default;
 //! - `mem:SIZE`: RAM-backed, for tests;
-//! - `null:SIZE`: reads return zeroes, writes are dropped (the benchmark backend).
+//! - `null:SIZE`: reads return zeroes, writes are dropped (the benchmark backend);
+//! - `nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST[:PORT]/EXPORT`: an export of an NBD server.
 //!
 //! Each device queue gets its own [`BackendQueue`] (for the file backend: its own `io_uring`),
 //! so queue threads never share a lock on the hot path. I/O is asynchronous: the engine
@@ -86,6 +87,7 @@
 mod buffers;
 mod file;
 mod mem;
+mod nbd;
 mod null;
 mod spec;
 
@@ -94,6 +96,7 @@ use std::os::fd::RawFd;
 pub use buffers::{BufferError, Direction, DriverMemory, IoBuffers, MAX_SEGMENTS};
 pub use file::{FileBackend, FileOptions};
 pub use mem::MemBackend;
+pub use nbd::{NbdAddress, NbdBackend, NbdError, NbdTarget};
 pub use null::NullBackend;
 pub use spec::{open, parse_size, ImageSpec, OpenOptions};
 
@@ -135,6 +138,9 @@ pub enum Error {
     /// An I/O submission failed.
     #[error("I/O submission failed: {0}")]
     Submit(std::io::Error),
+    /// An NBD export could not be opened.
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
 }
 
 /// Result type of this crate.

@@ -1,9 +1,12 @@
-//! Image specs: `PATH`, `mem:SIZE`, `null:SIZE`.
+//! Image specs: `PATH`, `mem:SIZE`, `null:SIZE`, `nbd+unix:///EXPORT?socket=PATH`,
+//! `nbd://HOST[:PORT]/EXPORT`. Formats are never probed: a path is always a raw image.
 
 use std::sync::Arc;
 
+use crate::nbd::{NbdAddress, NbdTarget, DEFAULT_PORT};
 use crate::{
-    Backend, Error, FileBackend, FileOptions, MemBackend, NullBackend, Result, SECTOR_SIZE,
+    Backend, Error, FileBackend, FileOptions, MemBackend, NbdBackend, NullBackend, Result,
+    SECTOR_SIZE,
 };
 
 /// A parsed image spec.
@@ -15,6 +18,8 @@ pub enum ImageSpec {
     Mem(u64),
     /// Zeroes on read, writes dropped, `size` bytes.
     Null(u64),
+    /// An export of an NBD server.
+    Nbd(NbdAddress),
 }
 
 /// Options that apply when opening an image.
@@ -33,6 +38,12 @@ impl ImageSpec {
             spec: spec.to_string(),
             reason,
         };
+        if let Some(rest) = spec.strip_prefix("nbd+unix:") {
+            return parse_nbd_unix(rest).map(Self::Nbd).map_err(bad);
+        }
+        if let Some(rest) = spec.strip_prefix("nbd:") {
+            return parse_nbd_tcp(rest).map(Self::Nbd).map_err(bad);
+        }
         if let Some((kind, rest)) = spec.split_once(':') {
             let size = match kind {
                 "mem" | "null" => parse_size(rest).map_err(|e| bad(e.to_string()))?,
@@ -42,7 +53,7 @@ impl ImageSpec {
                 }
                 _ => {
                     return Err(bad(format!(
-                    "unknown kind {kind:?}: use a file path, mem:SIZE or null:SIZE (e.g. mem:256M)"
+                    "unknown kind {kind:?}: use a file path, mem:SIZE, null:SIZE (e.g. mem:256M) or an nbd:// URI"
                 )))
                 }
             };
@@ -62,6 +73,79 @@ impl ImageSpec {
         }
         Ok(Self::Path(spec.into()))
     }
+}
+
+const NBD_UNIX_FORM: &str = "write nbd+unix:///EXPORT?socket=PATH";
+const NBD_TCP_FORM: &str = "write nbd://HOST[:PORT]/EXPORT";
+
+/// `//` `/EXPORT?socket=PATH` after `nbd+unix:`.
+fn parse_nbd_unix(rest: &str) -> std::result::Result<NbdAddress, String> {
+    let path = rest
+        .strip_prefix("///")
+        .ok_or_else(|| format!("no host allowed in a unix URI: {NBD_UNIX_FORM}"))?;
+    let (export, query) = path
+        .split_once('?')
+        .ok_or_else(|| format!("no socket given: {NBD_UNIX_FORM}"))?;
+    let mut socket = None;
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("socket", p)) if !p.is_empty() => socket = Some(std::path::PathBuf::from(p)),
+            _ => return Err(format!("unknown or empty query {pair:?}: {NBD_UNIX_FORM}")),
+        }
+    }
+    let socket = socket.ok_or_else(|| format!("no socket given: {NBD_UNIX_FORM}"))?;
+    Ok(NbdAddress {
+        target: NbdTarget::Unix(socket),
+        export: export.to_string(),
+    })
+}
+
+/// `//HOST[:PORT]/EXPORT` after `nbd:`.
+fn parse_nbd_tcp(rest: &str) -> std::result::Result<NbdAddress, String> {
+    let rest = rest
+        .strip_prefix("//")
+        .ok_or_else(|| NBD_TCP_FORM.to_string())?;
+    if rest.contains('?') {
+        return Err(format!("no query allowed in an nbd:// URI: {NBD_TCP_FORM}"));
+    }
+    let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("unclosed '[' in the host: {NBD_TCP_FORM}"))?;
+            match after {
+                "" => (host, None),
+                p => (
+                    host,
+                    Some(
+                        p.strip_prefix(':')
+                            .ok_or_else(|| NBD_TCP_FORM.to_string())?,
+                    ),
+                ),
+            }
+        }
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err(format!("no host given: {NBD_TCP_FORM}"));
+    }
+    let port = match port {
+        None => DEFAULT_PORT,
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("bad port {p:?}: {NBD_TCP_FORM}"))?,
+    };
+    Ok(NbdAddress {
+        target: NbdTarget::Tcp {
+            host: host.to_string(),
+            port,
+        },
+        export: export.to_string(),
+    })
 }
 
 /// Parse a size such as `4096`, `512K`, `256M`, `1G`, `2T` (binary units; an optional `iB`/`B`).
@@ -107,6 +191,7 @@ pub fn open(spec: &str, opts: OpenOptions) -> Result<Arc<dyn Backend>> {
         )?),
         ImageSpec::Mem(size) => Arc::new(MemBackend::new(size, opts.read_only)),
         ImageSpec::Null(size) => Arc::new(NullBackend::new(size, opts.read_only)),
+        ImageSpec::Nbd(addr) => Arc::new(NbdBackend::open(addr, opts.read_only)?),
     })
 }
 
@@ -143,8 +228,10 @@ mod tests {
             ImageSpec::parse("./a:b").unwrap(),
             ImageSpec::Path("./a:b".into())
         );
-        let e = ImageSpec::parse("nbd:foo").unwrap_err().to_string();
+        let e = ImageSpec::parse("nbdx:foo").unwrap_err().to_string();
         assert!(e.contains("unknown kind"), "{e}");
+        let e = ImageSpec::parse("nbd:foo").unwrap_err().to_string();
+        assert!(e.contains("nbd://HOST"), "{e}");
         assert!(
             ImageSpec::parse("mem:100").is_err(),
             "not a multiple of 512"
@@ -152,5 +239,65 @@ mod tests {
         assert!(ImageSpec::parse("mem:0").is_err());
         assert!(ImageSpec::parse("mem:lots").is_err());
         assert!(ImageSpec::parse("").is_err());
+    }
+
+    #[test]
+    fn nbd_specs() {
+        let unix = |export: &str, socket: &str| {
+            ImageSpec::Nbd(NbdAddress {
+                target: NbdTarget::Unix(socket.into()),
+                export: export.into(),
+            })
+        };
+        let tcp = |host: &str, port: u16, export: &str| {
+            ImageSpec::Nbd(NbdAddress {
+                target: NbdTarget::Tcp {
+                    host: host.into(),
+                    port,
+                },
+                export: export.into(),
+            })
+        };
+        let p = |s: &str| ImageSpec::parse(s).unwrap();
+        assert_eq!(
+            p("nbd+unix:///?socket=/run/n.sock"),
+            unix("", "/run/n.sock")
+        );
+        assert_eq!(p("nbd+unix:///disk?socket=rel/s"), unix("disk", "rel/s"));
+        assert_eq!(
+            p("nbd://localhost/disk"),
+            tcp("localhost", DEFAULT_PORT, "disk")
+        );
+        assert_eq!(p("nbd://127.0.0.1:10900/"), tcp("127.0.0.1", 10900, ""));
+        assert_eq!(p("nbd://host"), tcp("host", DEFAULT_PORT, ""));
+        assert_eq!(p("nbd://[::1]:10810/a/b"), tcp("::1", 10810, "a/b"));
+        assert_eq!(p("nbd://[::1]/x"), tcp("::1", DEFAULT_PORT, "x"));
+        // Shown back as a URI in errors.
+        let ImageSpec::Nbd(a) = p("nbd+unix:///x?socket=/p") else {
+            unreachable!()
+        };
+        assert_eq!(a.to_string(), "nbd+unix:///x?socket=/p");
+        let ImageSpec::Nbd(a) = p("nbd://[::1]/x") else {
+            unreachable!()
+        };
+        assert_eq!(a.to_string(), "nbd://[::1]:10809/x");
+        for bad in [
+            "nbd+unix:///x",
+            "nbd+unix:///x?socket=",
+            "nbd+unix://host/x?socket=/p",
+            "nbd+unix:///x?sock=/p",
+            "nbd://",
+            "nbd://:10809/x",
+            "nbd://h:port/x",
+            "nbd://h:99999/x",
+            "nbd://[::1/x",
+            "nbd://h/x?tls=on",
+            "nbd:h",
+        ] {
+            let e = ImageSpec::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("nbd"), "{bad}: {e}");
+        }
+        // Paths are still paths.
+        assert_eq!(p("./nbd:x"), ImageSpec::Path("./nbd:x".into()));
     }
 }

@@ -69,7 +69,7 @@ fn unknown_spec_and_bad_sizes() {
     let sock = dir.path("s.sock");
     let s = sock.to_str().unwrap();
     assert_one_line_error(
-        &run(&["serve", "--vhost-user", s, "nbd:host"]),
+        &run(&["serve", "--vhost-user", s, "iscsi:host"]),
         "unknown kind",
     );
     assert_one_line_error(
