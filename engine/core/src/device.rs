@@ -122,6 +122,10 @@ pub trait QueueHandler: Send {
     fn completion_fd(&self) -> Option<RawFd> {
         None
     }
+    /// The features the driver accepted (a subset of [`Device::features`]), told before the
+    /// queue first runs and again whenever the driver sets them. The default ignores them;
+    /// e.g. virtio-net's rx path depends on whether MRG_RXBUF was accepted.
+    fn driver_features(&mut self, _acked: u64) {}
     /// Clear the readiness of [`Self::completion_fd`] (called when woken by it).
     fn ack_completion_event(&mut self) {}
     /// Move requests that have finished into `out`, without blocking.

@@ -135,6 +135,20 @@ impl QueueService {
         self.remap_on_fault = on;
     }
 
+    /// The features the driver accepted: the ring's EVENT_IDX follows them, and the handler
+    /// is told ([`QueueHandler::driver_features`]).
+    pub fn set_driver_features(&mut self, acked: u64) {
+        self.queue.set_event_idx(acked & crate::F_EVENT_IDX != 0);
+        self.handler.driver_features(acked);
+    }
+
+    /// Clear the handler's completion readiness without serving (a transport woken by the
+    /// completion fd of a queue that has no driver memory right now, e.g. between two
+    /// frontends: a level-triggered wait would otherwise spin).
+    pub fn ack_completion_event(&mut self) {
+        self.handler.ack_completion_event();
+    }
+
     /// Change the largest busy-poll window.
     pub fn set_max_poll(&mut self, max: Duration) {
         self.poll.set_max(max);

@@ -136,8 +136,8 @@ impl Device for NetDevice {
         match index {
             RX_QUEUE => Ok(Box::new(RxQueue::new(
                 self.backend.clone(),
-                // The core does not tell handlers which features the driver accepted: the
-                // device offers MRG_RXBUF and assumes it (Linux and QEMU always accept it).
+                // Mergeable until the driver's accepted features say otherwise
+                // (`QueueHandler::driver_features`).
                 true,
                 usize::from(self.config.queue_size),
             ))),

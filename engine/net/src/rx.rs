@@ -175,6 +175,10 @@ fn write_buffer(buf: &RxBuffer, bytes: &[u8]) -> usize {
 }
 
 impl QueueHandler for RxQueue {
+    fn driver_features(&mut self, acked: u64) {
+        self.mergeable = acked & crate::F_MRG_RXBUF != 0;
+    }
+
     /// At most a queue's worth of buffers is held (a driver that repeats heads on the avail
     /// ring cannot make the device keep more).
     fn can_start(&self) -> bool {
@@ -427,7 +431,9 @@ mod tests {
     fn without_mrg_rxbuf_a_frame_too_big_for_the_buffer_is_dropped_and_counted() {
         let m = Arc::new(mem());
         let (port, sender) = ports();
-        let mut q = RxQueue::new(port.clone(), false, 256);
+        // Created mergeable, as the device does; the driver then declines MRG_RXBUF.
+        let mut q = RxQueue::new(port.clone(), true, 256);
+        q.driver_features(crate::F_MAC);
         q.start(&chain_at(0, &[(0x1000, 64, true)]), &m);
         q.submit().unwrap();
         sender.transmit(&frame(100, 3));

@@ -162,6 +162,7 @@ fn start_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
                 tracing::error!(queue = index, ?info, "the driver's virtqueue is not usable");
                 continue;
             }
+            ctx.svc.set_driver_features(features);
             let mut block = shared.log.queue(index);
             if let Some(block) = block.as_mut() {
                 block.initialise(ctx.svc.queue().next_used());
@@ -193,6 +194,7 @@ fn resume_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
             tracing::error!(queue = index, ?info, "the driver's virtqueue is not usable");
             continue;
         }
+        ctx.svc.set_driver_features(features);
         match ctx.svc.activate(&mem, shared.log.queue(index)) {
             Ok(_) => tracing::info!(
                 queue = index,

@@ -71,6 +71,9 @@ pub(crate) fn service(shared: &Arc<Shared>, index: usize, event: Event) {
     let mut guard = lock(handle);
     let QueueCtx { svc, mem } = &mut *guard;
     let Some(mem) = mem.as_mut() else {
+        if event == Event::Completion {
+            svc.ack_completion_event(); // level-triggered: clear it or the thread spins
+        }
         return;
     };
     // Another queue may already have mapped what this one misses: hand out the newest

@@ -187,12 +187,10 @@ impl VhostUserBackendReqHandlerMut for Connection {
             return Err(VuError::InvalidParam);
         }
         self.acked_features = features;
-        let event_idx =
-            features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
         let enable_all = !self.protocol_features_acked();
         for q in &self.dev.queues {
             let mut st = lock(q);
-            st.svc.queue_mut().set_event_idx(event_idx);
+            st.svc.set_driver_features(features);
             if enable_all {
                 // Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled.
                 st.set_enabled(true);

@@ -216,6 +216,9 @@ impl QueueState {
     /// driver needs an interrupt). A broken ring stops listening to kicks.
     pub fn service(&mut self, event: Event) {
         let Some(mut mem) = self.mem.clone() else {
+            if event == Event::Completion {
+                self.svc.ack_completion_event();
+            }
             return;
         };
         let call = self.call.as_ref();
