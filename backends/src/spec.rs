@@ -1,9 +1,11 @@
-//! Image specs: `PATH`, `mem:SIZE`, `null:SIZE`, `nbd+unix:///EXPORT?socket=PATH`,
-//! `nbd://HOST[:PORT]/EXPORT`. Formats are never probed: a path is always a raw image.
+//! Image specs: `PATH`, `mem:SIZE`, `null:SIZE`, `nbd+unix:///EXPORT?socket=PATH[&reconnect=S]`,
+//! `nbd://HOST[:PORT]/EXPORT[?reconnect=S]`. Formats are never probed: a path is always a raw image.
 
 use std::sync::Arc;
 
-use crate::nbd::{NbdAddress, NbdTarget, DEFAULT_PORT};
+use std::time::Duration;
+
+use crate::nbd::{NbdAddress, NbdOptions, NbdTarget, DEFAULT_PORT};
 use crate::{
     Backend, Error, FileBackend, FileOptions, MemBackend, NbdBackend, NullBackend, Result,
     SECTOR_SIZE,
@@ -18,8 +20,8 @@ pub enum ImageSpec {
     Mem(u64),
     /// Zeroes on read, writes dropped, `size` bytes.
     Null(u64),
-    /// An export of an NBD server.
-    Nbd(NbdAddress),
+    /// An export of an NBD server, and how to talk to it.
+    Nbd(NbdAddress, NbdOptions),
 }
 
 /// Options that apply when opening an image.
@@ -39,10 +41,12 @@ impl ImageSpec {
             reason,
         };
         if let Some(rest) = spec.strip_prefix("nbd+unix:") {
-            return parse_nbd_unix(rest).map(Self::Nbd).map_err(bad);
+            let (addr, options) = parse_nbd_unix(rest).map_err(bad)?;
+            return Ok(Self::Nbd(addr, options));
         }
         if let Some(rest) = spec.strip_prefix("nbd:") {
-            return parse_nbd_tcp(rest).map(Self::Nbd).map_err(bad);
+            let (addr, options) = parse_nbd_tcp(rest).map_err(bad)?;
+            return Ok(Self::Nbd(addr, options));
         }
         if let Some((kind, rest)) = spec.split_once(':') {
             let size = match kind {
@@ -75,11 +79,56 @@ impl ImageSpec {
     }
 }
 
-const NBD_UNIX_FORM: &str = "write nbd+unix:///EXPORT?socket=PATH";
-const NBD_TCP_FORM: &str = "write nbd://HOST[:PORT]/EXPORT";
+const NBD_UNIX_FORM: &str = "write nbd+unix:///EXPORT?socket=PATH[&reconnect=SECONDS]";
+const NBD_TCP_FORM: &str = "write nbd://HOST[:PORT]/EXPORT[?reconnect=SECONDS]";
+/// The largest `reconnect=` accepted, in seconds (a day).
+const MAX_RECONNECT_SECS: u64 = 86_400;
 
-/// `//` `/EXPORT?socket=PATH` after `nbd+unix:`.
-fn parse_nbd_unix(rest: &str) -> std::result::Result<NbdAddress, String> {
+/// Parse the `reconnect=SECONDS` value: whole seconds, 0 to [`MAX_RECONNECT_SECS`].
+fn parse_reconnect(value: &str) -> std::result::Result<Duration, String> {
+    let secs: u64 = value
+        .parse()
+        .ok()
+        .filter(|s| *s <= MAX_RECONNECT_SECS)
+        .ok_or_else(|| {
+            format!(
+                "bad reconnect timeout {value:?}: give whole seconds from 0 (fail at once) to {MAX_RECONNECT_SECS}, e.g. reconnect=30"
+            )
+        })?;
+    Ok(Duration::from_secs(secs))
+}
+
+/// Parse a query's `KEY=VALUE` pairs: `socket` (only when `socket` is given as a slot) and
+/// `reconnect`; each at most once.
+fn parse_nbd_query(
+    query: &str,
+    mut socket: Option<&mut Option<std::path::PathBuf>>,
+    form: &str,
+) -> std::result::Result<NbdOptions, String> {
+    let mut options = NbdOptions::default();
+    let mut reconnect_seen = false;
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("socket", p)) if !p.is_empty() => match socket.as_deref_mut() {
+                Some(slot @ None) => *slot = Some(std::path::PathBuf::from(p)),
+                Some(Some(_)) => return Err(format!("socket given twice: {form}")),
+                None => return Err(format!("no socket allowed in an nbd:// URI: {form}")),
+            },
+            Some(("reconnect", v)) => {
+                if reconnect_seen {
+                    return Err(format!("reconnect given twice: {form}"));
+                }
+                reconnect_seen = true;
+                options.reconnect_timeout = parse_reconnect(v)?;
+            }
+            _ => return Err(format!("unknown or empty query {pair:?}: {form}")),
+        }
+    }
+    Ok(options)
+}
+
+/// `//` `/EXPORT?socket=PATH[&reconnect=SECONDS]` after `nbd+unix:`.
+fn parse_nbd_unix(rest: &str) -> std::result::Result<(NbdAddress, NbdOptions), String> {
     let path = rest
         .strip_prefix("///")
         .ok_or_else(|| format!("no host allowed in a unix URI: {NBD_UNIX_FORM}"))?;
@@ -87,27 +136,24 @@ fn parse_nbd_unix(rest: &str) -> std::result::Result<NbdAddress, String> {
         .split_once('?')
         .ok_or_else(|| format!("no socket given: {NBD_UNIX_FORM}"))?;
     let mut socket = None;
-    for pair in query.split('&') {
-        match pair.split_once('=') {
-            Some(("socket", p)) if !p.is_empty() => socket = Some(std::path::PathBuf::from(p)),
-            _ => return Err(format!("unknown or empty query {pair:?}: {NBD_UNIX_FORM}")),
-        }
-    }
+    let options = parse_nbd_query(query, Some(&mut socket), NBD_UNIX_FORM)?;
     let socket = socket.ok_or_else(|| format!("no socket given: {NBD_UNIX_FORM}"))?;
-    Ok(NbdAddress {
+    let addr = NbdAddress {
         target: NbdTarget::Unix(socket),
         export: export.to_string(),
-    })
+    };
+    Ok((addr, options))
 }
 
-/// `//HOST[:PORT]/EXPORT` after `nbd:`.
-fn parse_nbd_tcp(rest: &str) -> std::result::Result<NbdAddress, String> {
+/// `//HOST[:PORT]/EXPORT[?reconnect=SECONDS]` after `nbd:`.
+fn parse_nbd_tcp(rest: &str) -> std::result::Result<(NbdAddress, NbdOptions), String> {
     let rest = rest
         .strip_prefix("//")
         .ok_or_else(|| NBD_TCP_FORM.to_string())?;
-    if rest.contains('?') {
-        return Err(format!("no query allowed in an nbd:// URI: {NBD_TCP_FORM}"));
-    }
+    let (rest, options) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, parse_nbd_query(query, None, NBD_TCP_FORM)?),
+        None => (rest, NbdOptions::default()),
+    };
     let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
     let (host, port) = match authority.strip_prefix('[') {
         Some(v6) => {
@@ -139,13 +185,14 @@ fn parse_nbd_tcp(rest: &str) -> std::result::Result<NbdAddress, String> {
             .parse()
             .map_err(|_| format!("bad port {p:?}: {NBD_TCP_FORM}"))?,
     };
-    Ok(NbdAddress {
+    let addr = NbdAddress {
         target: NbdTarget::Tcp {
             host: host.to_string(),
             port,
         },
         export: export.to_string(),
-    })
+    };
+    Ok((addr, options))
 }
 
 /// Parse a size such as `4096`, `512K`, `256M`, `1G`, `2T` (binary units; an optional `iB`/`B`).
@@ -191,7 +238,7 @@ pub fn open(spec: &str, opts: OpenOptions) -> Result<Arc<dyn Backend>> {
         )?),
         ImageSpec::Mem(size) => Arc::new(MemBackend::new(size, opts.read_only)),
         ImageSpec::Null(size) => Arc::new(NullBackend::new(size, opts.read_only)),
-        ImageSpec::Nbd(addr) => Arc::new(NbdBackend::open(addr, opts.read_only)?),
+        ImageSpec::Nbd(addr, options) => Arc::new(NbdBackend::open(addr, options, opts.read_only)?),
     })
 }
 
@@ -244,19 +291,25 @@ mod tests {
     #[test]
     fn nbd_specs() {
         let unix = |export: &str, socket: &str| {
-            ImageSpec::Nbd(NbdAddress {
-                target: NbdTarget::Unix(socket.into()),
-                export: export.into(),
-            })
+            ImageSpec::Nbd(
+                NbdAddress {
+                    target: NbdTarget::Unix(socket.into()),
+                    export: export.into(),
+                },
+                NbdOptions::default(),
+            )
         };
         let tcp = |host: &str, port: u16, export: &str| {
-            ImageSpec::Nbd(NbdAddress {
-                target: NbdTarget::Tcp {
-                    host: host.into(),
-                    port,
+            ImageSpec::Nbd(
+                NbdAddress {
+                    target: NbdTarget::Tcp {
+                        host: host.into(),
+                        port,
+                    },
+                    export: export.into(),
                 },
-                export: export.into(),
-            })
+                NbdOptions::default(),
+            )
         };
         let p = |s: &str| ImageSpec::parse(s).unwrap();
         assert_eq!(
@@ -273,11 +326,11 @@ mod tests {
         assert_eq!(p("nbd://[::1]:10810/a/b"), tcp("::1", 10810, "a/b"));
         assert_eq!(p("nbd://[::1]/x"), tcp("::1", DEFAULT_PORT, "x"));
         // Shown back as a URI in errors.
-        let ImageSpec::Nbd(a) = p("nbd+unix:///x?socket=/p") else {
+        let ImageSpec::Nbd(a, _) = p("nbd+unix:///x?socket=/p") else {
             unreachable!()
         };
         assert_eq!(a.to_string(), "nbd+unix:///x?socket=/p");
-        let ImageSpec::Nbd(a) = p("nbd://[::1]/x") else {
+        let ImageSpec::Nbd(a, _) = p("nbd://[::1]/x") else {
             unreachable!()
         };
         assert_eq!(a.to_string(), "nbd://[::1]:10809/x");
@@ -292,6 +345,8 @@ mod tests {
             "nbd://h:99999/x",
             "nbd://[::1/x",
             "nbd://h/x?tls=on",
+            "nbd://h/x?socket=/p",
+            "nbd+unix:///x?socket=/p&socket=/q",
             "nbd:h",
         ] {
             let e = ImageSpec::parse(bad).unwrap_err().to_string();
@@ -299,5 +354,60 @@ mod tests {
         }
         // Paths are still paths.
         assert_eq!(p("./nbd:x"), ImageSpec::Path("./nbd:x".into()));
+    }
+
+    #[test]
+    fn nbd_reconnect_option() {
+        let timeout = |s: &str| match ImageSpec::parse(s) {
+            Ok(ImageSpec::Nbd(_, o)) => o.reconnect_timeout,
+            other => panic!("{s}: {other:?}"),
+        };
+        assert_eq!(
+            timeout("nbd+unix:///?socket=/s"),
+            crate::nbd::DEFAULT_RECONNECT_TIMEOUT
+        );
+        assert_eq!(timeout("nbd://h/e"), Duration::from_secs(30));
+        assert_eq!(
+            timeout("nbd+unix:///e?socket=/s&reconnect=5"),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            timeout("nbd+unix:///e?reconnect=0&socket=/s"),
+            Duration::ZERO
+        );
+        assert_eq!(timeout("nbd://h/e?reconnect=30"), Duration::from_secs(30));
+        assert_eq!(timeout("nbd://h:10900?reconnect=7"), Duration::from_secs(7));
+        assert_eq!(
+            timeout("nbd://h/e?reconnect=86400"),
+            Duration::from_secs(86_400)
+        );
+        // The query is not part of the export name or the address.
+        let ImageSpec::Nbd(a, _) = ImageSpec::parse("nbd://[::1]:1/x?reconnect=3").unwrap() else {
+            unreachable!()
+        };
+        assert_eq!(a.export, "x");
+        assert_eq!(a.to_string(), "nbd://[::1]:1/x");
+        for (bad, needle) in [
+            ("nbd://h/e?reconnect=", "bad reconnect timeout"),
+            ("nbd://h/e?reconnect=-1", "bad reconnect timeout"),
+            ("nbd://h/e?reconnect=1.5", "bad reconnect timeout"),
+            ("nbd://h/e?reconnect=30s", "bad reconnect timeout"),
+            ("nbd://h/e?reconnect=86401", "bad reconnect timeout"),
+            (
+                "nbd://h/e?reconnect=99999999999999999999",
+                "bad reconnect timeout",
+            ),
+            (
+                "nbd+unix:///e?socket=/s&reconnect=x",
+                "bad reconnect timeout",
+            ),
+            ("nbd://h/e?reconnect=1&reconnect=2", "reconnect given twice"),
+            ("nbd://h/e?reconnect", "unknown or empty query"),
+            ("nbd://h/e?", "unknown or empty query"),
+            ("nbd+unix:///e?reconnect=5", "no socket given"),
+        ] {
+            let e = ImageSpec::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
     }
 }

@@ -4,8 +4,12 @@
 //! to the first queue) and pipelines its requests on it: [`BackendQueue::submit`] encodes the
 //! request (and a WRITE's payload) into a buffer that `commit` writes in one go, and a reader
 //! thread per connection reads the simple replies, copies READ data into the request's
-//! buffers and signals the queue's completion eventfd. A lost connection fails what is in
-//! flight, and everything after, with EIO (reconnecting is not done yet).
+//! buffers and signals the queue's completion eventfd.
+//!
+//! When a connection drops, its reader thread reconnects (backoff 100 ms to 1 s), redoes the
+//! handshake and re-sends every request still pending; requests wait meanwhile, for up to
+//! [`NbdOptions::reconnect_timeout`], then fail with EIO (and new ones at once) until the
+//! server is back.
 
 mod proto;
 mod queue;
@@ -60,6 +64,25 @@ impl fmt::Display for NbdAddress {
                 write!(f, "nbd://[{host}]:{port}/{}", self.export)
             }
             NbdTarget::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
+        }
+    }
+}
+
+/// Default of [`NbdOptions::reconnect_timeout`].
+pub const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the client behaves, from the spec's query (`?reconnect=SECONDS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdOptions {
+    /// How long requests wait for a lost connection to come back before they fail with EIO;
+    /// zero fails them at once.
+    pub reconnect_timeout: Duration,
+}
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        Self {
+            reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
         }
     }
 }
@@ -264,6 +287,7 @@ fn check_export(addr: &NbdAddress, info: &ExportInfo) -> std::result::Result<(),
 #[derive(Debug)]
 pub struct NbdBackend {
     addr: NbdAddress,
+    options: NbdOptions,
     info: ExportInfo,
     read_only: bool,
     /// The handshake's connection, handed to the first queue.
@@ -274,7 +298,7 @@ pub struct NbdBackend {
 
 impl NbdBackend {
     /// Connect to `addr`, negotiate the export and check it can be a virtio-blk disk.
-    pub fn open(addr: NbdAddress, read_only: bool) -> Result<Self> {
+    pub fn open(addr: NbdAddress, options: NbdOptions, read_only: bool) -> Result<Self> {
         let (stream, info) = connect(&addr)?;
         check_export(&addr, &info)?;
         let server_ro = info.has(proto::TFLAG_READ_ONLY);
@@ -286,6 +310,7 @@ impl NbdBackend {
             preferred_block = info.preferred_block,
             max_block = info.max_block,
             server_read_only = server_ro,
+            reconnect_timeout_s = options.reconnect_timeout.as_secs(),
             "NBD export negotiated"
         );
         if !(info.has(proto::TFLAG_SEND_FLUSH) || read_only || server_ro) {
@@ -293,6 +318,7 @@ impl NbdBackend {
         }
         Ok(Self {
             addr,
+            options,
             info,
             read_only: read_only || server_ro,
             spare: Mutex::new(Some(stream)),
@@ -333,7 +359,14 @@ impl Backend for NbdBackend {
         if !connections.is_empty() && !self.info.has(proto::TFLAG_CAN_MULTI_CONN) {
             tracing::warn!(export = %self.addr, "the NBD server does not advertise multi-conn: a FLUSH on one queue may not cover writes completed on the others");
         }
-        let q = queue::NbdQueue::start(stream, &self.addr, self.info, self.read_only, depth)?;
+        let q = queue::NbdQueue::start(
+            stream,
+            &self.addr,
+            self.options,
+            self.info,
+            self.read_only,
+            depth,
+        )?;
         connections.push(Arc::downgrade(q.shared()));
         Ok(Box::new(q))
     }

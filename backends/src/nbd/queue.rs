@@ -1,5 +1,11 @@
 //! One queue's connection: requests written by the queue thread, replies read by a reader
 //! thread, completions parked under a mutex and signalled on an eventfd.
+//!
+//! The reader thread also owns reconnecting: when the connection drops it keeps the pending
+//! requests (each [`Pending`] holds its [`IoRequest`] and NBD command), connects again with
+//! backoff, checks the export size, bumps the connection's generation and re-sends them all.
+//! Bytes the queue thread encoded for an older generation are never written (see
+//! [`Shared::send`]): the reconnect re-encoded those requests already.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -12,11 +18,15 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::proto::{self, ExportInfo, Reply, Request};
-use super::{NbdAddress, NbdError, Stream};
+use super::{NbdAddress, NbdError, NbdOptions, Stream};
 use crate::{BackendQueue, Completion, IoRequest, Op, Result};
 
 /// How long a synchronous FLUSH (shutdown, queue teardown) may wait for its reply.
 const SYNC_FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+/// First pause between reconnect attempts; it doubles up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest pause between reconnect attempts (also the rate after the timeout).
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Who waits for an NBD request's reply.
 #[derive(Debug, Clone, Copy)]
@@ -37,14 +47,29 @@ struct Part {
     read_len: u32,
 }
 
-/// An engine request split into one or more NBD requests.
+/// An engine request split into one or more NBD requests; kept until its last reply, so it
+/// can be re-sent on a new connection.
 #[derive(Debug)]
 struct Pending {
     req: IoRequest,
     tag: u32,
+    cmd: u16,
+    flags: u16,
     parts_left: usize,
     errno: i32,
     bytes: u32,
+}
+
+/// The state of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Link {
+    /// Connected: requests are sent.
+    #[default]
+    Up,
+    /// Lost, within the reconnect timeout: requests are kept and re-sent when it is back.
+    Reconnecting,
+    /// Lost past the timeout: requests fail with EIO at once until it is back.
+    Failed,
 }
 
 #[derive(Debug, Default)]
@@ -54,14 +79,105 @@ struct State {
     done: Vec<Completion>,
     /// Results of synchronous FLUSHes by cookie.
     sync_done: HashMap<u64, i32>,
-    /// The connection is lost: everything fails with EIO.
-    broken: bool,
+    link: Link,
+    /// Bumped at each reconnect: bytes encoded for an older connection are not sent.
+    generation: u64,
+}
+
+impl State {
+    /// Complete every pending request with EIO; returns how many.
+    fn fail_pending(&mut self) -> usize {
+        self.drop_parts();
+        let n = self.requests.len();
+        for (_, p) in self.requests.drain() {
+            self.done
+                .push(Completion::new(p.tag, Err(libc::EIO), p.req));
+        }
+        n
+    }
+
+    /// Forget the parts on the wire (the connection is gone); synchronous FLUSHes get EIO.
+    fn drop_parts(&mut self) {
+        for (cookie, part) in self.parts.drain() {
+            if let Owner::Sync = part.owner {
+                self.sync_done.insert(cookie, libc::EIO);
+            }
+        }
+    }
+}
+
+/// Encode `req` as NBD requests (split at `max_len`) into `out`, with cookies from `cookies`;
+/// returns their cookies and parts, or the errno to complete the request with.
+fn encode(
+    out: &mut Vec<u8>,
+    req: &IoRequest,
+    (cmd, flags): (u16, u16),
+    id: u64,
+    max_len: u64,
+    cookies: &AtomicU64,
+) -> std::result::Result<Vec<(u64, Part)>, i32> {
+    let data = matches!(req.op, Op::Read | Op::Write);
+    let total = if data {
+        req.buffers.len() as u64
+    } else {
+        req.len
+    };
+    let start = out.len();
+    let mut parts = Vec::with_capacity(1);
+    let mut done = 0u64;
+    loop {
+        let len = (total - done).min(max_len);
+        let cookie = cookies.fetch_add(1, Ordering::Relaxed);
+        Request {
+            flags,
+            cmd,
+            cookie,
+            offset: req.offset + done,
+            len: len as u32, // at most max_block
+        }
+        .encode(out);
+        if cmd == proto::CMD_WRITE {
+            let at = out.len();
+            out.resize(at + len as usize, 0);
+            if req
+                .buffers
+                .copy_to_slice(done as usize, &mut out[at..])
+                .is_err()
+            {
+                out.truncate(start);
+                return Err(libc::EFAULT);
+            }
+        }
+        let read_len = if cmd == proto::CMD_READ {
+            len as u32
+        } else {
+            0
+        };
+        parts.push((
+            cookie,
+            Part {
+                owner: Owner::Request(id),
+                buf_offset: done as usize,
+                read_len,
+            },
+        ));
+        done += len;
+        if done >= total {
+            return Ok(parts);
+        }
+    }
 }
 
 /// What the queue thread, the reader thread and [`super::NbdBackend::flush`] share.
 #[derive(Debug)]
 pub(super) struct Shared {
     name: String,
+    addr: NbdAddress,
+    /// The export as first negotiated; a reconnect must find the same size.
+    info: ExportInfo,
+    reconnect_timeout: Duration,
+    /// Largest payload of one NBD request, a multiple of 512.
+    max_len: u64,
     state: Mutex<State>,
     cond: Condvar,
     event: EventFd,
@@ -75,8 +191,12 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn cookie(&self) -> u64 {
-        self.next_cookie.fetch_add(1, Ordering::Relaxed)
+    fn lock_writer(&self) -> MutexGuard<'_, Stream> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     fn signal(&self) {
@@ -84,51 +204,28 @@ impl Shared {
         self.cond.notify_all();
     }
 
-    /// Write whole messages; on error the connection is given up.
-    fn send(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let sent = writer.write_all(bytes);
-        if let Err(e) = &sent {
+    /// Write `bytes`, encoded for connection `generation`, if that connection is up; bytes
+    /// for an older one are dropped (the reconnect re-sent their requests). A write error
+    /// shuts the socket down, so the reader thread sees the loss and reconnects.
+    fn send(&self, bytes: &[u8], generation: u64) {
+        // Lock order: writer, then state. A reconnect holds the writer while it swaps the
+        // socket and re-sends, so the generation cannot change under a write.
+        let mut writer = self.lock_writer();
+        {
+            let st = self.lock();
+            if st.link != Link::Up || st.generation != generation {
+                return;
+            }
+        }
+        if let Err(e) = writer.write_all(bytes) {
+            tracing::debug!(export = %self.name, "NBD write failed: {e}");
             writer.shutdown();
-            drop(writer);
-            self.fail_all(&format!("write failed: {e}"));
         }
-        sent
-    }
-
-    /// The connection is lost: complete everything in flight with EIO.
-    fn fail_all(&self, why: &str) {
-        let mut st = self.lock();
-        if !st.broken && !self.closing.load(Ordering::Acquire) {
-            // TODO(next slice): reconnect with a timeout instead of failing.
-            tracing::error!(export = %self.name, "NBD connection lost ({why}): requests fail with EIO");
-        }
-        st.broken = true;
-        st.parts.clear();
-        let pending: Vec<Pending> = st.requests.drain().map(|(_, p)| p).collect();
-        for p in pending {
-            st.done.push(Completion::new(p.tag, Err(libc::EIO), p.req));
-        }
-        drop(st);
-        self.signal();
     }
 
     /// Send a FLUSH and wait for its reply.
     pub(super) fn flush_sync(&self) -> io::Result<()> {
-        let cookie = self.cookie();
-        let lost = || io::Error::new(io::ErrorKind::BrokenPipe, "NBD connection lost");
-        {
-            let mut st = self.lock();
-            if st.broken {
-                return Err(lost());
-            }
-            let part = Part {
-                owner: Owner::Sync,
-                buf_offset: 0,
-                read_len: 0,
-            };
-            st.parts.insert(cookie, part);
-        }
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         let mut msg = Vec::with_capacity(proto::REQUEST_LEN);
         Request {
             flags: 0,
@@ -138,7 +235,28 @@ impl Shared {
             len: 0,
         }
         .encode(&mut msg);
-        self.send(&msg)?;
+        {
+            let mut writer = self.lock_writer();
+            {
+                let mut st = self.lock();
+                if st.link != Link::Up {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "NBD connection lost",
+                    ));
+                }
+                let part = Part {
+                    owner: Owner::Sync,
+                    buf_offset: 0,
+                    read_len: 0,
+                };
+                st.parts.insert(cookie, part);
+            }
+            if writer.write_all(&msg).is_err() {
+                // The reader thread sees the loss and completes the FLUSH with EIO.
+                writer.shutdown();
+            }
+        }
         let deadline = Instant::now() + SYNC_FLUSH_TIMEOUT;
         let mut st = self.lock();
         loop {
@@ -148,11 +266,9 @@ impl Shared {
                     e => Err(io::Error::from_raw_os_error(e)),
                 };
             }
-            if st.broken {
-                return Err(lost());
-            }
             let now = Instant::now();
             if now >= deadline {
+                st.parts.remove(&cookie);
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "NBD FLUSH timed out",
@@ -166,15 +282,183 @@ impl Shared {
         }
     }
 
-    /// Read replies until the connection ends.
-    fn read_loop(&self, mut stream: Stream) {
-        let mut payload = Vec::new();
-        let why = loop {
-            if let Err(e) = self.read_reply(&mut stream, &mut payload) {
-                break e;
+    /// The reader thread: read replies; when the connection drops, reconnect and go on,
+    /// until the queue closes.
+    fn run(&self, mut stream: Stream) {
+        loop {
+            let mut payload = Vec::new();
+            let why = loop {
+                if let Err(e) = self.read_reply(&mut stream, &mut payload) {
+                    break e;
+                }
+            };
+            drop(stream);
+            if self.closing() {
+                break;
+            }
+            self.on_lost(&why);
+            match self.reconnect() {
+                Some(s) => stream = s,
+                None => break,
+            }
+        }
+        let mut st = self.lock();
+        st.fail_pending();
+        drop(st);
+        self.signal();
+    }
+
+    /// The connection dropped: keep the requests for the reconnect, or fail them at once
+    /// when the timeout is zero.
+    fn on_lost(&self, why: &str) {
+        let mut st = self.lock();
+        st.drop_parts();
+        if self.reconnect_timeout.is_zero() {
+            st.link = Link::Failed;
+            let failed = st.fail_pending();
+            drop(st);
+            tracing::error!(export = %self.name, failed, "NBD connection lost ({why}): requests fail with EIO until it is back (reconnect=0)");
+        } else {
+            st.link = Link::Reconnecting;
+            let held = st.requests.len();
+            drop(st);
+            tracing::warn!(export = %self.name, held, "NBD connection lost ({why}): requests wait for up to {}s while reconnecting", self.reconnect_timeout.as_secs());
+        }
+        self.signal();
+    }
+
+    /// The timeout expired (or the export changed): fail what waits, and what comes next.
+    fn give_up(&self, why: &str) {
+        let mut st = self.lock();
+        if st.link != Link::Reconnecting {
+            return;
+        }
+        st.link = Link::Failed;
+        let failed = st.fail_pending();
+        drop(st);
+        tracing::error!(export = %self.name, failed, "{why}: pending requests fail with EIO, and new ones until it is back");
+        self.signal();
+    }
+
+    /// Connect again until it works (a new reading stream) or the queue closes (`None`).
+    fn reconnect(&self) -> Option<Stream> {
+        let lost_at = Instant::now();
+        let deadline = lost_at + self.reconnect_timeout;
+        let mut delay = BACKOFF_MIN;
+        let mut size_logged = false;
+        loop {
+            if self.closing() {
+                return None;
+            }
+            match super::connect(&self.addr) {
+                Ok((_, info)) if info.size != self.info.size => {
+                    if !size_logged {
+                        size_logged = true;
+                        tracing::error!(export = %self.name, "NBD export is back with size {} instead of {}: not using it", info.size, self.info.size);
+                    }
+                    self.give_up("the NBD export changed size");
+                }
+                Ok((stream, _)) => {
+                    if let Some(reading) = self.install(stream, lost_at) {
+                        return Some(reading);
+                    }
+                }
+                Err(e) => tracing::debug!(export = %self.name, "NBD reconnect failed: {e}"),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.give_up(&format!(
+                    "NBD server not back after {}s",
+                    self.reconnect_timeout.as_secs()
+                ));
+            }
+            let pause = if now < deadline {
+                delay.min(deadline - now)
+            } else {
+                delay
+            };
+            self.pause(pause);
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Sleep `d`, or less when the queue closes.
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        let mut st = self.lock();
+        loop {
+            let now = Instant::now();
+            if self.closing() || now >= until {
+                return;
+            }
+            st = self
+                .cond
+                .wait_timeout(st, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Use the new connection `stream`: re-send every pending request on it. Returns the
+    /// reading side, or `None` when the queue closes or the socket cannot be cloned.
+    fn install(&self, stream: Stream, lost_at: Instant) -> Option<Stream> {
+        let reading = match stream.try_clone() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(export = %self.name, "NBD reconnect: cannot clone the socket: {e}");
+                return None;
             }
         };
-        self.fail_all(&why);
+        let mut writer = self.lock_writer();
+        let mut out = Vec::new();
+        let mut st = self.lock();
+        if self.closing() {
+            return None;
+        }
+        let was_failed = st.link == Link::Failed;
+        st.link = Link::Up;
+        st.generation += 1;
+        st.drop_parts();
+        let mut ids: Vec<u64> = st.requests.keys().copied().collect();
+        ids.sort_unstable(); // submission order
+        let state = &mut *st;
+        let mut resent = 0usize;
+        for id in ids {
+            let p = state.requests.get_mut(&id).expect("listed");
+            match encode(
+                &mut out,
+                &p.req,
+                (p.cmd, p.flags),
+                id,
+                self.max_len,
+                &self.next_cookie,
+            ) {
+                Ok(parts) => {
+                    p.parts_left = parts.len();
+                    state.parts.extend(parts);
+                    resent += 1;
+                }
+                Err(errno) => {
+                    let p = state.requests.remove(&id).expect("listed");
+                    state.done.push(Completion::new(p.tag, Err(errno), p.req));
+                }
+            }
+        }
+        drop(st);
+        *writer = stream;
+        if let Err(e) = writer.write_all(&out) {
+            tracing::debug!(export = %self.name, "NBD write failed: {e}");
+            writer.shutdown();
+        }
+        drop(writer);
+        let after = lost_at.elapsed();
+        if was_failed {
+            tracing::info!(export = %self.name, "NBD connection back after {after:.1?} (requests failed with EIO meanwhile)");
+        } else {
+            tracing::info!(export = %self.name, resent, "NBD connection back after {after:.1?}: re-sent {resent} requests");
+        }
+        self.signal();
+        Some(reading)
     }
 
     fn read_reply(
@@ -244,10 +528,10 @@ pub(super) struct NbdQueue {
     reader: Option<JoinHandle<()>>,
     info: ExportInfo,
     read_only: bool,
-    /// Largest payload of one NBD request, a multiple of 512.
-    max_len: u64,
     /// Requests submitted, not yet written.
     out: Vec<u8>,
+    /// The connection generation `out` was encoded for.
+    out_generation: u64,
     next_id: u64,
     wrote: bool,
 }
@@ -256,6 +540,7 @@ impl NbdQueue {
     pub(super) fn start(
         stream: Stream,
         addr: &NbdAddress,
+        options: NbdOptions,
         info: ExportInfo,
         read_only: bool,
         depth: u32,
@@ -268,6 +553,10 @@ impl NbdQueue {
         let reading = stream.try_clone().map_err(|e| fail("socket", e))?;
         let shared = Arc::new(Shared {
             name: addr.to_string(),
+            addr: addr.clone(),
+            info,
+            reconnect_timeout: options.reconnect_timeout,
+            max_len: u64::from(info.max_block) / crate::SECTOR_SIZE * crate::SECTOR_SIZE,
             state: Mutex::new(State {
                 done: Vec::with_capacity(depth as usize),
                 ..State::default()
@@ -281,16 +570,15 @@ impl NbdQueue {
         let for_reader = shared.clone();
         let reader = std::thread::Builder::new()
             .name("nbd-reader".into())
-            .spawn(move || for_reader.read_loop(reading))
+            .spawn(move || for_reader.run(reading))
             .map_err(|e| fail("reader thread", e))?;
-        let max_len = u64::from(info.max_block) / crate::SECTOR_SIZE * crate::SECTOR_SIZE;
         Ok(Self {
             shared,
             reader: Some(reader),
             info,
             read_only,
-            max_len,
             out: Vec::new(),
+            out_generation: 0,
             next_id: 0,
             wrote: false,
         })
@@ -323,67 +611,6 @@ impl NbdQueue {
         }))
     }
 
-    /// Encode `req` as NBD requests (split at the server's maximum) into `self.out`;
-    /// returns their cookies and parts.
-    fn encode(
-        &mut self,
-        req: &IoRequest,
-        cmd: u16,
-        flags: u16,
-        id: u64,
-    ) -> std::result::Result<Vec<(u64, Part)>, i32> {
-        let data = matches!(req.op, Op::Read | Op::Write);
-        let total = if data {
-            req.buffers.len() as u64
-        } else {
-            req.len
-        };
-        let start = self.out.len();
-        let mut parts = Vec::with_capacity(1);
-        let mut done = 0u64;
-        loop {
-            let len = (total - done).min(self.max_len);
-            let cookie = self.shared.cookie();
-            Request {
-                flags,
-                cmd,
-                cookie,
-                offset: req.offset + done,
-                len: len as u32, // at most max_block
-            }
-            .encode(&mut self.out);
-            if cmd == proto::CMD_WRITE {
-                let at = self.out.len();
-                self.out.resize(at + len as usize, 0);
-                if req
-                    .buffers
-                    .copy_to_slice(done as usize, &mut self.out[at..])
-                    .is_err()
-                {
-                    self.out.truncate(start);
-                    return Err(libc::EFAULT);
-                }
-            }
-            let read_len = if cmd == proto::CMD_READ {
-                len as u32
-            } else {
-                0
-            };
-            parts.push((
-                cookie,
-                Part {
-                    owner: Owner::Request(id),
-                    buf_offset: done as usize,
-                    read_len,
-                },
-            ));
-            done += len;
-            if done >= total {
-                return Ok(parts);
-            }
-        }
-    }
-
     fn complete_now(&self, req: IoRequest, tag: u32, result: std::result::Result<u32, i32>) {
         self.shared
             .lock()
@@ -395,7 +622,7 @@ impl NbdQueue {
 
 impl BackendQueue for NbdQueue {
     fn submit(&mut self, req: IoRequest, tag: u32) -> Result<()> {
-        let (cmd, flags) = match self.command(req.op) {
+        let command = match self.command(req.op) {
             Ok(Some(c)) => c,
             Ok(None) => {
                 self.complete_now(req, tag, Ok(0));
@@ -408,7 +635,16 @@ impl BackendQueue for NbdQueue {
         };
         let id = self.next_id;
         self.next_id += 1;
-        let parts = match self.encode(&req, cmd, flags, id) {
+        let start = self.out.len();
+        let shared = &self.shared;
+        let parts = match encode(
+            &mut self.out,
+            &req,
+            command,
+            id,
+            shared.max_len,
+            &shared.next_cookie,
+        ) {
             Ok(parts) => parts,
             Err(errno) => {
                 self.complete_now(req, tag, Err(errno));
@@ -421,18 +657,26 @@ impl BackendQueue for NbdQueue {
             0
         };
         let mut st = self.shared.lock();
-        if st.broken {
+        if st.link == Link::Failed {
             drop(st);
-            self.out.clear();
+            self.out.truncate(start);
             self.complete_now(req, tag, Err(libc::EIO));
             return Ok(());
         }
-        self.wrote |= cmd != proto::CMD_READ;
+        if st.generation != self.out_generation {
+            // A reconnect re-sent the requests encoded before this one.
+            self.out.drain(..start);
+            self.out_generation = st.generation;
+        }
+        // While reconnecting the request just waits in `requests`: the reconnect sends it.
+        self.wrote |= command.0 != proto::CMD_READ;
         let parts_left = parts.len();
         st.parts.extend(parts);
         let pending = Pending {
             req,
             tag,
+            cmd: command.0,
+            flags: command.1,
             parts_left,
             errno: 0,
             bytes,
@@ -443,8 +687,8 @@ impl BackendQueue for NbdQueue {
 
     fn commit(&mut self) -> Result<()> {
         if !self.out.is_empty() {
-            // A failed write fails the requests with EIO; the queue itself goes on.
-            let _ = self.shared.send(&self.out);
+            // A failed write leaves the requests pending for the reconnect.
+            self.shared.send(&self.out, self.out_generation);
             self.out.clear();
         }
         Ok(())
@@ -474,12 +718,18 @@ impl BackendQueue for NbdQueue {
 impl Drop for NbdQueue {
     fn drop(&mut self) {
         let _ = self.commit();
-        if self.wrote && self.info.has(proto::TFLAG_SEND_FLUSH) && !self.shared.lock().broken {
+        let up = self.shared.lock().link == Link::Up;
+        if self.wrote && self.info.has(proto::TFLAG_SEND_FLUSH) && up {
             if let Err(e) = self.shared.flush_sync() {
                 tracing::error!(export = %self.shared.name, "NBD FLUSH at queue teardown failed: {e}");
             }
         }
-        self.shared.closing.store(true, Ordering::Release);
+        let generation = {
+            let st = self.shared.lock();
+            self.shared.closing.store(true, Ordering::Release);
+            st.generation
+        };
+        self.shared.cond.notify_all();
         let mut msg = Vec::with_capacity(proto::REQUEST_LEN);
         Request {
             flags: 0,
@@ -489,12 +739,8 @@ impl Drop for NbdQueue {
             len: 0,
         }
         .encode(&mut msg);
-        let _ = self.shared.send(&msg);
-        self.shared
-            .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .shutdown();
+        self.shared.send(&msg, generation);
+        self.shared.lock_writer().shutdown();
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
