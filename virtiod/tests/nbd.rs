@@ -5,6 +5,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
 use common::*;
@@ -215,10 +216,11 @@ fn a_lost_server_fails_requests_with_eio_and_the_daemon_stays_up() {
         return;
     };
     let sock = dir.path("vu.sock");
-    let mut daemon = Daemon::start(&sock, &uri(&nbd_sock, ""), &[]);
+    let spec = format!("{}&reconnect=0", uri(&nbd_sock, ""));
+    let mut daemon = Daemon::start(&sock, &spec, &[]);
     let mut client = Client::connect(&sock, 1, MIB as usize).unwrap();
     assert_eq!(client.read(0, 0, 0, 4096), 0);
-    drop(server); // SIGKILL: the connection drops
+    drop(server); // SIGKILL: the connection drops, and reconnect=0 fails requests at once
     for _ in 0..2 {
         // virtio-blk reports IOERR; libblkio maps it to -EIO.
         assert_eq!(client.read(0, 0, 0, 4096), -libc::EIO);
@@ -228,4 +230,126 @@ fn a_lost_server_fails_requests_with_eio_and_the_daemon_stays_up() {
         daemon.child.try_wait().unwrap().is_none(),
         "daemon still up"
     );
+}
+
+/// Submit pattern writes of `chunk` bytes for chunks `range` (buffer offset = disk offset) on
+/// queue 0 and hand them to the daemon without waiting.
+fn submit_writes(client: &mut Client, chunk: usize, range: std::ops::Range<usize>) {
+    for i in range {
+        let off = i * chunk;
+        fill_pattern(&mut client.buf()[off..off + chunk], off as u64, 9);
+        let p = client.buf_ptr(off);
+        client.queues[0].write(off as u64, p, chunk, i, ReqFlags::empty());
+    }
+    let mut none = [];
+    client.queues[0]
+        .do_io(&mut none, 0, None, None)
+        .expect("do_io");
+}
+
+fn assert_all_ok(client: &mut Client, n: usize) {
+    for (i, ret) in client.wait(0, n) {
+        assert_eq!(ret, 0, "request {i} failed");
+    }
+}
+
+#[test]
+fn a_server_restarted_within_the_timeout_loses_no_write() {
+    const CHUNK: usize = 128 << 10;
+    let dir = Scratch::new("nbd-restart");
+    let img = dir.image("disk.img", 8 * MIB);
+    let nbd_sock = dir.path("nbd.sock");
+    let Some(server) = qemu_nbd(&nbd_sock, &img, &[]) else {
+        return;
+    };
+    let sock = dir.path("vu.sock");
+    let spec = format!("{}&reconnect=30", uri(&nbd_sock, ""));
+    let daemon = Daemon::start(&sock, &spec, &[]);
+    let mut client = Client::connect(&sock, 1, 8 * MIB as usize).unwrap();
+
+    // 64 chunks of 128 KiB: 16 written before the kill, 16 in flight when it comes, 16
+    // submitted while the server is down, 16 after it is back.
+    submit_writes(&mut client, CHUNK, 0..16);
+    assert_all_ok(&mut client, 16);
+    submit_writes(&mut client, CHUNK, 16..32);
+    drop(server); // SIGKILL with writes in flight
+    submit_writes(&mut client, CHUNK, 32..48);
+    let (img2, sock2) = (img.clone(), nbd_sock.clone());
+    let restart = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        qemu_nbd(&sock2, &img2, &[]).expect("qemu-nbd")
+    });
+    assert_all_ok(&mut client, 32);
+    let server = restart.join().unwrap();
+    submit_writes(&mut client, CHUNK, 48..64);
+    assert_all_ok(&mut client, 16);
+
+    // Read everything back through the daemon.
+    client.buf().fill(0);
+    for i in 0..8 {
+        let off = i * MIB as usize;
+        assert_eq!(client.read(0, off as u64, off, MIB as usize), 0);
+    }
+    check_pattern(&client.buf()[..8 * MIB as usize], 0, 9).unwrap();
+
+    let status = daemon.terminate();
+    assert!(status.success(), "exit status {status}");
+    let status = server.terminate();
+    assert!(status.success(), "qemu-nbd exit status {status}");
+    drop(client);
+    let file = std::fs::read(&img).unwrap();
+    check_pattern(&file, 0, 9).unwrap();
+}
+
+#[test]
+fn a_server_not_back_in_time_fails_requests_with_eio_until_it_is() {
+    let dir = Scratch::new("nbd-timeout");
+    let img = dir.image("disk.img", 4 * MIB);
+    let nbd_sock = dir.path("nbd.sock");
+    let Some(server) = qemu_nbd(&nbd_sock, &img, &[]) else {
+        return;
+    };
+    let sock = dir.path("vu.sock");
+    let spec = format!("{}&reconnect=2", uri(&nbd_sock, ""));
+    let mut daemon = Daemon::start(&sock, &spec, &[]);
+    let mut client = Client::connect(&sock, 1, MIB as usize).unwrap();
+    assert_eq!(client.write(0, 0, 0, 4096), 0);
+
+    drop(server); // SIGKILL, not restarted
+    let lost = Instant::now();
+    let (p0, p1) = (client.buf_ptr(0), client.buf_ptr(8192));
+    client.queues[0].write(0, p0, 4096, 0, ReqFlags::empty());
+    client.queues[0].read(8192, p1, 4096, 1, ReqFlags::empty());
+    for (i, ret) in client.wait(0, 2) {
+        assert_eq!(
+            ret,
+            -libc::EIO,
+            "pending request {i} fails after the timeout"
+        );
+    }
+    let waited = lost.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1),
+        "requests must wait for the reconnect timeout, failed after {waited:?}"
+    );
+    // Past the timeout, new requests fail at once.
+    assert_eq!(client.read(0, 0, 0, 4096), -libc::EIO);
+    assert_eq!(client.write(0, 0, 0, 4096), -libc::EIO);
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "daemon still up"
+    );
+
+    // The server comes back: the background reconnect picks it up.
+    let _server = qemu_nbd(&nbd_sock, &img, &[]).expect("qemu-nbd");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.read(0, 0, 0, 4096) != 0 {
+        assert!(Instant::now() < deadline, "requests never succeeded again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fill_pattern(&mut client.buf()[..4096], 4096, 3);
+    assert_eq!(client.write(0, 4096, 0, 4096), 0);
+    client.buf()[..4096].fill(0);
+    assert_eq!(client.read(0, 4096, 0, 4096), 0);
+    check_pattern(&client.buf()[..4096], 4096, 3).unwrap();
 }
