@@ -47,7 +47,7 @@ pub enum LogFormat {
 /// Where a VDUSE device goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttachArg {
-    /// virtio_vdpa: the host gets a block device /dev/vdX (containers, no VM).
+    /// virtio_vdpa: the host gets a block device /dev/vdX, or a network interface (no VM).
     Virtio,
     /// vhost_vdpa: /dev/vhost-vdpa-N for a VM or a user-space driver.
     Vhost,

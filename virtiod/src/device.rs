@@ -99,12 +99,16 @@ impl Device {
                     poll: max_poll,
                 };
                 let dev = VduseServer::create(device, &opts)?;
-                let endpoint = match dev.node() {
-                    Some(node) => {
+                let endpoint = match (dev.interface(), dev.node()) {
+                    (Some(interface), _) => {
+                        tracing::info!(device = %spec.name, name, interface, "serving {what} through VDUSE");
+                        PathBuf::from(interface)
+                    }
+                    (None, Some(node)) => {
                         tracing::info!(device = %spec.name, name, node = %node.display(), "serving {what} through VDUSE");
                         node.to_path_buf()
                     }
-                    None => {
+                    (None, None) => {
                         tracing::info!(
                             device = %spec.name,
                             name,
@@ -140,7 +144,8 @@ impl Device {
         self.mac
     }
 
-    /// Where a driver finds it: the socket, `/dev/vdX`, `/dev/vhost-vdpa-N` or `/dev/vduse/NAME`.
+    /// Where a driver finds it: the socket, `/dev/vdX`, `/dev/vhost-vdpa-N`, `/dev/vduse/NAME`,
+    /// or the network interface of a net device on `virtio_vdpa` (e.g. `eth1`).
     pub fn endpoint(&self) -> &Path {
         &self.endpoint
     }
