@@ -8,8 +8,9 @@
 #
 # The guest is Debian's 6.12 cloud kernel under QEMU TCG (no KVM needed) booted into an
 # initramfs with busybox, the vdpa tool, e2fsprogs (mkfs.ext4/mke2fs, e2fsck/fsck.ext4),
-# blkdiscard, and the modules vhost_iotlb vdpa vduse virtio_vdpa irqbypass vhost vhost_vdpa
-# virtio_blk loop already loaded (ext4 is built into that kernel). /dev/vduse/control exists when
+# blkdiscard, iproute2's ip (netns), and the modules vhost_iotlb vdpa vduse virtio_vdpa
+# irqbypass vhost vhost_vdpa virtio_blk loop virtio-rng failover net_failover virtio_net already
+# loaded (ext4 is built into that kernel). /dev/vduse/control exists when
 # the script starts; the script runs as root with cwd /tmp (a tmpfs in RAM).
 #   --bin       copy a binary (with its shared libraries) to /bin
 #   --file      copy a host file or directory to GUEST_PATH
@@ -32,8 +33,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${VM_CACHE:-$HOME/.cache/virtiod-vm}
 KPKG=${VM_KERNEL_PKG:-}
 BASE_VERSION=3
-MODULES="vhost_iotlb vdpa vduse virtio_vdpa irqbypass vhost vhost_vdpa virtio_blk loop virtio-rng"
-BASE_TOOLS="/usr/sbin/vdpa /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/blkdiscard"
+MODULES="vhost_iotlb vdpa vduse virtio_vdpa irqbypass vhost vhost_vdpa virtio_blk loop virtio-rng failover net_failover virtio_net"
+BASE_TOOLS="/usr/sbin/vdpa /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/blkdiscard /usr/sbin/ip"
 BASE_STAMP="base v$BASE_VERSION; kernel=${KPKG:-newest}; modules=$MODULES; tools=$BASE_TOOLS"
 
 MEM=1024 CPUS=2 TIMEOUT=600 WITH_FIO=${VM_WITH_FIO:-0}

@@ -47,7 +47,7 @@ pub enum LogFormat {
 /// Where a VDUSE device goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttachArg {
-    /// virtio_vdpa: the host gets a block device /dev/vdX (containers, no VM).
+    /// virtio_vdpa: the host gets a block device /dev/vdX, or a network interface (no VM).
     Virtio,
     /// vhost_vdpa: /dev/vhost-vdpa-N for a VM or a user-space driver.
     Vhost,
@@ -57,7 +57,7 @@ pub enum AttachArg {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve one disk image as a virtio-blk device.
+    /// Serve one disk image as a virtio-blk device (or a virtio-net device: net:switch=NAME).
     #[command(after_help = "Examples:\n  \
         virtiod serve --vduse vd0 disk.img                    # the host gets /dev/vdX\n  \
         virtiod serve --vduse vd1 --attach vhost disk.img     # /dev/vhost-vdpa-N for a VM\n  \
@@ -65,8 +65,11 @@ pub enum Command {
         virtiod serve --vhost-user /tmp/vu.sock --queues 4 --serial vol-7 /dev/nvme0n1p3\n  \
         virtiod serve --vhost-user /tmp/vu.sock --read-only base.img\n  \
         virtiod serve --vhost-user /tmp/vu.sock mem:256M\n  \
-        virtiod serve --vduse vd0 --metrics 127.0.0.1:9810 --control /run/virtiod/ctl.sock disk.img\n\n\
-        IMAGE is a raw image file or block device, mem:SIZE (RAM) or null:SIZE (discards writes).")]
+        virtiod serve --vduse vd0 --metrics 127.0.0.1:9810 --control /run/virtiod/ctl.sock disk.img\n  \
+        virtiod serve --vduse vnet0 --mac 52:54:00:12:34:56 net:switch=sw0   # the host gets a network interface\n  \
+        virtiod serve --vhost-user /tmp/net0.sock --mtu 9000 net:switch=sw0\n\n\
+        IMAGE is a raw image file or block device, mem:SIZE (RAM) or null:SIZE (discards writes),\n\
+        or net:switch=NAME: a virtio-net device on the in-process switch NAME.")]
     Serve(ServeArgs),
     /// Check whether this host can serve VDUSE devices, and what to do about what is missing.
     #[command(after_help = "Examples:\n  \
@@ -82,7 +85,7 @@ pub enum Command {
         devices.toml (keys in kebab-case; exactly one of vduse / vhost-user per device):\n\n  \
         [[device]]\n  \
         name = \"a\"\n  \
-        image = \"/var/lib/images/a.img\"   # or null:SIZE / mem:SIZE\n  \
+        image = \"/var/lib/images/a.img\"   # or null:SIZE / mem:SIZE; or net = \"switch:NAME\"\n  \
         vduse = \"vd-a\"                    # or: vhost-user = \"/run/virtiod/a.sock\"\n  \
         queues = 2\n  \
         queue-size = 256\n  \
@@ -214,9 +217,23 @@ pub struct ServeArgs {
     /// Accept control commands (JSON lines; see `virtiod ctl`) on this unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<std::path::PathBuf>,
-    /// The image: a file or block device path, mem:SIZE or null:SIZE.
+    /// Net devices only: the MAC address (a random locally administered one otherwise).
+    #[arg(long, value_name = "MAC", value_parser = virtiod_config::parse_mac)]
+    pub mac: Option<virtiod_config::Mac>,
+    /// Net devices only: the MTU (default 1500).
+    #[arg(long, value_name = "BYTES", value_parser = parse_mtu)]
+    pub mtu: Option<u16>,
+    /// The image: a file or block device path, mem:SIZE or null:SIZE; or net:switch=NAME for
+    /// a virtio-net device on the in-process switch NAME.
     #[arg(value_name = "IMAGE")]
     pub image: String,
+}
+
+fn parse_mtu(s: &str) -> Result<u16, String> {
+    let n: u16 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number from 68 to 65535"))?;
+    virtiod_config::check_mtu(n)
 }
 
 fn parse_queues(s: &str) -> Result<u16, String> {

@@ -253,14 +253,25 @@ fn print_list(result: &Value) {
             "DOWN"
         };
         let s = |k: &str| d[k].as_str().unwrap_or("").to_string();
-        let mut line = format!(
-            "{} {} {} {up} queues={} image={}",
-            s("name"),
-            s("transport"),
-            s("endpoint"),
-            d["queues"],
-            s("image")
-        );
+        let mut line = if d["kind"].as_str() == Some("net") {
+            format!(
+                "{} {} {} {up} net={} mac={}",
+                s("name"),
+                s("transport"),
+                s("endpoint"),
+                s("image"),
+                s("mac")
+            )
+        } else {
+            format!(
+                "{} {} {} {up} queues={} image={}",
+                s("name"),
+                s("transport"),
+                s("endpoint"),
+                d["queues"],
+                s("image")
+            )
+        };
         if let Some(err) = d["error"].as_str() {
             line.push_str(&format!(" error={err:?}"));
         }

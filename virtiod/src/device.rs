@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use virtiod_backend::OpenOptions;
 use virtiod_blk::{BlkConfig, BlkDevice, Stats};
-use virtiod_config::{Attach as AttachSpec, DeviceSpec, Transport};
+use virtiod_config::{Attach as AttachSpec, DeviceKind, DeviceSpec, Mac, NetSpec, Transport};
+use virtiod_core::Device as CoreDevice;
+use virtiod_net::{NetConfig, NetDevice, Switch};
 use virtiod_vduse::{Attach, VduseOptions, VduseServer};
 use virtiod_vhost_user::{bind_socket, Server, VhostUserDevice};
 
@@ -38,43 +40,36 @@ enum Kind {
 /// A device being served.
 pub struct Device {
     spec: DeviceSpec,
-    stats: Arc<Stats>,
+    /// Request counters (virtio-blk only, for now).
+    stats: Option<Arc<Stats>>,
+    /// The MAC address of a net device (the one given, or the random one chosen).
+    mac: Option<Mac>,
     endpoint: PathBuf,
     kind: Kind,
 }
 
 impl Device {
-    /// Open the image and start serving. Nothing is left behind on failure. `events` hears
-    /// when a vhost-user server stops by itself.
+    /// Open the image (or join the switch) and start serving. Nothing is left behind on
+    /// failure. `events` hears when a vhost-user server stops by itself.
     pub fn start(
         spec: DeviceSpec,
         state_dir: &Path,
         events: Sender<Event>,
     ) -> anyhow::Result<Self> {
-        let backend = virtiod_backend::open(
-            &spec.image,
-            OpenOptions {
-                read_only: spec.read_only,
-                buffered: spec.buffered,
-            },
-        )?;
-        let info = backend.info();
-        let cfg = BlkConfig::new(&info, spec.queues, spec.queue_size, &spec.serial);
-        tracing::info!(
-            device = %spec.name,
-            image = %spec.image,
-            capacity = info.capacity,
-            queues = spec.queues,
-            queue_size = spec.queue_size,
-            read_only = info.read_only,
-            "opened image"
-        );
-        let blk = Arc::new(BlkDevice::new(cfg, backend));
-        let stats = blk.stats();
+        let (device, stats, mac, what): (Arc<dyn CoreDevice>, _, _, _) = match &spec.kind {
+            DeviceKind::Blk => {
+                let (blk, stats) = open_blk(&spec)?;
+                (blk, Some(stats), None, "virtio-blk")
+            }
+            DeviceKind::Net(net) => {
+                let (dev, mac) = open_net(&spec, net)?;
+                (dev, None, Some(mac), "virtio-net")
+            }
+        };
         let max_poll = Duration::from_micros(spec.poll_us);
         let (kind, endpoint) = match &spec.transport {
             Transport::VhostUser(socket) => {
-                let dev = VhostUserDevice::new(blk, max_poll)?;
+                let dev = VhostUserDevice::new(device, max_poll)?;
                 // Bind last: nothing is created unless everything before succeeded.
                 let listener = bind_socket(socket)?;
                 let name = spec.name.clone();
@@ -89,7 +84,7 @@ impl Device {
                         },
                     )
                     .context("cannot start a vhost-user thread")?;
-                tracing::info!(device = %spec.name, socket = %socket.display(), "serving virtio-blk over vhost-user");
+                tracing::info!(device = %spec.name, socket = %socket.display(), "serving {what} over vhost-user");
                 (Kind::VhostUser(server), socket.clone())
             }
             Transport::Vduse { name, attach } => {
@@ -103,13 +98,17 @@ impl Device {
                     state_dir: state_dir.to_path_buf(),
                     poll: max_poll,
                 };
-                let dev = VduseServer::create(blk, &opts)?;
-                let endpoint = match dev.node() {
-                    Some(node) => {
-                        tracing::info!(device = %spec.name, name, node = %node.display(), "serving virtio-blk through VDUSE");
+                let dev = VduseServer::create(device, &opts)?;
+                let endpoint = match (dev.interface(), dev.node()) {
+                    (Some(interface), _) => {
+                        tracing::info!(device = %spec.name, name, interface, "serving {what} through VDUSE");
+                        PathBuf::from(interface)
+                    }
+                    (None, Some(node)) => {
+                        tracing::info!(device = %spec.name, name, node = %node.display(), "serving {what} through VDUSE");
                         node.to_path_buf()
                     }
-                    None => {
+                    (None, None) => {
                         tracing::info!(
                             device = %spec.name,
                             name,
@@ -124,6 +123,7 @@ impl Device {
         Ok(Self {
             spec,
             stats,
+            mac,
             endpoint,
             kind,
         })
@@ -134,12 +134,18 @@ impl Device {
         &self.spec
     }
 
-    /// Its request counters.
-    pub fn stats(&self) -> &Arc<Stats> {
-        &self.stats
+    /// Its request counters (`None` for a net device: not counted yet).
+    pub fn stats(&self) -> Option<&Arc<Stats>> {
+        self.stats.as_ref()
     }
 
-    /// Where a driver finds it: the socket, `/dev/vdX`, `/dev/vhost-vdpa-N` or `/dev/vduse/NAME`.
+    /// The MAC address of a net device.
+    pub fn mac(&self) -> Option<Mac> {
+        self.mac
+    }
+
+    /// Where a driver finds it: the socket, `/dev/vdX`, `/dev/vhost-vdpa-N`, `/dev/vduse/NAME`,
+    /// or the network interface of a net device on `virtio_vdpa` (e.g. `eth1`).
     pub fn endpoint(&self) -> &Path {
         &self.endpoint
     }
@@ -169,4 +175,66 @@ impl Device {
         }
         result.with_context(|| format!("device {name}"))
     }
+}
+
+/// Open a virtio-blk device's image.
+fn open_blk(spec: &DeviceSpec) -> anyhow::Result<(Arc<BlkDevice>, Arc<Stats>)> {
+    let backend = virtiod_backend::open(
+        &spec.image,
+        OpenOptions {
+            read_only: spec.read_only,
+            buffered: spec.buffered,
+        },
+    )?;
+    let info = backend.info();
+    let cfg = BlkConfig::new(&info, spec.queues, spec.queue_size, &spec.serial);
+    tracing::info!(
+        device = %spec.name,
+        image = %spec.image,
+        capacity = info.capacity,
+        queues = spec.queues,
+        queue_size = spec.queue_size,
+        read_only = info.read_only,
+        "opened image"
+    );
+    let blk = Arc::new(BlkDevice::new(cfg, backend));
+    let stats = blk.stats();
+    Ok((blk, stats))
+}
+
+/// A virtio-net device on a port of its switch, with the MAC given or a random one.
+fn open_net(spec: &DeviceSpec, net: &NetSpec) -> anyhow::Result<(Arc<NetDevice>, Mac)> {
+    let virtiod_config::NetBackendSpec::Switch(switch) = &net.backend;
+    let port = Switch::named(switch)
+        .and_then(|sw| sw.port())
+        .with_context(|| format!("cannot join switch {switch}"))?;
+    let mac = match net.mac {
+        Some(mac) => mac,
+        None => random_mac().context("cannot choose a random MAC address: give one")?,
+    };
+    let mut cfg = NetConfig::new(mac);
+    cfg.queue_size = spec.queue_size;
+    if let Some(mtu) = net.mtu {
+        cfg.mtu = mtu;
+    }
+    let dev = NetDevice::new(cfg, port)?;
+    tracing::info!(
+        device = %spec.name,
+        switch = %switch,
+        mac = %virtiod_config::format_mac(&mac),
+        mtu = cfg.mtu,
+        random_mac = net.mac.is_none(),
+        queue_size = cfg.queue_size,
+        "joined the switch"
+    );
+    Ok((Arc::new(dev), mac))
+}
+
+/// A random locally administered unicast MAC address.
+fn random_mac() -> std::io::Result<Mac> {
+    use std::io::Read;
+    let mut mac = [0u8; 6];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut mac)?;
+    mac[0] = (mac[0] & 0xfc) | 0x02;
+    Ok(mac)
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 use virtiod_blk::{OpKind, Stats};
-use virtiod_config::{DeviceSpec, Transport};
+use virtiod_config::{DeviceKind, DeviceSpec, Transport};
 
 use crate::device::{Device, Event};
 
@@ -19,7 +19,13 @@ pub struct DeviceInfo {
     pub transport: &'static str,
     /// Socket path or device node (empty for a device that failed).
     pub endpoint: String,
+    /// `blk` or `net`.
+    pub kind: &'static str,
+    /// The image of a blk device; the backend (`switch:NAME`) of a net device.
     pub image: String,
+    /// A net device's MAC address (known once it runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
     pub queues: u16,
     pub up: bool,
     /// Why it is not up.
@@ -172,7 +178,9 @@ impl Registry {
             name: d.spec().name.clone(),
             transport: transport_name(d.spec()),
             endpoint: d.endpoint().display().to_string(),
-            image: d.spec().image.clone(),
+            kind: kind_name(d.spec()),
+            image: what(d.spec()),
+            mac: d.mac().map(|m| virtiod_config::format_mac(&m)),
             queues: d.spec().queues,
             up: d.is_up(),
             error: None,
@@ -181,7 +189,9 @@ impl Registry {
             name: spec.name.clone(),
             transport: transport_name(spec),
             endpoint: String::new(),
-            image: spec.image.clone(),
+            kind: kind_name(spec),
+            image: what(spec),
+            mac: None,
             queues: spec.queues,
             up: false,
             error: Some(why.clone()),
@@ -195,14 +205,15 @@ impl Registry {
     pub fn stats(&self, name: Option<&str>) -> anyhow::Result<Vec<DeviceStats>> {
         let inner = self.lock();
         match name {
-            Some(n) => match inner.devices.get(n) {
-                Some(d) => Ok(vec![DeviceStats::of(n, d.stats())]),
+            Some(n) => match inner.devices.get(n).map(|d| d.stats()) {
+                Some(Some(stats)) => Ok(vec![DeviceStats::of(n, stats)]),
+                Some(None) => anyhow::bail!("device {n} is a net device: it has no counters yet"),
                 None => anyhow::bail!("no running device named {n}: see `virtiod ctl list`"),
             },
             None => Ok(inner
                 .devices
                 .iter()
-                .map(|(n, d)| DeviceStats::of(n, d.stats()))
+                .filter_map(|(n, d)| d.stats().map(|s| DeviceStats::of(n, s)))
                 .collect()),
         }
     }
@@ -214,7 +225,7 @@ impl Registry {
             name: d.spec().name.clone(),
             queues: d.spec().queues,
             up: d.is_up(),
-            stats: Some(d.stats().clone()),
+            stats: d.stats().cloned(),
         });
         let failed = inner.failed.values().map(|(spec, _)| MetricsView {
             name: spec.name.clone(),
@@ -255,5 +266,20 @@ fn transport_name(spec: &DeviceSpec) -> &'static str {
     match spec.transport {
         Transport::VhostUser(_) => "vhost-user",
         Transport::Vduse { .. } => "vduse",
+    }
+}
+
+fn kind_name(spec: &DeviceSpec) -> &'static str {
+    match spec.kind {
+        DeviceKind::Blk => "blk",
+        DeviceKind::Net(_) => "net",
+    }
+}
+
+/// What a device serves: its image, or its net backend.
+fn what(spec: &DeviceSpec) -> String {
+    match &spec.kind {
+        DeviceKind::Blk => spec.image.clone(),
+        DeviceKind::Net(net) => net.backend.to_string(),
     }
 }

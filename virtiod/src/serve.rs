@@ -3,7 +3,7 @@
 use std::sync::mpsc::{channel, Receiver};
 
 use anyhow::Context;
-use virtiod_config::{Attach, DeviceSpec, Transport};
+use virtiod_config::{Attach, DeviceKind, DeviceSpec, NetSpec, Transport};
 
 use crate::cli::{AttachArg, ServeArgs};
 use crate::device::Event;
@@ -30,9 +30,31 @@ fn spec_of(args: &ServeArgs) -> anyhow::Result<DeviceSpec> {
             .map_or("vhost-user".into(), |s| s.to_string_lossy().into_owned()),
         Transport::Vduse { name, .. } => name.clone(),
     };
+    let (image, kind) = match virtiod_config::parse_cli_net(&args.image) {
+        Some(backend) => {
+            let backend = backend.map_err(crate::usage::Usage)?;
+            let net = NetSpec {
+                backend,
+                mac: args.mac,
+                mtu: args.mtu,
+            };
+            (String::new(), DeviceKind::Net(net))
+        }
+        None => {
+            if args.mac.is_some() || args.mtu.is_some() {
+                return Err(crate::usage::Usage(
+                    "--mac and --mtu are for net devices: give net:switch=NAME instead of an image"
+                        .into(),
+                )
+                .into());
+            }
+            (args.image.clone(), DeviceKind::Blk)
+        }
+    };
     Ok(DeviceSpec {
         name,
-        image: args.image.clone(),
+        image,
+        kind,
         transport,
         queues: args.queues,
         queue_size: args.queue_size,

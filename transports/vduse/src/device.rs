@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use vduse::vdpa::{self, Driver, VdpaClient};
 use vduse::{DeviceConfig, IotlbMemory, VduseControl, VduseDevice};
-use virtiod_core::{Device, QueueService, F_ACCESS_PLATFORM};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ;
+use virtiod_core::{Device, QueueService, F_ACCESS_PLATFORM, F_VERSION_1};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::shared::{QueueCtx, QueueHandle, Shared};
@@ -53,7 +55,25 @@ pub struct VduseServer {
     created: bool,
     attached: bool,
     node: Option<PathBuf>,
+    /// The network interface of a net device attached to `virtio_vdpa`.
+    interface: Option<String>,
     device: Arc<dyn Device>,
+}
+
+/// What VDUSE asks of a net device: VERSION_1 and no control queue (ACCESS_PLATFORM is added
+/// here).
+fn check_net_features(features: u64) -> Result<(), Error> {
+    if features & F_VERSION_1 == 0 {
+        return Err(Error::Attach(
+            "a VDUSE net device must offer VIRTIO_F_VERSION_1".into(),
+        ));
+    }
+    if features & (1 << VIRTIO_NET_F_CTRL_VQ) != 0 {
+        return Err(Error::Attach(
+            "VDUSE refuses net devices with a control queue (VIRTIO_NET_F_CTRL_VQ)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the vDPA bus has a device called `name`.
@@ -129,6 +149,9 @@ impl VduseServer {
     /// Create the VDUSE device for `device`, start serving it and attach it as `opts` says.
     /// Returns once the device node is usable (see [`Self::node`]).
     pub fn create(device: Arc<dyn Device>, opts: &VduseOptions) -> Result<Self, Error> {
+        if device.device_type() == VIRTIO_ID_NET {
+            check_net_features(device.features())?;
+        }
         let control = VduseControl::open()?;
         let dev_cfg = DeviceConfig {
             name: opts.name.clone(),
@@ -161,6 +184,7 @@ impl VduseServer {
             created: !exists,
             attached: false,
             node: None,
+            interface: None,
             device: device.clone(),
         };
         this.start(device, dev, log, exists, opts.poll)?;
@@ -241,12 +265,20 @@ impl VduseServer {
         self.wait_for_node(attach, want_vhost)
     }
 
-    /// Wait until the bus driver `attach` asks for has made the device node; rebind once if
-    /// another driver took the device (unless `rebound` already).
+    /// Wait until the bus driver `attach` asks for has made the device node (for a net
+    /// device on `virtio_vdpa`: the network interface); rebind once if another driver took
+    /// the device (unless `rebound` already).
     fn wait_for_node(&mut self, attach: Attach, mut rebound: bool) -> Result<(), Error> {
         let want_vhost = attach == Attach::Vhost;
+        let want_interface = !want_vhost && self.device.device_type() == VIRTIO_ID_NET;
         let deadline = Instant::now() + ATTACH_TIMEOUT;
         loop {
+            if want_interface {
+                if let Some(interface) = vdpa::find_net_interface(&self.name)? {
+                    self.interface = Some(interface);
+                    return Ok(());
+                }
+            }
             if let Some(node) = vdpa::find_device_node(&self.name)? {
                 let is_vhost = node.to_string_lossy().contains("vhost-vdpa");
                 if is_vhost == want_vhost && node.exists() {
@@ -265,13 +297,15 @@ impl VduseServer {
                 }
             }
             if Instant::now() > deadline {
-                let module = if want_vhost {
-                    "vhost_vdpa"
+                let (module, what) = if want_vhost {
+                    ("vhost_vdpa", "device node")
+                } else if want_interface {
+                    ("virtio_vdpa and virtio_net", "network interface")
                 } else {
-                    "virtio_vdpa and virtio_blk"
+                    ("virtio_vdpa and virtio_blk", "device node")
                 };
                 return Err(Error::Attach(format!(
-                    "vdpa device {} was added but no device node appeared within {}s: load {module} (modprobe)",
+                    "vdpa device {} was added but no {what} appeared within {}s: load {module} (modprobe)",
                     self.name,
                     ATTACH_TIMEOUT.as_secs()
                 )));
@@ -280,9 +314,16 @@ impl VduseServer {
         }
     }
 
-    /// The device node: `/dev/vdX` or `/dev/vhost-vdpa-N` (None with [`Attach::None`]).
+    /// The device node: `/dev/vdX` or `/dev/vhost-vdpa-N` (None with [`Attach::None`], and
+    /// for a net device on `virtio_vdpa`: see [`Self::interface`]).
     pub fn node(&self) -> Option<&Path> {
         self.node.as_deref()
+    }
+
+    /// The network interface the host kernel made of a net device attached with
+    /// [`Attach::Virtio`] (e.g. `eth1`).
+    pub fn interface(&self) -> Option<&str> {
+        self.interface.as_deref()
     }
 
     /// The device name.
@@ -344,5 +385,21 @@ impl Drop for VduseServer {
                 tracing::warn!(%e, "cleaning up the VDUSE device");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_devices_need_version_1_and_no_control_queue() {
+        assert!(check_net_features(net_features()).is_ok());
+        assert!(check_net_features(net_features() & !F_VERSION_1).is_err());
+        assert!(check_net_features(net_features() | 1 << VIRTIO_NET_F_CTRL_VQ).is_err());
+    }
+
+    fn net_features() -> u64 {
+        F_VERSION_1 | 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MAC
     }
 }

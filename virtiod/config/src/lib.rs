@@ -12,6 +12,13 @@
 //! attach = "virtio"                 # VDUSE only: virtio | vhost | none
 //! buffered = false                  # page cache instead of O_DIRECT
 //! poll-us = 32                      # largest adaptive busy-poll window (0: never poll)
+//!
+//! [[device]]
+//! name = "n"
+//! net = "switch:sw0"                # virtio-net on the in-process switch sw0 (instead of image)
+//! vhost-user = "/run/virtiod/n.sock"
+//! mac = "52:54:00:12:34:56"         # optional: a random locally administered one otherwise
+//! mtu = 1500                        # optional
 //! ```
 //!
 //! Everything is checked before anything starts: unknown keys, duplicate names, sockets or
@@ -27,6 +34,13 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use toml::Spanned;
+
+mod net;
+
+pub use net::{
+    check_mtu, format_mac, parse_cli_net, parse_mac, parse_net_backend, DeviceKind, Mac,
+    NetBackendSpec, NetSpec, MIN_MTU,
+};
 
 /// Largest number of queues per device.
 pub const MAX_QUEUES: u16 = 64;
@@ -69,8 +83,10 @@ pub enum Transport {
 pub struct DeviceSpec {
     /// Unique name of the device in this daemon.
     pub name: String,
-    /// `PATH`, `mem:SIZE` or `null:SIZE`.
+    /// `PATH`, `mem:SIZE` or `null:SIZE` (empty for a net device).
     pub image: String,
+    /// virtio-blk or virtio-net.
+    pub kind: DeviceKind,
     /// The transport.
     pub transport: Transport,
     /// Request queues.
@@ -143,7 +159,10 @@ struct RawSingle {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawDevice {
     name: Spanned<String>,
-    image: Spanned<String>,
+    image: Option<Spanned<String>>,
+    net: Option<Spanned<String>>,
+    mac: Option<Spanned<String>>,
+    mtu: Option<Spanned<u16>>,
     vduse: Option<Spanned<String>>,
     vhost_user: Option<Spanned<PathBuf>>,
     queues: Option<Spanned<u16>>,
@@ -206,7 +225,7 @@ pub fn parse(text: &str) -> Result<Vec<DeviceSpec>, ConfigErrors> {
         errors.push(ConfigError {
             line: 1,
             column: 1,
-            message: "no devices: add a [[device]] table with name, image and vduse or vhost-user"
+            message: "no devices: add a [[device]] table with name, image (or net) and vduse or vhost-user"
                 .into(),
         });
     }
@@ -282,18 +301,17 @@ fn validate(
     };
     let name = raw.name.get_ref().clone();
     check_name(&raw.name, &mut problems);
-    if let Err(e) = virtiod_backend::ImageSpec::parse(raw.image.get_ref()) {
-        problems.bad(raw.image.span(), e.to_string());
-    }
+    let kind = kind(&raw, &name, span.clone(), &mut problems);
     let transport = transport(&raw, &name, span, &mut problems);
     let queues = queues(raw.queues.as_ref(), &mut problems);
     let queue_size = queue_size(raw.queue_size.as_ref(), &mut problems);
     let poll_us = poll_us(raw.poll_us.as_ref(), &mut problems);
     let serial = serial(raw.serial.as_ref(), &name, &mut problems);
-    match transport {
-        Some(transport) if problems.errors.is_empty() => Ok(DeviceSpec {
+    match (transport, kind) {
+        (Some(transport), Some(kind)) if problems.errors.is_empty() => Ok(DeviceSpec {
             name,
-            image: raw.image.into_inner(),
+            image: raw.image.map(Spanned::into_inner).unwrap_or_default(),
+            kind,
             transport,
             queues,
             queue_size,
@@ -303,6 +321,77 @@ fn validate(
             poll_us,
         }),
         _ => Err(problems.errors),
+    }
+}
+
+/// Exactly one of `image` and `net`; `mac` and `mtu` only with `net`. `None` when neither or
+/// both are given, or the one given is wrong (an error is reported).
+fn kind(
+    raw: &RawDevice,
+    name: &str,
+    span: Range<usize>,
+    problems: &mut Problems<'_>,
+) -> Option<DeviceKind> {
+    match (&raw.image, &raw.net) {
+        (Some(_), Some(n)) => {
+            problems.bad(
+                n.span(),
+                format!("device {name:?} has both image and net: keep one (image for a disk, net for a network device)"),
+            );
+            None
+        }
+        (None, None) => {
+            problems.bad(
+                span,
+                format!("device {name:?} has neither image nor net: add image = \"PATH\" or net = \"switch:NAME\""),
+            );
+            None
+        }
+        (Some(image), None) => {
+            if let Err(e) = virtiod_backend::ImageSpec::parse(image.get_ref()) {
+                problems.bad(image.span(), e.to_string());
+            }
+            for (key, at) in [
+                ("mac", raw.mac.as_ref().map(Spanned::span)),
+                ("mtu", raw.mtu.as_ref().map(Spanned::span)),
+            ] {
+                if let Some(at) = at {
+                    problems.bad(
+                        at,
+                        format!(
+                            "{key} is for net devices only: remove it or use net = \"switch:NAME\""
+                        ),
+                    );
+                }
+            }
+            Some(DeviceKind::Blk)
+        }
+        (None, Some(net)) => {
+            let backend = parse_net_backend(net.get_ref())
+                .map_err(|e| problems.bad(net.span(), e))
+                .ok();
+            let mac = raw.mac.as_ref().and_then(|m| {
+                parse_mac(m.get_ref())
+                    .map_err(|e| problems.bad(m.span(), e))
+                    .ok()
+            });
+            let mtu = raw.mtu.as_ref().and_then(|m| {
+                check_mtu(*m.get_ref())
+                    .map_err(|e| problems.bad(m.span(), e))
+                    .ok()
+            });
+            if let Some(q) = raw.queues.as_ref().filter(|q| *q.get_ref() != 1) {
+                problems.bad(
+                    q.span(),
+                    "a net device has one queue pair: remove queues".into(),
+                );
+            }
+            Some(DeviceKind::Net(NetSpec {
+                backend: backend?,
+                mac,
+                mtu,
+            }))
+        }
     }
 }
 

@@ -34,6 +34,7 @@ fn parses_the_documented_example() {
         DeviceSpec {
             name: "a".into(),
             image: "/var/lib/images/a.img".into(),
+            kind: DeviceKind::Blk,
             transport: Transport::Vduse {
                 name: "vd-a".into(),
                 attach: Attach::Vhost
@@ -167,4 +168,61 @@ fn one_device_as_toml_or_json() {
     let e = parse_device("name = \"c\"\nimage = \"mem:16M\"\nvhost-user = \"/s\"\nx = 1\n")
         .unwrap_err();
     assert_eq!(e.0[0].line, 4, "{e}");
+}
+
+#[test]
+fn net_devices() {
+    let text = "[[device]]\nname = \"n\"\nnet = \"switch:sw0\"\nvhost-user = \"/n.sock\"\nmac = \"52:54:00:12:34:56\"\nmtu = 9000\n\n[[device]]\nname = \"m\"\nnet = \"switch:sw0\"\nvduse = \"vnet0\"\n";
+    let devs = parse(text).unwrap();
+    assert_eq!(
+        devs[0].kind,
+        DeviceKind::Net(NetSpec {
+            backend: NetBackendSpec::Switch("sw0".into()),
+            mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+            mtu: Some(9000),
+        })
+    );
+    assert_eq!(devs[0].image, "");
+    assert_eq!(
+        devs[1].kind,
+        DeviceKind::Net(NetSpec {
+            backend: NetBackendSpec::Switch("sw0".into()),
+            mac: None,
+            mtu: None,
+        })
+    );
+    let one = parse_device(r#"{"name": "c", "net": "switch:x", "vhost-user": "/c.sock"}"#).unwrap();
+    assert!(matches!(one.kind, DeviceKind::Net(_)));
+}
+
+#[test]
+fn net_errors_are_located() {
+    let both =
+        "[[device]]\nname = \"a\"\nimage = \"mem:1M\"\nnet = \"switch:sw0\"\nvhost-user = \"/s\"\n";
+    let e = errors(both);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!((e[0].line, e[0].column), (4, 7), "{e:?}");
+    assert!(e[0].message.contains("both image and net"), "{}", e[0]);
+
+    let neither = "\n[[device]]\nname = \"a\"\nvhost-user = \"/s\"\n";
+    let e = errors(neither);
+    assert_eq!(e[0].line, 2, "{e:?}");
+    assert!(e[0].message.contains("neither image nor net"), "{}", e[0]);
+
+    let bad_mac = "[[device]]\nname = \"a\"\nnet = \"switch:sw0\"\nvhost-user = \"/s\"\nmac = \"52:54:00:12:34\"\n";
+    let e = errors(bad_mac);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!((e[0].line, e[0].column), (5, 7), "{e:?}");
+    assert!(e[0].message.contains("six hex bytes"), "{}", e[0]);
+    let multicast = bad_mac.replace("52:54:00:12:34", "01:00:5e:00:00:01");
+    assert!(errors(&multicast)[0].message.contains("multicast"));
+
+    let bad =
+        "[[device]]\nname = \"a\"\nnet = \"tap:x\"\nvhost-user = \"/s\"\nmtu = 20\nqueues = 2\n";
+    assert_eq!(at(bad), [(3, 7), (5, 7), (6, 10)]);
+
+    let blk_with_mac = "[[device]]\nname = \"a\"\nimage = \"mem:1M\"\nvhost-user = \"/s\"\nmac = \"52:54:00:12:34:56\"\n";
+    let e = errors(blk_with_mac);
+    assert_eq!((e[0].line, e[0].column), (5, 7), "{e:?}");
+    assert!(e[0].message.contains("net devices only"), "{}", e[0]);
 }

@@ -107,6 +107,26 @@ impl Sysfs {
     /// The node the bound driver created: `/dev/vdX` (virtio_vdpa + virtio_blk) or
     /// `/dev/vhost-vdpa-N` (vhost_vdpa); `None` while there is none (yet).
     pub fn find_device_node(&self, name: &str) -> Result<Option<PathBuf>, VdpaError> {
+        let (dir, names) = self.children(name)?;
+        for child in &names {
+            if let Some(n) = child.strip_prefix("vhost-vdpa-") {
+                if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+                    return Ok(Some(self.dev_root.join(child)));
+                }
+            }
+        }
+        Ok(first_under_virtio(&dir, &names, "block").map(|disk| self.dev_root.join(disk)))
+    }
+
+    /// The network interface virtio_vdpa + virtio_net created for a net device
+    /// (`devices/NAME/virtioN/net/IFNAME`); `None` while there is none (yet).
+    pub fn find_net_interface(&self, name: &str) -> Result<Option<String>, VdpaError> {
+        let (dir, names) = self.children(name)?;
+        Ok(first_under_virtio(&dir, &names, "net"))
+    }
+
+    /// The device's sysfs directory and the names in it, sorted.
+    fn children(&self, name: &str) -> Result<(PathBuf, Vec<String>), VdpaError> {
         let dir = self.device_dir(name)?;
         let entries = fs::read_dir(&dir).map_err(|source| VdpaError::Sysfs {
             path: dir.clone(),
@@ -117,34 +137,38 @@ impl Sysfs {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        for child in &names {
-            if let Some(n) = child.strip_prefix("vhost-vdpa-") {
-                if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
-                    return Ok(Some(self.dev_root.join(child)));
-                }
-            }
-        }
-        for child in &names {
-            let Some(n) = child.strip_prefix("virtio") else {
-                continue;
-            };
-            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
-                continue;
-            }
-            let Ok(disks) = fs::read_dir(dir.join(child).join("block")) else {
-                continue;
-            };
-            let mut disks: Vec<String> = disks
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            disks.sort();
-            if let Some(disk) = disks.into_iter().next() {
-                return Ok(Some(self.dev_root.join(disk)));
-            }
-        }
-        Ok(None)
+        Ok((dir, names))
     }
+}
+
+/// The first entry (by name) of `dir/virtioN/class` for the first `virtioN` child that has
+/// one: the disk (`block`) or interface (`net`) the virtio driver created.
+fn first_under_virtio(dir: &Path, names: &[String], class: &str) -> Option<String> {
+    for child in names {
+        let Some(n) = child.strip_prefix("virtio") else {
+            continue;
+        };
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(entries) = fs::read_dir(dir.join(child).join(class)) else {
+            continue;
+        };
+        let mut entries: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        entries.sort();
+        if let Some(first) = entries.into_iter().next() {
+            return Some(first);
+        }
+    }
+    None
+}
+
+/// [`Sysfs::find_net_interface`] on the real `/sys`.
+pub fn find_net_interface(name: &str) -> Result<Option<String>, VdpaError> {
+    Sysfs::default().find_net_interface(name)
 }
 
 /// [`Sysfs::bind_driver`] on the real `/sys`.
@@ -269,5 +293,22 @@ mod tests {
             s.find_device_node("vduse0").unwrap(),
             Some(PathBuf::from("/dev/vhost-vdpa-12"))
         );
+    }
+
+    #[test]
+    fn finds_the_network_interface_of_a_net_device() {
+        let t = FakeTree::new("net");
+        let s = t.sysfs();
+        assert_eq!(s.find_net_interface("vduse0").unwrap(), None);
+        fs::create_dir_all(t.bus("devices/vduse0/virtio4")).unwrap();
+        assert_eq!(
+            s.find_net_interface("vduse0").unwrap(),
+            None,
+            "no interface yet"
+        );
+        fs::create_dir_all(t.bus("devices/vduse0/virtio4/net/eth1")).unwrap();
+        assert_eq!(s.find_net_interface("vduse0").unwrap(), Some("eth1".into()));
+        assert_eq!(s.find_device_node("vduse0").unwrap(), None, "not a disk");
+        assert!(s.find_net_interface("missing").is_err());
     }
 }

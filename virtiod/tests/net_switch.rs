@@ -1,0 +1,155 @@
+//! `virtiod run` with two virtio-net devices on one in-process switch, each over vhost-user:
+//! two testkit frontends exchange a broadcast and a unicast frame through the daemon, and
+//! `ctl list` shows both with their MAC addresses.
+
+mod common;
+mod ops_common;
+
+use std::time::Duration;
+
+use common::*;
+use ops_common::*;
+use virtiod_net::{Mac, FEATURES, NET_HDR_LEN};
+use virtiod_testkit::frontend::{Desc, Driver, Options};
+
+const MAC_A: Mac = [0x52, 0x54, 0, 0x12, 0x34, 0x0a];
+const BROADCAST: Mac = [0xff; 6];
+const RX: usize = 0;
+const TX: usize = 1;
+const RX_BUF: u32 = 2048;
+const RX_BUFFERS: u16 = 4;
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// A guest: its frontend and the receive buffers it posted (by head).
+struct Guest {
+    d: Driver,
+    rx: Vec<Desc>,
+}
+
+impl Guest {
+    fn connect(socket: &std::path::Path) -> Self {
+        let opts = Options::queues(2).features(FEATURES);
+        let mut d = Driver::connect_opts(socket, &opts);
+        assert_eq!(d.num_queues(), 2);
+        let rx: Vec<Desc> = (0..RX_BUFFERS).map(|_| d.writable(RX_BUF)).collect();
+        d.write_table_at(RX, 0, &rx);
+        d.make_available(RX, &(0..RX_BUFFERS).collect::<Vec<_>>());
+        Self { d, rx }
+    }
+
+    /// Send `frame` (header + frame in one readable buffer) and wait for its completion.
+    fn send(&mut self, head: u16, frame: &[u8]) {
+        let mut bytes = vec![0u8; NET_HDR_LEN];
+        bytes.extend_from_slice(frame);
+        let buf = self.d.readable(&bytes);
+        self.d.write_table_at(TX, head, &[buf]);
+        self.d.make_available(TX, &[head]);
+        assert_eq!(self.d.wait_used(TX, 1), [(u32::from(head), 0)]);
+        self.d.verify("tx", &[]);
+    }
+
+    /// Wait for one received frame and check it is `frame` behind a one-buffer header.
+    fn expect(&mut self, case: &str, frame: &[u8]) {
+        let used = self.d.wait_used(RX, 1);
+        let (head, len) = used[0];
+        let want_len = NET_HDR_LEN + frame.len();
+        assert_eq!(len as usize, want_len, "{case}: used length");
+        let buf = self.rx[head as usize];
+        let got = self.d.get(buf.addr, want_len);
+        let mut header = [0u8; NET_HDR_LEN];
+        header[10] = 1; // num_buffers = 1
+        assert_eq!(got[..NET_HDR_LEN], header, "{case}: virtio-net header");
+        assert_eq!(&got[NET_HDR_LEN..], frame, "{case}: frame bytes");
+        self.d.verify(case, &[(buf.addr, want_len as u64)]);
+    }
+
+    fn expect_nothing(&mut self, case: &str) {
+        self.d.assert_nothing_used(RX, SETTLE);
+        self.d.verify(case, &[]);
+    }
+}
+
+fn frame(dst: Mac, src: Mac, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&0x88b5u16.to_be_bytes()); // local experimental ethertype
+    f.extend_from_slice(payload);
+    f
+}
+
+/// "52:54:00:12:34:0a" to bytes.
+fn mac_of(text: &str) -> Mac {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
+}
+
+#[test]
+fn two_net_devices_on_one_switch_exchange_frames_through_the_daemon() {
+    let dir = Scratch::new("net-switch");
+    let (sock_a, sock_b) = (dir.path("a.sock"), dir.path("b.sock"));
+    let control = dir.path("control.sock");
+    let cfg = dir.path("devices.toml");
+    let text = format!(
+        "[[device]]\nname = \"a\"\nnet = \"switch:sw0\"\nvhost-user = \"{}\"\nmac = \"52:54:00:12:34:0a\"\nmtu = 1500\n\n\
+         [[device]]\nname = \"b\"\nnet = \"switch:sw0\"\nvhost-user = \"{}\"\n",
+        sock_a.display(),
+        sock_b.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let control_arg = control.to_str().unwrap();
+    let daemon = RunDaemon::start(
+        &cfg,
+        &["--control", control_arg],
+        &[sock_a.clone(), sock_b.clone()],
+    );
+
+    // ctl list: both net devices, A with its MAC, B with a random locally administered one.
+    let (code, out, err) = ctl(&control, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].starts_with("a vhost-user ")
+            && lines[0].ends_with(" up net=switch:sw0 mac=52:54:00:12:34:0a"),
+        "{out}"
+    );
+    let mac_b = mac_of(lines[1].rsplit_once("mac=").expect("a MAC for b").1);
+    assert!(lines[1].starts_with("b vhost-user "), "{out}");
+    assert_eq!(mac_b[0] & 0x03, 0x02, "locally administered unicast: {out}");
+    // Net devices have no counters yet; stats of all devices still answers.
+    let (code, _, err) = ctl(&control, &["stats"]);
+    assert_eq!(code, 0, "{err}");
+
+    let mut a = Guest::connect(&sock_a);
+    let mut b = Guest::connect(&sock_b);
+
+    // A broadcasts: B gets it, A does not.
+    let hello = frame(BROADCAST, MAC_A, &[0x11; 100]);
+    a.send(0, &hello);
+    b.expect("broadcast from A", &hello);
+    a.expect_nothing("A's own broadcast");
+
+    // B answers A by unicast, to the address the switch learned from the broadcast.
+    let to_a = frame(MAC_A, mac_b, &(0..=255).collect::<Vec<u8>>());
+    b.send(0, &to_a);
+    a.expect("unicast B to A", &to_a);
+    b.expect_nothing("B's own unicast");
+
+    // And A to B, now that B's address is learned too.
+    let to_b = frame(mac_b, MAC_A, &[0x22; 1000]);
+    a.send(1, &to_b);
+    b.expect("unicast A to B", &to_b);
+
+    let (status, stdout) = daemon.terminate();
+    assert!(status.success(), "{status}");
+    assert!(
+        stdout.contains(&format!("a {}", sock_a.display()))
+            && stdout.contains(&format!("b {}", sock_b.display())),
+        "{stdout}"
+    );
+    assert!(!sock_a.exists() && !sock_b.exists(), "sockets removed");
+}
