@@ -282,6 +282,10 @@ fn print_list(result: &Value) {
 fn print_stats(result: &Value) {
     for d in result.as_array().into_iter().flatten() {
         let name = d["name"].as_str().unwrap_or("");
+        if d["kind"].as_str() == Some("net") {
+            print_net_stats(name, d);
+            continue;
+        }
         let ops = ["read", "write", "flush", "discard", "write_zeroes", "other"];
         let counts: Vec<String> = ops
             .iter()
@@ -294,4 +298,19 @@ fn print_stats(result: &Value) {
             d["in_flight"]
         );
     }
+}
+
+/// `NAME rx=PACKETS/BYTESB tx=PACKETS/BYTESB rx_drop_REASON=N … tx_drop_REASON=N`.
+fn print_net_stats(name: &str, d: &Value) {
+    let mut line = format!(
+        "{name} rx={}/{}B tx={}/{}B",
+        d["rx_packets"], d["rx_bytes"], d["tx_packets"], d["tx_bytes"]
+    );
+    for direction in ["rx", "tx"] {
+        let reasons = d["drops"][direction].as_object().into_iter().flatten();
+        for (reason, n) in reasons {
+            line.push_str(&format!(" {direction}_drop_{reason}={n}"));
+        }
+    }
+    println!("{line}");
 }

@@ -11,7 +11,7 @@ use virtiod_backend::OpenOptions;
 use virtiod_blk::{BlkConfig, BlkDevice, Stats};
 use virtiod_config::{Attach as AttachSpec, DeviceKind, DeviceSpec, Mac, NetSpec, Transport};
 use virtiod_core::Device as CoreDevice;
-use virtiod_net::{NetConfig, NetDevice, Switch};
+use virtiod_net::{NetBackend, NetConfig, NetDevice, PortCounters, Switch};
 use virtiod_vduse::{Attach, VduseOptions, VduseServer};
 use virtiod_vhost_user::{bind_socket, Server, VhostUserDevice};
 
@@ -40,8 +40,10 @@ enum Kind {
 /// A device being served.
 pub struct Device {
     spec: DeviceSpec,
-    /// Request counters (virtio-blk only, for now).
+    /// Request counters of a blk device.
     stats: Option<Arc<Stats>>,
+    /// The port of a net device, which counts its frames.
+    port: Option<Arc<dyn NetBackend>>,
     /// The MAC address of a net device (the one given, or the random one chosen).
     mac: Option<Mac>,
     endpoint: PathBuf,
@@ -56,14 +58,15 @@ impl Device {
         state_dir: &Path,
         events: Sender<Event>,
     ) -> anyhow::Result<Self> {
-        let (device, stats, mac, what): (Arc<dyn CoreDevice>, _, _, _) = match &spec.kind {
+        let (device, stats, port, mac, what): (Arc<dyn CoreDevice>, _, _, _, _) = match &spec.kind {
             DeviceKind::Blk => {
                 let (blk, stats) = open_blk(&spec)?;
-                (blk, Some(stats), None, "virtio-blk")
+                (blk, Some(stats), None, None, "virtio-blk")
             }
             DeviceKind::Net(net) => {
                 let (dev, mac) = open_net(&spec, net)?;
-                (dev, None, Some(mac), "virtio-net")
+                let port = Some(dev.backend().clone());
+                (dev, None, port, Some(mac), "virtio-net")
             }
         };
         let max_poll = Duration::from_micros(spec.poll_us);
@@ -123,6 +126,7 @@ impl Device {
         Ok(Self {
             spec,
             stats,
+            port,
             mac,
             endpoint,
             kind,
@@ -134,9 +138,14 @@ impl Device {
         &self.spec
     }
 
-    /// Its request counters (`None` for a net device: not counted yet).
+    /// Its request counters (`None` for a net device: see [`Self::net_counters`]).
     pub fn stats(&self) -> Option<&Arc<Stats>> {
         self.stats.as_ref()
+    }
+
+    /// A net device's frame counters now (`None` for a blk device).
+    pub fn net_counters(&self) -> Option<PortCounters> {
+        self.port.as_ref().map(|port| port.stats().snapshot())
     }
 
     /// The MAC address of a net device.

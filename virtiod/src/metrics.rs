@@ -2,8 +2,10 @@
 //!
 //! Series (all labelled `device`): `virtiod_requests_total` and `virtiod_bytes_total` by `op`,
 //! `virtiod_errors_total`, `virtiod_in_flight`, `virtiod_queues`, `virtiod_device_up`, and the
-//! `virtiod_request_latency_seconds` histogram (backend submit to completion). Values are read
-//! from the devices' own counters at each scrape; nothing is kept here.
+//! `virtiod_request_latency_seconds` histogram (backend submit to completion); for net
+//! devices `virtiod_net_{rx,tx}_{packets,bytes}_total` and `virtiod_net_drops_total` by
+//! `direction` and `reason`. Values are read from the devices' own counters at each scrape;
+//! nothing is kept here.
 //!
 //! Served by [`crate::door`] within [`LIMITS`]: scrapes are answered concurrently with any
 //! number of idle or slow connections (none of them holds a thread), a request head is at most
@@ -28,9 +30,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry as PromRegistry;
 use virtiod_blk::{OpKind, LATENCY_BOUNDS_US};
+use virtiod_net::PortCounters;
 
 use crate::door::{Framing, Limits, Notice, Reply};
-use crate::registry::Registry;
+use crate::registry::{net_drops, Registry};
 
 /// The metrics endpoint's bounds.
 pub const LIMITS: Limits = Limits {
@@ -136,8 +139,65 @@ impl Collector for DeviceCollector {
                     None,
                 )?;
         }
-        Ok(())
+        encode_net(&devices, &mut encoder)
     }
+}
+
+/// A net counter series: name (without prefix and `_total`), help, and its value.
+type NetSeries = (&'static str, &'static str, fn(&PortCounters) -> u64);
+
+/// The net devices' packet and byte counters.
+const NET_FRAMES: [NetSeries; 4] = [
+    (
+        "net_rx_packets",
+        "Frames written into the driver's receive buffers",
+        |c| c.rx_packets,
+    ),
+    (
+        "net_rx_bytes",
+        "Bytes of received frames, without the virtio-net header",
+        |c| c.rx_bytes,
+    ),
+    ("net_tx_packets", "Frames the driver sent", |c| c.tx_packets),
+    (
+        "net_tx_bytes",
+        "Bytes of sent frames, without the virtio-net header",
+        |c| c.tx_bytes,
+    ),
+];
+
+/// The net devices' frame counters.
+fn encode_net(
+    devices: &[crate::registry::MetricsView],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let net: Vec<_> = devices
+        .iter()
+        .filter_map(|d| d.net.as_ref().map(|c| (d.name.as_str(), c)))
+        .collect();
+    for (metric, help, value) in NET_FRAMES {
+        let mut e = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
+        for (name, counters) in &net {
+            ConstCounter::new(value(counters)).encode(e.encode_family(&[("device", *name)])?)?;
+        }
+    }
+    let mut e = encoder.encode_descriptor(
+        "net_drops",
+        "Frames dropped, by direction (rx: to the driver, tx: from it) and reason",
+        None,
+        MetricType::Counter,
+    )?;
+    for (name, counters) in &net {
+        for (direction, reason, n) in net_drops(counters) {
+            let labels = [
+                ("device", *name),
+                ("direction", direction),
+                ("reason", reason),
+            ];
+            ConstCounter::new(n).encode(e.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// The exposition text of every device in `registry`.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 use virtiod_blk::{OpKind, Stats};
 use virtiod_config::{DeviceKind, DeviceSpec, Transport};
+use virtiod_net::PortCounters;
 
 use crate::device::{Device, Event};
 
@@ -33,10 +34,27 @@ pub struct DeviceInfo {
     pub error: Option<String>,
 }
 
-/// Counters of one device, summed over its queues.
+/// Counters of one device: a blk device's requests or a net device's frames.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceStats {
     pub name: String,
+    /// `blk` or `net`.
+    pub kind: &'static str,
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// The counters of one kind of device.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Counters {
+    Blk(BlkStats),
+    Net(NetStats),
+}
+
+/// Counters of one blk device, summed over its queues.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlkStats {
     /// Completed requests by op.
     pub requests: BTreeMap<&'static str, u64>,
     /// Data bytes by op.
@@ -46,9 +64,28 @@ pub struct DeviceStats {
 }
 
 impl DeviceStats {
-    pub fn of(name: &str, stats: &Stats) -> Self {
+    /// A blk device's counters.
+    pub fn blk(name: &str, stats: &Stats) -> Self {
         Self {
             name: name.to_string(),
+            kind: "blk",
+            counters: Counters::Blk(BlkStats::of(stats)),
+        }
+    }
+
+    /// A net device's counters.
+    pub fn net(name: &str, port: &PortCounters) -> Self {
+        Self {
+            name: name.to_string(),
+            kind: "net",
+            counters: Counters::Net(NetStats::of(port)),
+        }
+    }
+}
+
+impl BlkStats {
+    fn of(stats: &Stats) -> Self {
+        Self {
             requests: OpKind::ALL
                 .iter()
                 .map(|k| (k.name(), stats.requests(*k)))
@@ -63,12 +100,56 @@ impl DeviceStats {
     }
 }
 
+/// Counters of one net device's port. "tx" is what the driver sent, "rx" what it received;
+/// bytes are frame bytes without the virtio-net header.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Dropped frames by direction (`rx`, `tx`), then by reason.
+    pub drops: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+}
+
+impl NetStats {
+    fn of(port: &PortCounters) -> Self {
+        let mut drops: BTreeMap<_, BTreeMap<_, _>> = BTreeMap::new();
+        for (direction, reason, n) in net_drops(port) {
+            drops.entry(direction).or_default().insert(reason, n);
+        }
+        Self {
+            rx_packets: port.rx_packets,
+            rx_bytes: port.rx_bytes,
+            tx_packets: port.tx_packets,
+            tx_bytes: port.tx_bytes,
+            drops,
+        }
+    }
+}
+
+/// A port's drop counters as (direction, reason, count): what the driver sent (`tx`) or was
+/// to receive (`rx`), dropped because it was malformed, too big, or (rx) the port's queue of
+/// waiting frames was full.
+pub fn net_drops(port: &PortCounters) -> [(&'static str, &'static str, u64); 5] {
+    [
+        ("rx", "queue_full", port.rx_queue_full),
+        ("rx", "too_big", port.rx_too_big),
+        ("rx", "malformed", port.rx_malformed),
+        ("tx", "too_big", port.tx_too_big),
+        ("tx", "malformed", port.tx_malformed),
+    ]
+}
+
 /// A device as the metrics endpoint sees it.
 pub struct MetricsView {
     pub name: String,
     pub queues: u16,
     pub up: bool,
+    /// A blk device's request counters.
     pub stats: Option<Arc<Stats>>,
+    /// A net device's frame counters, read when the view was taken.
+    pub net: Option<PortCounters>,
 }
 
 #[derive(Default)]
@@ -204,17 +285,17 @@ impl Registry {
     /// Counters of one device or of all running ones.
     pub fn stats(&self, name: Option<&str>) -> anyhow::Result<Vec<DeviceStats>> {
         let inner = self.lock();
+        let of = |n: &str, d: &Device| match (d.stats(), d.net_counters()) {
+            (Some(stats), _) => Some(DeviceStats::blk(n, stats)),
+            (None, Some(port)) => Some(DeviceStats::net(n, &port)),
+            (None, None) => None,
+        };
         match name {
-            Some(n) => match inner.devices.get(n).map(|d| d.stats()) {
-                Some(Some(stats)) => Ok(vec![DeviceStats::of(n, stats)]),
-                Some(None) => anyhow::bail!("device {n} is a net device: it has no counters yet"),
+            Some(n) => match inner.devices.get(n) {
+                Some(d) => Ok(of(n, d).into_iter().collect()),
                 None => anyhow::bail!("no running device named {n}: see `virtiod ctl list`"),
             },
-            None => Ok(inner
-                .devices
-                .iter()
-                .filter_map(|(n, d)| d.stats().map(|s| DeviceStats::of(n, s)))
-                .collect()),
+            None => Ok(inner.devices.iter().filter_map(|(n, d)| of(n, d)).collect()),
         }
     }
 
@@ -226,12 +307,14 @@ impl Registry {
             queues: d.spec().queues,
             up: d.is_up(),
             stats: d.stats().cloned(),
+            net: d.net_counters(),
         });
         let failed = inner.failed.values().map(|(spec, _)| MetricsView {
             name: spec.name.clone(),
             queues: spec.queues,
             up: false,
             stats: None,
+            net: None,
         });
         running.chain(failed).collect()
     }
