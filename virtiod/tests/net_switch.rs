@@ -1,6 +1,7 @@
 //! `virtiod run` with two virtio-net devices on one in-process switch, each over vhost-user:
-//! two testkit frontends exchange a broadcast and a unicast frame through the daemon, and
-//! `ctl list` shows both with their MAC addresses.
+//! two testkit frontends exchange a broadcast and a unicast frame through the daemon, `ctl
+//! list` shows both with their MAC addresses, and `ctl stats` and `/metrics` count exactly the
+//! frames and bytes each sent and received.
 
 mod common;
 mod ops_common;
@@ -69,6 +70,25 @@ impl Guest {
     }
 }
 
+/// Every drop counter a net device has, as (direction, reason).
+const DROPS: [(&str, &str); 5] = [
+    ("rx", "queue_full"),
+    ("rx", "too_big"),
+    ("rx", "malformed"),
+    ("tx", "too_big"),
+    ("tx", "malformed"),
+];
+
+/// The `ctl stats` line of a net device that received `rx` and sent `tx` (packets, bytes)
+/// and dropped nothing.
+fn stats_line(name: &str, rx: (usize, usize), tx: (usize, usize)) -> String {
+    format!(
+        "{name} rx={}/{}B tx={}/{}B rx_drop_malformed=0 rx_drop_queue_full=0 rx_drop_too_big=0 \
+         tx_drop_malformed=0 tx_drop_too_big=0",
+        rx.0, rx.1, tx.0, tx.1
+    )
+}
+
 fn frame(dst: Mac, src: Mac, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend_from_slice(&dst);
@@ -101,11 +121,14 @@ fn two_net_devices_on_one_switch_exchange_frames_through_the_daemon() {
     );
     std::fs::write(&cfg, text).unwrap();
     let control_arg = control.to_str().unwrap();
+    let port = free_port();
+    let metrics_arg = format!("127.0.0.1:{port}");
     let daemon = RunDaemon::start(
         &cfg,
-        &["--control", control_arg],
+        &["--control", control_arg, "--metrics", &metrics_arg],
         &[sock_a.clone(), sock_b.clone()],
     );
+    wait_for_port(port);
 
     // ctl list: both net devices, A with its MAC, B with a random locally administered one.
     let (code, out, err) = ctl(&control, &["list"]);
@@ -120,9 +143,17 @@ fn two_net_devices_on_one_switch_exchange_frames_through_the_daemon() {
     let mac_b = mac_of(lines[1].rsplit_once("mac=").expect("a MAC for b").1);
     assert!(lines[1].starts_with("b vhost-user "), "{out}");
     assert_eq!(mac_b[0] & 0x03, 0x02, "locally administered unicast: {out}");
-    // Net devices have no counters yet; stats of all devices still answers.
-    let (code, _, err) = ctl(&control, &["stats"]);
+    // Nothing sent yet: both net devices are listed by stats, with zeros.
+    let (code, out, err) = ctl(&control, &["stats"]);
     assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "{}\n{}\n",
+            stats_line("a", (0, 0), (0, 0)),
+            stats_line("b", (0, 0), (0, 0))
+        ),
+    );
 
     let mut a = Guest::connect(&sock_a);
     let mut b = Guest::connect(&sock_b);
@@ -143,6 +174,61 @@ fn two_net_devices_on_one_switch_exchange_frames_through_the_daemon() {
     let to_b = frame(mac_b, MAC_A, &[0x22; 1000]);
     a.send(1, &to_b);
     b.expect("unicast A to B", &to_b);
+
+    // A sent the broadcast and to_b, received to_a; B the other way round. Bytes are the
+    // frames without the virtio-net header; nothing was dropped.
+    let a_sent = (2, hello.len() + to_b.len());
+    let b_sent = (1, to_a.len());
+    let (code, out, err) = ctl(&control, &["stats", "a"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("{}\n", stats_line("a", b_sent, a_sent)));
+    let (code, out, err) = ctl(&control, &["stats"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "{}\n{}\n",
+            stats_line("a", b_sent, a_sent),
+            stats_line("b", a_sent, b_sent)
+        ),
+    );
+
+    let (status, text) = http_get(port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let get = |series: String| {
+        sample(&text, &series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    for (device, rx, tx) in [("a", b_sent, a_sent), ("b", a_sent, b_sent)] {
+        let dev = format!(r#"device="{device}""#);
+        assert_eq!(
+            get(format!("virtiod_net_rx_packets_total{{{dev}}}")),
+            rx.0 as f64
+        );
+        assert_eq!(
+            get(format!("virtiod_net_rx_bytes_total{{{dev}}}")),
+            rx.1 as f64
+        );
+        assert_eq!(
+            get(format!("virtiod_net_tx_packets_total{{{dev}}}")),
+            tx.0 as f64
+        );
+        assert_eq!(
+            get(format!("virtiod_net_tx_bytes_total{{{dev}}}")),
+            tx.1 as f64
+        );
+        for (direction, reason) in DROPS {
+            let series = format!(
+                r#"virtiod_net_drops_total{{{dev},direction="{direction}",reason="{reason}"}}"#
+            );
+            assert_eq!(get(series), 0.0);
+        }
+        assert_eq!(get(format!("virtiod_device_up{{{dev}}}")), 1.0);
+        // Net devices have no blk request counters.
+        assert!(
+            !text.contains(&format!("virtiod_requests_total{{{dev}")),
+            "{text}"
+        );
+    }
 
     let (status, stdout) = daemon.terminate();
     assert!(status.success(), "{status}");
