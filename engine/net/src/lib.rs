@@ -18,14 +18,16 @@
 
 mod backend;
 mod device;
+mod frames;
 mod rx;
 mod switch;
 mod tx;
 
 pub use backend::{NetBackend, PortCounters, PortStats};
 pub use device::{NetConfig, NetDevice, DEFAULT_MTU, DEFAULT_QUEUE_SIZE, FEATURES};
+pub use frames::PORT_QUEUE_FRAMES;
 pub use rx::RxQueue;
-pub use switch::{Mac, Switch, SwitchPort, MAC_AGEING, MAC_TABLE_SIZE, PORT_QUEUE_FRAMES};
+pub use switch::{Mac, Switch, SwitchPort, MAC_AGEING, MAC_TABLE_SIZE};
 pub use tx::{TxError, TxQueue};
 
 use virtio_bindings::virtio_net;
