@@ -57,7 +57,7 @@ pub enum AttachArg {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve one disk image as a virtio-blk device (or a virtio-net device: net:switch=NAME).
+    /// Serve one disk image as a virtio-blk device (or a virtio-net device: net:switch=NAME, net:tap=NAME).
     #[command(after_help = "Examples:\n  \
         virtiod serve --vduse vd0 disk.img                    # the host gets /dev/vdX\n  \
         virtiod serve --vduse vd1 --attach vhost disk.img     # /dev/vhost-vdpa-N for a VM\n  \
@@ -67,9 +67,11 @@ pub enum Command {
         virtiod serve --vhost-user /tmp/vu.sock mem:256M\n  \
         virtiod serve --vduse vd0 --metrics 127.0.0.1:9810 --control /run/virtiod/ctl.sock disk.img\n  \
         virtiod serve --vduse vnet0 --mac 52:54:00:12:34:56 net:switch=sw0   # the host gets a network interface\n  \
-        virtiod serve --vhost-user /tmp/net0.sock --mtu 9000 net:switch=sw0\n\n\
+        virtiod serve --vhost-user /tmp/net0.sock --mtu 9000 net:switch=sw0\n  \
+        virtiod serve --vhost-user /run/virtiod/n0.sock net:tap=tap0   # QEMU -netdev vhost-user; then: ip link set tap0 up\n\n\
         IMAGE is a raw image file or block device, mem:SIZE (RAM) or null:SIZE (discards writes),\n\
-        or net:switch=NAME: a virtio-net device on the in-process switch NAME.")]
+        or net:switch=NAME: a virtio-net device on the in-process switch NAME,\n\
+        or net:tap=NAME: a virtio-net device on the tap interface NAME (created, or attached to).")]
     Serve(ServeArgs),
     /// Check whether this host can serve VDUSE devices, and what to do about what is missing.
     #[command(after_help = "Examples:\n  \
@@ -224,7 +226,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse_mtu)]
     pub mtu: Option<u16>,
     /// The image: a file or block device path, mem:SIZE or null:SIZE; or net:switch=NAME for
-    /// a virtio-net device on the in-process switch NAME.
+    /// a virtio-net device on the in-process switch NAME, net:tap=NAME on the tap NAME.
     #[arg(value_name = "IMAGE")]
     pub image: String,
 }

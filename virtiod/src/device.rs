@@ -9,9 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use virtiod_backend::OpenOptions;
 use virtiod_blk::{BlkConfig, BlkDevice, Stats};
-use virtiod_config::{Attach as AttachSpec, DeviceKind, DeviceSpec, Mac, NetSpec, Transport};
+use virtiod_config::{
+    Attach as AttachSpec, DeviceKind, DeviceSpec, Mac, NetBackendSpec, NetSpec, Transport,
+};
 use virtiod_core::Device as CoreDevice;
-use virtiod_net::{NetBackend, NetConfig, NetDevice, PortCounters, Switch};
+use virtiod_net::{NetBackend, NetConfig, NetDevice, PortCounters, Switch, TapPort};
 use virtiod_vduse::{Attach, VduseOptions, VduseServer};
 use virtiod_vhost_user::{bind_socket, Server, VhostUserDevice};
 
@@ -51,7 +53,7 @@ pub struct Device {
 }
 
 impl Device {
-    /// Open the image (or join the switch) and start serving. Nothing is left behind on
+    /// Open the image (or the net port) and start serving. Nothing is left behind on
     /// failure. `events` hears when a vhost-user server stops by itself.
     pub fn start(
         spec: DeviceSpec,
@@ -211,12 +213,14 @@ fn open_blk(spec: &DeviceSpec) -> anyhow::Result<(Arc<BlkDevice>, Arc<Stats>)> {
     Ok((blk, stats))
 }
 
-/// A virtio-net device on a port of its switch, with the MAC given or a random one.
+/// A virtio-net device on its port (of a switch, or a tap), with the MAC given or a random one.
 fn open_net(spec: &DeviceSpec, net: &NetSpec) -> anyhow::Result<(Arc<NetDevice>, Mac)> {
-    let virtiod_config::NetBackendSpec::Switch(switch) = &net.backend;
-    let port = Switch::named(switch)
-        .and_then(|sw| sw.port())
-        .with_context(|| format!("cannot join switch {switch}"))?;
+    let port: Arc<dyn NetBackend> = match &net.backend {
+        NetBackendSpec::Switch(switch) => Switch::named(switch)
+            .and_then(|sw| sw.port())
+            .with_context(|| format!("cannot join switch {switch}"))?,
+        NetBackendSpec::Tap(tap) => Arc::new(TapPort::open(tap)?),
+    };
     let mac = match net.mac {
         Some(mac) => mac,
         None => random_mac().context("cannot choose a random MAC address: give one")?,
@@ -229,12 +233,12 @@ fn open_net(spec: &DeviceSpec, net: &NetSpec) -> anyhow::Result<(Arc<NetDevice>,
     let dev = NetDevice::new(cfg, port)?;
     tracing::info!(
         device = %spec.name,
-        switch = %switch,
+        port = %net.backend,
         mac = %virtiod_config::format_mac(&mac),
         mtu = cfg.mtu,
         random_mac = net.mac.is_none(),
         queue_size = cfg.queue_size,
-        "joined the switch"
+        "port opened"
     );
     Ok((Arc::new(dev), mac))
 }

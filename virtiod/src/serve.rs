@@ -43,7 +43,7 @@ fn spec_of(args: &ServeArgs) -> anyhow::Result<DeviceSpec> {
         None => {
             if args.mac.is_some() || args.mtu.is_some() {
                 return Err(crate::usage::Usage(
-                    "--mac and --mtu are for net devices: give net:switch=NAME instead of an image"
+                    "--mac and --mtu are for net devices: give net:switch=NAME or net:tap=NAME instead of an image"
                         .into(),
                 )
                 .into());

@@ -5,7 +5,8 @@
 //!   implements; no control queue), the configuration space (`struct virtio_net_config`) and
 //!   one queue pair: queue 0 receives ([`RxQueue`]), queue 1 transmits ([`TxQueue`]).
 //! - [`NetBackend`] is the seam to where frames go: one backend per device (a *port*). The
-//!   in-process [`Switch`] (`switch:NAME`) is the first; a tap device is next.
+//!   in-process [`Switch`] (`switch:NAME`) and a Linux tap interface ([`TapPort`],
+//!   `tap:NAME`).
 //!
 //! ```text
 //! driver tx chain ─► TxQueue::start (header + frame, checked) ─► NetBackend::transmit
@@ -14,18 +15,23 @@
 //!                     RxQueue::reap: header + frame into the buffer(s) ─► used ring
 //! ```
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod backend;
 mod device;
+mod frames;
 mod rx;
 mod switch;
+#[allow(unsafe_code)] // the tap ioctls, in tap/sys.rs only
+mod tap;
 mod tx;
 
 pub use backend::{NetBackend, PortCounters, PortStats};
 pub use device::{NetConfig, NetDevice, DEFAULT_MTU, DEFAULT_QUEUE_SIZE, FEATURES};
+pub use frames::PORT_QUEUE_FRAMES;
 pub use rx::RxQueue;
-pub use switch::{Mac, Switch, SwitchPort, MAC_AGEING, MAC_TABLE_SIZE, PORT_QUEUE_FRAMES};
+pub use switch::{Mac, Switch, SwitchPort, MAC_AGEING, MAC_TABLE_SIZE};
+pub use tap::{check_tap_name, TapPort, TUN_PATH};
 pub use tx::{TxError, TxQueue};
 
 use virtio_bindings::virtio_net;
@@ -56,6 +62,32 @@ pub enum NetError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// A tap name the kernel would refuse.
+    #[error("invalid tap name {0:?}: give 1 to 15 bytes (IFNAMSIZ) without '/', ':' or spaces")]
+    TapName(String),
+    /// `/dev/net/tun` is missing (or the tun driver is not loaded).
+    #[error("cannot open /dev/net/tun: {0}: load the tun module (modprobe tun)")]
+    TunMissing(#[source] std::io::Error),
+    /// Creating or attaching to a tap was refused.
+    #[error("permission denied opening tap {0}: run with CAP_NET_ADMIN (or as the owner of a persistent tap)")]
+    TapPermission(String),
+    /// The (single-queue) tap is attached to another process already.
+    #[error("tap {0} is busy: another process has it open")]
+    TapBusy(String),
+    /// The name is taken by an interface that is not a tap (or a tap with other flags).
+    #[error("{0} exists and is not a tap without packet info: choose another name")]
+    NotTap(String),
+    /// Another tap operation failed.
+    #[error("tap {name}: {what} failed: {source}")]
+    Tap {
+        /// The interface (or `/dev/net/tun`).
+        name: String,
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The MTU is outside what virtio-net and Ethernet allow.
     #[error("invalid MTU {0}: give a value from 68 to 65535")]
     Mtu(u16),

@@ -3,20 +3,18 @@
 //! unicast frames are flooded to every other port, and no frame goes back to its sender.
 //!
 //! Each port keeps a bounded queue of frames waiting for receive buffers; beyond
-//! [`PORT_QUEUE_FRAMES`] frames, new ones are dropped and counted, so a slow port never
+//! [`crate::PORT_QUEUE_FRAMES`] frames, new ones are dropped and counted, so a slow port never
 //! blocks the others.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{NetBackend, PortStats};
+use crate::frames::{locked, RxFrames};
 use crate::NetError;
-
-/// Frames waiting per port for receive buffers; more are dropped.
-pub const PORT_QUEUE_FRAMES: usize = 256;
 /// A learned address is forgotten when no frame came from it for this long.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
 /// Most addresses a switch learns (beyond, expired ones are evicted; else none is learned).
@@ -27,10 +25,6 @@ pub type Mac = [u8; 6];
 
 /// Switches of this process by name (`switch:NAME` finds the same one).
 static SWITCHES: Mutex<Option<HashMap<String, Weak<Switch>>>> = Mutex::new(None);
-
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// An in-process Ethernet switch.
 #[derive(Debug)]
@@ -80,15 +74,14 @@ impl Switch {
 
     /// A new port on this switch (removed when dropped).
     pub fn port(self: &Arc<Self>) -> Result<Arc<SwitchPort>, NetError> {
-        let event = EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?;
+        let rx = RxFrames::new()?;
         let mut inner = locked(&self.inner);
         let id = inner.next_id;
         inner.next_id += 1;
         let port = Arc::new(SwitchPort {
             id,
             switch: self.clone(),
-            rx: Mutex::new(PortQueue::default()),
-            event,
+            rx,
             stats: PortStats::default(),
         });
         inner.ports.push((id, Arc::downgrade(&port)));
@@ -172,22 +165,12 @@ fn is_multicast(mac: &Mac) -> bool {
     mac[0] & 1 != 0
 }
 
-#[derive(Debug, Default)]
-struct PortQueue {
-    frames: VecDeque<Vec<u8>>,
-    /// Emptied frame buffers, reused for the next frames.
-    spare: Vec<Vec<u8>>,
-    /// The rx queue holds receive buffers (signal the event for new frames).
-    ready: bool,
-}
-
 /// One port of a [`Switch`]: the [`NetBackend`] of one virtio-net device.
 #[derive(Debug)]
 pub struct SwitchPort {
     id: u64,
     switch: Arc<Switch>,
-    rx: Mutex<PortQueue>,
-    event: EventFd,
+    rx: RxFrames,
     stats: PortStats,
 }
 
@@ -199,30 +182,12 @@ impl SwitchPort {
 
     /// Frames waiting for receive buffers.
     pub fn queued(&self) -> usize {
-        locked(&self.rx).frames.len()
+        self.rx.len()
     }
 
     /// Queue `frame` for this port's driver (dropped and counted when the queue is full).
     fn deliver(&self, frame: &[u8]) {
-        let mut q = locked(&self.rx);
-        if q.frames.len() >= PORT_QUEUE_FRAMES {
-            drop(q);
-            PortStats::bump(&self.stats.rx_queue_full);
-            return;
-        }
-        let mut buf = q.spare.pop().unwrap_or_default();
-        buf.clear();
-        buf.extend_from_slice(frame);
-        q.frames.push_back(buf);
-        if q.ready {
-            self.signal();
-        }
-    }
-
-    fn signal(&self) {
-        if let Err(err) = self.event.write(1) {
-            tracing::warn!(%err, "cannot signal the rx queue");
-        }
+        self.rx.push(frame, &self.stats);
     }
 
     /// Forward a frame as sent at `now` (tests of ageing).
@@ -238,27 +203,15 @@ impl NetBackend for SwitchPort {
     }
 
     fn receive(&self, frame: &mut Vec<u8>) -> bool {
-        let mut q = locked(&self.rx);
-        let Some(mut next) = q.frames.pop_front() else {
-            return false;
-        };
-        std::mem::swap(frame, &mut next);
-        if q.spare.len() < PORT_QUEUE_FRAMES {
-            q.spare.push(next);
-        }
-        true
+        self.rx.pop(frame)
     }
 
     fn rx_event(&self) -> &EventFd {
-        &self.event
+        self.rx.event()
     }
 
     fn set_rx_ready(&self, ready: bool) {
-        let mut q = locked(&self.rx);
-        if ready && !q.ready && !q.frames.is_empty() {
-            self.signal();
-        }
-        q.ready = ready;
+        self.rx.set_ready(ready);
     }
 
     fn stats(&self) -> &PortStats {
@@ -276,6 +229,7 @@ impl Drop for SwitchPort {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PORT_QUEUE_FRAMES;
 
     const A: Mac = [0x52, 0x54, 0, 0, 0, 0xa];
     const B: Mac = [0x52, 0x54, 0, 0, 0, 0xb];

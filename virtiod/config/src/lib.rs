@@ -343,7 +343,7 @@ fn kind(
         (None, None) => {
             problems.bad(
                 span,
-                format!("device {name:?} has neither image nor net: add image = \"PATH\" or net = \"switch:NAME\""),
+                format!("device {name:?} has neither image nor net: add image = \"PATH\" or net = \"switch:NAME\" (or \"tap:NAME\")"),
             );
             None
         }

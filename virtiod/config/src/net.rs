@@ -1,5 +1,5 @@
-//! Net devices: `net = "switch:NAME"` with optional `mac` and `mtu` (in place of `image`), and
-//! the `net:switch=NAME` form `virtiod serve` takes.
+//! Net devices: `net = "switch:NAME"` or `net = "tap:NAME"` with optional `mac` and `mtu` (in
+//! place of `image`), and the `net:switch=NAME` / `net:tap=NAME` forms `virtiod serve` takes.
 
 use std::fmt;
 
@@ -14,12 +14,15 @@ pub type Mac = [u8; 6];
 pub enum NetBackendSpec {
     /// A port on the in-process switch of that name.
     Switch(String),
+    /// The Linux tap interface of that name (created, or an existing one attached to).
+    Tap(String),
 }
 
 impl fmt::Display for NetBackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Switch(name) => write!(f, "switch:{name}"),
+            Self::Tap(name) => write!(f, "tap:{name}"),
         }
     }
 }
@@ -58,20 +61,42 @@ fn check_switch_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `switch:NAME` (the `net` key of devices.toml).
+/// An interface name as the kernel takes it: 1 to 15 bytes (IFNAMSIZ), not `.` or `..`,
+/// without '/', ':' or white space.
+fn check_tap_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 15
+        || name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "tap name {name:?}: give 1 to 15 bytes (IFNAMSIZ) without '/', ':' or spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// `switch:NAME` or `tap:NAME` (the `net` key of devices.toml).
 pub fn parse_net_backend(text: &str) -> Result<NetBackendSpec, String> {
     match text.split_once(':') {
         Some(("switch", name)) => {
             check_switch_name(name)?;
             Ok(NetBackendSpec::Switch(name.to_string()))
         }
+        Some(("tap", name)) => {
+            check_tap_name(name)?;
+            Ok(NetBackendSpec::Tap(name.to_string()))
+        }
         _ => Err(format!(
-            "net {text:?}: give switch:NAME (a port on the in-process switch NAME)"
+            "net {text:?}: give switch:NAME (a port on the in-process switch NAME) or tap:NAME (the tap interface NAME)"
         )),
     }
 }
 
-/// `net:switch=NAME` (the IMAGE argument of `virtiod serve`); `None` when `text` is not a net
+/// `net:switch=NAME` or `net:tap=NAME` (the IMAGE argument of `virtiod serve`); `None` when `text` is not a net
 /// spec at all (it is then an image).
 pub fn parse_cli_net(text: &str) -> Option<Result<NetBackendSpec, String>> {
     let rest = text.strip_prefix("net:")?;
@@ -79,8 +104,9 @@ pub fn parse_cli_net(text: &str) -> Option<Result<NetBackendSpec, String>> {
         Some(("switch", name)) => {
             check_switch_name(name).map(|()| NetBackendSpec::Switch(name.into()))
         }
+        Some(("tap", name)) => check_tap_name(name).map(|()| NetBackendSpec::Tap(name.into())),
         _ => Err(format!(
-            "{text:?}: give net:switch=NAME (a port on the in-process switch NAME)"
+            "{text:?}: give net:switch=NAME (a port on the in-process switch NAME) or net:tap=NAME (the tap interface NAME)"
         )),
     })
 }
@@ -152,13 +178,36 @@ mod tests {
             Ok(NetBackendSpec::Switch("sw0".into()))
         );
         assert!(parse_net_backend("switch:").is_err());
-        assert!(parse_net_backend("tap:tap0").is_err());
+        assert_eq!(
+            parse_net_backend("tap:tap0"),
+            Ok(NetBackendSpec::Tap("tap0".into()))
+        );
+        assert_eq!(NetBackendSpec::Tap("tap0".into()).to_string(), "tap:tap0");
+        for bad in [
+            "tap:",
+            "tap:a/b",
+            "tap:a b",
+            "tap:1234567890123456",
+            "tap:..",
+        ] {
+            assert!(parse_net_backend(bad).is_err(), "{bad}");
+        }
+        assert!(parse_net_backend("tap:123456789012345").is_ok());
+        assert!(parse_net_backend("vde:x").is_err());
         assert_eq!(
             parse_cli_net("net:switch=sw0"),
             Some(Ok(NetBackendSpec::Switch("sw0".into())))
         );
         assert!(matches!(parse_cli_net("net:switch="), Some(Err(_))));
-        assert!(matches!(parse_cli_net("net:tap=x"), Some(Err(_))));
+        assert_eq!(
+            parse_cli_net("net:tap=vtt1"),
+            Some(Ok(NetBackendSpec::Tap("vtt1".into())))
+        );
+        let long = parse_cli_net("net:tap=1234567890123456")
+            .unwrap()
+            .unwrap_err();
+        assert!(long.contains("15 bytes"), "{long}");
+        assert!(matches!(parse_cli_net("net:vde=x"), Some(Err(_))));
         assert_eq!(parse_cli_net("mem:1M"), None);
         assert!(check_mtu(67).is_err() && check_mtu(9000).is_ok());
     }

@@ -218,7 +218,7 @@ fn net_errors_are_located() {
     assert!(errors(&multicast)[0].message.contains("multicast"));
 
     let bad =
-        "[[device]]\nname = \"a\"\nnet = \"tap:x\"\nvhost-user = \"/s\"\nmtu = 20\nqueues = 2\n";
+        "[[device]]\nname = \"a\"\nnet = \"tap:a/b\"\nvhost-user = \"/s\"\nmtu = 20\nqueues = 2\n";
     assert_eq!(at(bad), [(3, 7), (5, 7), (6, 10)]);
 
     let blk_with_mac = "[[device]]\nname = \"a\"\nimage = \"mem:1M\"\nvhost-user = \"/s\"\nmac = \"52:54:00:12:34:56\"\n";
