@@ -169,10 +169,10 @@ fn systemd_notify_ready_and_stopping() {
         let ready = recv();
         assert!(ready.starts_with("READY=1"), "{ready}");
         assert!(a.exists(), "ready means serving");
-        let daemon = Daemon {
+        let daemon = Daemon(Served {
             child,
             socket: a.clone(),
-        };
+        });
         assert!(daemon.terminate().success());
         assert_eq!(recv(), "STOPPING=1");
         assert!(!a.exists());

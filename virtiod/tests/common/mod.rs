@@ -4,11 +4,11 @@
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
-use virtiod_testkit::process::{send_signal, wait_exit, wait_listening};
+pub use virtiod_testkit::process::Served;
 
 /// The hand-written vhost-user frontend of `virtiod-testkit`, with its virtio-blk helpers.
 #[allow(unused_imports)] // not every test binary drives the frontend
@@ -77,11 +77,9 @@ impl Drop for Scratch {
     }
 }
 
-/// A running daemon, killed at drop if still running.
-pub struct Daemon {
-    pub child: Child,
-    pub socket: PathBuf,
-}
+/// A running `virtiod`, killed at drop if still running (the testkit's [`Served`], with the
+/// daemon's command line).
+pub struct Daemon(pub Served);
 
 pub fn virtiod() -> Command {
     Command::new(env!("CARGO_BIN_EXE_virtiod"))
@@ -96,35 +94,25 @@ impl Daemon {
             .arg(socket)
             .args(extra)
             .arg(image);
-        cmd.stdin(Stdio::null());
-        let child = cmd.spawn().expect("spawn virtiod");
-        let mut d = Daemon {
-            child,
-            socket: socket.to_path_buf(),
-        };
-        wait_listening(&mut d.child, socket);
-        d
-    }
-
-    pub fn signal(&self, sig: i32) {
-        send_signal(&self.child, sig);
+        Daemon(Served::start(cmd, socket))
     }
 
     /// Send SIGTERM and wait for the exit status.
-    pub fn terminate(mut self) -> ExitStatus {
-        self.signal(libc::SIGTERM);
-        self.wait_timeout(Duration::from_secs(30))
-    }
-
-    pub fn wait_timeout(&mut self, limit: Duration) -> ExitStatus {
-        wait_exit(&mut self.child, limit)
+    pub fn terminate(self) -> ExitStatus {
+        self.0.terminate()
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Daemon {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Served {
+        &mut self.0
     }
 }
 
