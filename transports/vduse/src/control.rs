@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vduse::{Request, Response, VqState};
 use virtio_queue::{Queue, QueueT};
-use virtiod_core::{F_EVENT_IDX, STATUS_DRIVER_OK};
+use virtiod_core::STATUS_DRIVER_OK;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::shared::{lock, Mem, Shared};
@@ -158,7 +158,7 @@ fn start_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
             if ctx.mem.is_some() {
                 continue; // already running (DRIVER_OK set again)
             }
-            if !set_up_queue(ctx.svc.queue_mut(), &mem, &info, features) {
+            if !set_up_queue(ctx.svc.queue_mut(), &mem, &info) {
                 tracing::error!(queue = index, ?info, "the driver's virtqueue is not usable");
                 continue;
             }
@@ -190,7 +190,7 @@ fn resume_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
             continue;
         }
         let mut ctx = lock(handle);
-        if !set_up_queue(ctx.svc.queue_mut(), &mem, &info, features) {
+        if !set_up_queue(ctx.svc.queue_mut(), &mem, &info) {
             tracing::error!(queue = index, ?info, "the driver's virtqueue is not usable");
             continue;
         }
@@ -215,7 +215,8 @@ fn resume_queues(shared: &Arc<Shared>) -> Result<(), vduse::Error> {
 }
 
 /// Set `q` up from the kernel's view of the ring. Returns whether it is usable.
-fn set_up_queue(q: &mut Queue, mem: &Mem, info: &vduse::VqInfo, features: u64) -> bool {
+/// (EVENT_IDX follows the driver's features: `QueueService::set_driver_features`.)
+fn set_up_queue(q: &mut Queue, mem: &Mem, info: &vduse::VqInfo) -> bool {
     let Ok(size) = u16::try_from(info.num) else {
         return false;
     };
@@ -227,7 +228,6 @@ fn set_up_queue(q: &mut Queue, mem: &Mem, info: &vduse::VqInfo, features: u64) -
     if set.is_err() {
         return false;
     }
-    q.set_event_idx(features & F_EVENT_IDX != 0);
     q.set_next_avail(info.avail_index);
     let used_idx = GuestAddress(info.device_addr)
         .checked_add(2)
