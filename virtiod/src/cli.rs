@@ -69,7 +69,8 @@ pub enum Command {
         virtiod serve --vduse vnet0 --mac 52:54:00:12:34:56 net:switch=sw0   # the host gets a network interface\n  \
         virtiod serve --vhost-user /tmp/net0.sock --mtu 9000 net:switch=sw0\n  \
         virtiod serve --vhost-user /run/virtiod/n0.sock net:tap=tap0   # QEMU -netdev vhost-user; then: ip link set tap0 up\n\n\
-        IMAGE is a raw image file or block device, mem:SIZE (RAM) or null:SIZE (discards writes),\n\
+        IMAGE is a raw image file or block device, mem:SIZE (RAM), null:SIZE (discards writes),\n\
+        an NBD export (nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT),\n\
         or net:switch=NAME: a virtio-net device on the in-process switch NAME,\n\
         or net:tap=NAME: a virtio-net device on the tap interface NAME (created, or attached to).")]
     Serve(ServeArgs),
