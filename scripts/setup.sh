@@ -5,7 +5,7 @@
 # usage: scripts/setup.sh            # install what is missing
 #        scripts/setup.sh --check    # only report what is missing; exit 1 if anything is
 #
-# Installs: build deps (build-essential, pkg-config), test tools (fio, e2fsprogs; qemu-nbd for
+# Installs: build deps (build-essential, pkg-config), test tools (fio, e2fsprogs, nbdkit; qemu-nbd for
 # the NBD tests comes with qemu-utils), and the VM harness deps of tests/vm/run-in-vm.sh
 # (qemu-system-x86 from the SAME suite as the installed qemu-utils -- normally
 # bookworm-backports, see scripts/lib-apt.sh -- plus busybox-static, cpio, iproute2 (the vdpa
@@ -22,7 +22,7 @@ case "${1:-}" in
   *) echo "usage: $0 [--check]" >&2; exit 2 ;;
 esac
 
-PKGS=(build-essential pkg-config fio e2fsprogs busybox-static cpio iproute2 xz-utils zstd)
+PKGS=(build-essential pkg-config fio e2fsprogs busybox-static cpio iproute2 xz-utils zstd nbdkit)
 
 mapfile -t missing < <(missing_pkgs qemu-utils qemu-system-x86 "${PKGS[@]}")
 if [ ${#missing[@]} -eq 0 ]; then
@@ -36,7 +36,7 @@ else
 fi
 
 # sanity: the QEMU pieces the tests use, on one version
-for c in qemu-system-x86_64 qemu-storage-daemon qemu-img qemu-nbd fio mkfs.ext4 busybox cpio vdpa xz; do
+for c in qemu-system-x86_64 qemu-storage-daemon qemu-img qemu-nbd nbdkit fio mkfs.ext4 busybox cpio vdpa xz; do
   command -v "$c" >/dev/null 2>&1 || [ -x "/bin/$c" ] || { echo "setup: $c still missing" >&2; exit 1; }
 done
 qu=$(dpkg-query -W -f='${Version}' qemu-utils) qs=$(dpkg-query -W -f='${Version}' qemu-system-x86)

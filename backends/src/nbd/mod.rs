@@ -3,8 +3,14 @@
 //! Each queue opens its own connection (the one of the handshake in [`NbdBackend::open`] goes
 //! to the first queue) and pipelines its requests on it: [`BackendQueue::submit`] encodes the
 //! request (and a WRITE's payload) into a buffer that `commit` writes in one go, and a reader
-//! thread per connection reads the simple replies, copies READ data into the request's
-//! buffers and signals the queue's completion eventfd.
+//! thread per connection reads the replies, copies READ data into the request's buffers and
+//! signals the queue's completion eventfd. Structured replies are asked for in the handshake
+//! (`NBD_OPT_STRUCTURED_REPLY`) and used when the server agrees: READ data arrives in chunks,
+//! holes as zeroes without their bytes on the wire, errors with the server's message.
+//!
+//! Several connections are only equivalent when the server advertises multi-conn: then a
+//! FLUSH on one covers the writes completed on all. Without it a queue's FLUSH is sent on
+//! every queue's connection first (see `NbdQueue::flush_peers`), so it still covers them.
 //!
 //! When a connection drops, its reader thread reconnects (backoff 100 ms to 1 s), redoes the
 //! handshake and re-sends every request still pending; requests wait meanwhile, for up to
@@ -292,8 +298,9 @@ pub struct NbdBackend {
     read_only: bool,
     /// The handshake's connection, handed to the first queue.
     spare: Mutex<Option<Stream>>,
-    /// The live queues' connections, for [`Backend::flush`].
-    connections: Mutex<Vec<Weak<queue::Shared>>>,
+    /// The live queues' connections, for [`Backend::flush`] and for a queue's FLUSH when
+    /// the server does not advertise multi-conn.
+    connections: queue::Peers,
 }
 
 impl NbdBackend {
@@ -311,6 +318,8 @@ impl NbdBackend {
             max_block = info.max_block,
             server_read_only = server_ro,
             reconnect_timeout_s = options.reconnect_timeout.as_secs(),
+            structured_replies = info.structured,
+            multi_conn = info.has(proto::TFLAG_CAN_MULTI_CONN),
             "NBD export negotiated"
         );
         if !(info.has(proto::TFLAG_SEND_FLUSH) || read_only || server_ro) {
@@ -322,7 +331,7 @@ impl NbdBackend {
             info,
             read_only: read_only || server_ro,
             spare: Mutex::new(Some(stream)),
-            connections: Mutex::new(Vec::new()),
+            connections: Arc::new(Mutex::new(Vec::new())),
         })
     }
 }
@@ -357,7 +366,7 @@ impl Backend for NbdBackend {
         let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         connections.retain(|c| c.strong_count() > 0);
         if !connections.is_empty() && !self.info.has(proto::TFLAG_CAN_MULTI_CONN) {
-            tracing::warn!(export = %self.addr, "the NBD server does not advertise multi-conn: a FLUSH on one queue may not cover writes completed on the others");
+            tracing::warn!(export = %self.addr, "the NBD server does not advertise multi-conn: a FLUSH on one queue is sent on every queue's connection (slower flushes; use one queue, or a server with multi-conn)");
         }
         let q = queue::NbdQueue::start(
             stream,
@@ -366,6 +375,7 @@ impl Backend for NbdBackend {
             self.info,
             self.read_only,
             depth,
+            self.connections.clone(),
         )?;
         connections.push(Arc::downgrade(q.shared()));
         Ok(Box::new(q))

@@ -1,5 +1,6 @@
 //! The NBD wire format (<https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>):
-//! the fixed newstyle handshake with `NBD_OPT_GO`, requests and simple replies.
+//! the fixed newstyle handshake with `NBD_OPT_STRUCTURED_REPLY` and `NBD_OPT_GO`, requests,
+//! simple replies and structured reply chunks.
 //!
 //! Everything here works on any `Read + Write`, so the unit tests below talk to a scripted
 //! server held in memory. All integers are big-endian.
@@ -18,7 +19,7 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-/// Magic of a structured reply (never negotiated by this client).
+/// Magic of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Handshake flags (server) and client flags.
@@ -28,6 +29,8 @@ pub const FLAG_NO_ZEROES: u16 = 1 << 1;
 
 /// Option: enter transmission on an export, with information replies.
 pub const OPT_GO: u32 = 7;
+/// Option: the server may answer with structured replies (READ data in chunks, holes).
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
 /// Option reply: the option succeeded.
 pub const REP_ACK: u32 = 1;
 /// Option reply: one piece of information about the export.
@@ -80,6 +83,23 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const REQUEST_LEN: usize = 28;
 /// Size of a simple reply header.
 pub const REPLY_LEN: usize = 16;
+/// Size of a structured reply chunk header.
+pub const CHUNK_LEN: usize = 20;
+/// Structured reply flag: the last chunk for this cookie.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+/// Chunk type: no payload (only with `REPLY_FLAG_DONE`).
+pub const REPLY_TYPE_NONE: u16 = 0;
+/// Chunk type: an offset, then READ data at that offset.
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Chunk type: an offset and a length that read as zeroes.
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+/// Bit set in every error chunk type.
+pub const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
+/// Chunk type: an error code and message.
+#[cfg_attr(not(test), allow(dead_code))]
+pub const REPLY_TYPE_ERROR: u16 = REPLY_TYPE_ERROR_BIT | 1;
+/// Chunk type: an error code and message, at an offset.
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_ERROR_BIT | 2;
 /// Largest payload sent when the server names no maximum (the protocol's default).
 pub const DEFAULT_MAX_BLOCK: u32 = 32 << 20;
 /// Largest option reply accepted during the handshake.
@@ -98,6 +118,8 @@ pub struct ExportInfo {
     pub preferred_block: u32,
     /// Maximum payload size.
     pub max_block: u32,
+    /// Whether the server agreed to structured replies.
+    pub structured: bool,
 }
 
 impl ExportInfo {
@@ -151,12 +173,57 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo,
         return Err(HandshakeError::NotFixedNewstyle);
     }
     let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (server_flags & FLAG_NO_ZEROES));
-    let mut msg = Vec::with_capacity(64 + export.len());
+    // Encoded first: a name the protocol cannot carry sends nothing at all.
+    let mut go = Vec::with_capacity(32 + export.len());
+    encode_opt_go(&mut go, export)?;
+    let mut msg = Vec::with_capacity(32);
     msg.extend_from_slice(&client_flags.to_be_bytes());
-    encode_opt_go(&mut msg, export)?;
+    msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    msg.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
+    msg.extend_from_slice(&0u32.to_be_bytes());
     s.write_all(&msg)?;
     s.flush()?;
-    read_go_replies(s)
+    let structured = read_structured_reply_ack(s)?;
+    s.write_all(&go)?;
+    s.flush()?;
+    let mut info = read_go_replies(s)?;
+    info.structured = structured;
+    Ok(info)
+}
+
+/// One option reply header: (option, reply type, length), its data read into `data`.
+fn read_option_reply<S: Read>(s: &mut S, data: &mut Vec<u8>) -> Result<(u32, u32), HandshakeError> {
+    let mut head = [0u8; 20];
+    s.read_exact(&mut head)?;
+    if be64(&head[0..8]) != OPT_REPLY_MAGIC {
+        return Err(HandshakeError::Protocol("bad option reply magic".into()));
+    }
+    let len = be32(&head[16..20]);
+    if len > MAX_OPTION_REPLY {
+        return Err(HandshakeError::Protocol("option reply too long".into()));
+    }
+    data.resize(len as usize, 0);
+    s.read_exact(data)?;
+    Ok((be32(&head[8..12]), be32(&head[12..16])))
+}
+
+/// The server's answer to `NBD_OPT_STRUCTURED_REPLY`: ACK (true) or any error (false: the
+/// client goes on with simple replies).
+fn read_structured_reply_ack<S: Read>(s: &mut S) -> Result<bool, HandshakeError> {
+    let mut data = Vec::new();
+    loop {
+        let (option, kind) = read_option_reply(s, &mut data)?;
+        if option != OPT_STRUCTURED_REPLY {
+            return Err(HandshakeError::Protocol(
+                "option reply for an option not asked".into(),
+            ));
+        }
+        match kind {
+            REP_ACK => return Ok(true),
+            k if k & REP_FLAG_ERROR != 0 => return Ok(false),
+            _ => {} // unknown non-error replies are ignored, as the protocol asks
+        }
+    }
 }
 
 /// Append an `NBD_OPT_GO` for `export`, asking for the block size information.
@@ -179,22 +246,12 @@ fn read_go_replies<S: Read>(s: &mut S) -> Result<ExportInfo, HandshakeError> {
     let proto = |m: &str| HandshakeError::Protocol(m.to_string());
     let mut export: Option<(u64, u16)> = None;
     let mut sizes: Option<(u32, u32, u32)> = None;
+    let mut data = Vec::new();
     loop {
-        let mut head = [0u8; 20];
-        s.read_exact(&mut head)?;
-        if be64(&head[0..8]) != OPT_REPLY_MAGIC {
-            return Err(proto("bad option reply magic"));
-        }
-        if be32(&head[8..12]) != OPT_GO {
+        let (option, kind) = read_option_reply(s, &mut data)?;
+        if option != OPT_GO {
             return Err(proto("option reply for an option not asked"));
         }
-        let kind = be32(&head[12..16]);
-        let len = be32(&head[16..20]);
-        if len > MAX_OPTION_REPLY {
-            return Err(proto("option reply too long"));
-        }
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data)?;
         match kind {
             REP_ACK => break,
             REP_INFO if data.len() >= 2 => match u16::from_be_bytes([data[0], data[1]]) {
@@ -230,6 +287,7 @@ fn read_go_replies<S: Read>(s: &mut S) -> Result<ExportInfo, HandshakeError> {
         min_block,
         preferred_block,
         max_block,
+        structured: false,
     })
 }
 
@@ -270,7 +328,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// Decode a reply header.
+    /// Decode a simple reply header.
     pub fn decode(buf: &[u8; REPLY_LEN]) -> Result<Self, String> {
         match be32(&buf[0..4]) {
             SIMPLE_REPLY_MAGIC => Ok(Self {
@@ -284,11 +342,132 @@ impl Reply {
 
     /// The errno to complete the request with (0 for success); unknown errors become EIO.
     pub fn errno(&self) -> i32 {
-        match self.error {
-            0 => 0,
-            e @ (1 | 5 | 12 | 22 | 28 | 75 | 95 | 108) => e as i32, // the values NBD defines
-            _ => libc::EIO,
+        errno(self.error)
+    }
+}
+
+/// The errno for an NBD error value (0 for success); unknown errors become EIO.
+pub fn errno(error: u32) -> i32 {
+    match error {
+        0 => 0,
+        e @ (1 | 5 | 12 | 22 | 28 | 75 | 95 | 108) => e as i32, // the values NBD defines
+        _ => libc::EIO,
+    }
+}
+
+/// What the first 16 bytes of a reply are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyStart {
+    /// A whole simple reply header.
+    Simple(Reply),
+    /// The start of a structured chunk header: [`CHUNK_LEN`] bytes in all.
+    Chunk,
+}
+
+impl ReplyStart {
+    /// Decode the first [`REPLY_LEN`] bytes of a reply; `structured` says whether
+    /// structured replies were negotiated (if not, a chunk is a protocol error).
+    pub fn decode(buf: &[u8; REPLY_LEN], structured: bool) -> Result<Self, String> {
+        match be32(&buf[0..4]) {
+            STRUCTURED_REPLY_MAGIC if structured => Ok(Self::Chunk),
+            _ => Reply::decode(buf).map(Self::Simple),
         }
+    }
+}
+
+/// A structured reply chunk header; its payload (`length` bytes) follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    /// `REPLY_FLAG_*`.
+    pub flags: u16,
+    /// `REPLY_TYPE_*`.
+    pub kind: u16,
+    /// The request's cookie.
+    pub cookie: u64,
+    /// Payload length.
+    pub length: u32,
+}
+
+impl Chunk {
+    /// Decode a chunk header (the caller checked the magic with [`ReplyStart::decode`]).
+    pub fn decode(buf: &[u8; CHUNK_LEN]) -> Self {
+        Self {
+            flags: u16::from_be_bytes([buf[4], buf[5]]),
+            kind: u16::from_be_bytes([buf[6], buf[7]]),
+            cookie: be64(&buf[8..16]),
+            length: be32(&buf[16..20]),
+        }
+    }
+
+    /// Whether this is the last chunk for its cookie.
+    pub fn done(&self) -> bool {
+        self.flags & REPLY_FLAG_DONE != 0
+    }
+}
+
+/// What one chunk's payload says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkBody<'a> {
+    /// Nothing (the final chunk of a request without data).
+    None,
+    /// READ data at an export offset.
+    Data {
+        /// Export offset of `data`.
+        offset: u64,
+        /// The bytes.
+        data: &'a [u8],
+    },
+    /// `len` bytes of zeroes at an export offset.
+    Hole {
+        /// Export offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u32,
+    },
+    /// The request failed.
+    Error {
+        /// NBD error value.
+        error: u32,
+        /// The server's message, on one line.
+        message: String,
+    },
+    /// A chunk type this client never asked for and may ignore (no error bit).
+    Other,
+}
+
+/// Parse a chunk's payload; a malformed one is a protocol error.
+pub fn parse_chunk(kind: u16, payload: &[u8]) -> Result<ChunkBody<'_>, String> {
+    let short = || format!("structured reply chunk type {kind} too short");
+    match kind {
+        REPLY_TYPE_NONE if payload.is_empty() => Ok(ChunkBody::None),
+        REPLY_TYPE_NONE => Err("NONE chunk with a payload".into()),
+        REPLY_TYPE_OFFSET_DATA if payload.len() > 8 => Ok(ChunkBody::Data {
+            offset: be64(&payload[0..8]),
+            data: &payload[8..],
+        }),
+        REPLY_TYPE_OFFSET_HOLE if payload.len() == 12 => Ok(ChunkBody::Hole {
+            offset: be64(&payload[0..8]),
+            len: be32(&payload[8..12]),
+        }),
+        REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => Err(short()),
+        k if k & REPLY_TYPE_ERROR_BIT != 0 => {
+            if payload.len() < 6 {
+                return Err(short());
+            }
+            let error = be32(&payload[0..4]);
+            let msg_len = usize::from(u16::from_be_bytes([payload[4], payload[5]]));
+            let message = payload.get(6..6 + msg_len).ok_or_else(|| {
+                format!("error chunk message of {msg_len} bytes beyond its chunk")
+            })?;
+            if k == REPLY_TYPE_ERROR_OFFSET && payload.len() < 6 + msg_len + 8 {
+                return Err(short());
+            }
+            Ok(ChunkBody::Error {
+                error: if error == 0 { libc::EIO as u32 } else { error },
+                message: one_line(message),
+            })
+        }
+        _ => Ok(ChunkBody::Other),
     }
 }
 

@@ -24,7 +24,14 @@ impl Write for Scripted {
     }
 }
 
+/// The server's greeting, then its answer to NBD_OPT_STRUCTURED_REPLY: unsupported.
 fn hello(flags: u16) -> Vec<u8> {
+    let mut v = greeting(flags);
+    option_reply(&mut v, OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]);
+    v
+}
+
+fn greeting(flags: u16) -> Vec<u8> {
     let mut v = NBDMAGIC.to_be_bytes().to_vec();
     v.extend_from_slice(&IHAVEOPT.to_be_bytes());
     v.extend_from_slice(&flags.to_be_bytes());
@@ -32,8 +39,12 @@ fn hello(flags: u16) -> Vec<u8> {
 }
 
 fn opt_reply(v: &mut Vec<u8>, kind: u32, data: &[u8]) {
+    option_reply(v, OPT_GO, kind, data);
+}
+
+fn option_reply(v: &mut Vec<u8>, option: u32, kind: u32, data: &[u8]) {
     v.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
-    v.extend_from_slice(&OPT_GO.to_be_bytes());
+    v.extend_from_slice(&option.to_be_bytes());
     v.extend_from_slice(&kind.to_be_bytes());
     v.extend_from_slice(&(data.len() as u32).to_be_bytes());
     v.extend_from_slice(data);
@@ -78,11 +89,15 @@ fn handshake_sends_flags_and_opt_go_and_reads_info() {
             flags,
             min_block: 1,
             preferred_block: 4096,
-            max_block: 1 << 25
+            max_block: 1 << 25,
+            structured: false,
         }
     );
     let want: Vec<u8> = [
         &[0, 0, 0, 3][..], // client flags: FIXED_NEWSTYLE | NO_ZEROES
+        b"IHAVEOPT",       // option magic
+        &[0, 0, 0, 8],     // NBD_OPT_STRUCTURED_REPLY
+        &[0, 0, 0, 0],     // no data
         b"IHAVEOPT",       // option magic
         &[0, 0, 0, 7],     // NBD_OPT_GO
         &[0, 0, 0, 12],    // length: 4 + 4 + 2 + 2
@@ -104,6 +119,7 @@ fn no_zeroes_only_when_offered_and_defaults_without_block_size() {
     let (info, out) = run(input, "");
     let info = info.unwrap();
     assert_eq!(&out[..4], &[0, 0, 0, 1]);
+    assert!(!info.structured);
     assert!(info.has(TFLAG_READ_ONLY));
     assert_eq!((info.min_block, info.max_block), (1, DEFAULT_MAX_BLOCK));
 }
@@ -233,4 +249,91 @@ fn reply_decoding() {
     assert!(Reply::decode(&b).unwrap_err().contains("structured"));
     b[0..4].copy_from_slice(&[0; 4]);
     assert!(Reply::decode(&b).unwrap_err().contains("magic"));
+}
+
+#[test]
+fn structured_replies_are_asked_for_and_used_when_acked() {
+    let mut input = greeting(FLAG_FIXED_NEWSTYLE);
+    option_reply(&mut input, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+    info_export(&mut input, 4096, TFLAG_HAS_FLAGS);
+    opt_reply(&mut input, REP_ACK, &[]);
+    assert!(run(input, "").0.unwrap().structured);
+
+    // A reply for another option where STRUCTURED_REPLY's is due is a protocol error.
+    let mut input = greeting(FLAG_FIXED_NEWSTYLE);
+    opt_reply(&mut input, REP_ACK, &[]);
+    assert!(matches!(run(input, "").0, Err(HandshakeError::Protocol(_))));
+}
+
+fn chunk_header(flags: u16, kind: u16, cookie: u64, length: u32) -> [u8; CHUNK_LEN] {
+    let mut b = [0u8; CHUNK_LEN];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..20].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
+#[test]
+fn chunk_headers_decode_only_when_negotiated() {
+    let b = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 7, 520);
+    let start: &[u8; REPLY_LEN] = b[..REPLY_LEN].try_into().unwrap();
+    assert_eq!(ReplyStart::decode(start, true).unwrap(), ReplyStart::Chunk);
+    assert!(ReplyStart::decode(start, false)
+        .unwrap_err()
+        .contains("structured"));
+    let c = Chunk::decode(&b);
+    assert_eq!(
+        (c.flags, c.kind, c.cookie, c.length, c.done()),
+        (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 7, 520, true)
+    );
+}
+
+#[test]
+fn chunk_payloads_parse_and_malformed_ones_are_errors() {
+    let mut data = 4096u64.to_be_bytes().to_vec();
+    data.extend_from_slice(b"abc");
+    assert_eq!(
+        parse_chunk(REPLY_TYPE_OFFSET_DATA, &data).unwrap(),
+        ChunkBody::Data {
+            offset: 4096,
+            data: b"abc"
+        }
+    );
+    let mut hole = 512u64.to_be_bytes().to_vec();
+    hole.extend_from_slice(&1024u32.to_be_bytes());
+    assert_eq!(
+        parse_chunk(REPLY_TYPE_OFFSET_HOLE, &hole).unwrap(),
+        ChunkBody::Hole {
+            offset: 512,
+            len: 1024
+        }
+    );
+    let mut err = 28u32.to_be_bytes().to_vec();
+    err.extend_from_slice(&5u16.to_be_bytes());
+    err.extend_from_slice(b"full\n");
+    assert_eq!(
+        parse_chunk(REPLY_TYPE_ERROR, &err).unwrap(),
+        ChunkBody::Error {
+            error: 28,
+            message: "full".into()
+        }
+    );
+    // An unknown error type still carries an error; error 0 is not success.
+    let mut zero = 0u32.to_be_bytes().to_vec();
+    zero.extend_from_slice(&0u16.to_be_bytes());
+    assert!(matches!(
+        parse_chunk(REPLY_TYPE_ERROR_BIT | 9, &zero).unwrap(),
+        ChunkBody::Error { error, .. } if errno(error) == libc::EIO
+    ));
+    assert_eq!(parse_chunk(REPLY_TYPE_NONE, &[]).unwrap(), ChunkBody::None);
+    assert_eq!(parse_chunk(77, b"whatever").unwrap(), ChunkBody::Other);
+    // Malformed: every one a protocol error, none a panic.
+    assert!(parse_chunk(REPLY_TYPE_NONE, b"x").is_err());
+    assert!(parse_chunk(REPLY_TYPE_OFFSET_DATA, &data[..8]).is_err());
+    assert!(parse_chunk(REPLY_TYPE_OFFSET_HOLE, &hole[..11]).is_err());
+    assert!(parse_chunk(REPLY_TYPE_ERROR, &err[..5]).is_err());
+    assert!(parse_chunk(REPLY_TYPE_ERROR, &err[..8]).is_err()); // message cut short
+    assert!(parse_chunk(REPLY_TYPE_ERROR_OFFSET, &err).is_err()); // no offset
 }

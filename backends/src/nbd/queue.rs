@@ -8,16 +8,16 @@
 //! [`Shared::send`]): the reconnect re-encoded those requests already.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::proto::{self, ExportInfo, Reply, Request};
+use super::proto::{self, ExportInfo, Request};
 use super::{NbdAddress, NbdError, NbdOptions, Stream};
 use crate::{BackendQueue, Completion, IoRequest, Op, Result};
 
@@ -30,6 +30,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 #[path = "reconnect.rs"]
 mod reconnect;
+#[path = "replies.rs"]
+mod replies;
 
 /// Who waits for an NBD request's reply.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +50,8 @@ struct Part {
     buf_offset: usize,
     /// Payload length of a READ's reply, 0 for every other command.
     read_len: u32,
+    /// Bytes of a READ covered by structured data and hole chunks so far.
+    covered: u32,
 }
 
 /// An engine request split into one or more NBD requests; kept until its last reply, so it
@@ -162,6 +166,7 @@ fn encode(
                 owner: Owner::Request(id),
                 buf_offset: done as usize,
                 read_len,
+                covered: 0,
             },
         ));
         done += len;
@@ -170,6 +175,9 @@ fn encode(
         }
     }
 }
+
+/// The connections of an export's queues.
+pub(super) type Peers = Arc<Mutex<Vec<Weak<Shared>>>>;
 
 /// What the queue thread, the reader thread and [`super::NbdBackend::flush`] share.
 #[derive(Debug)]
@@ -200,6 +208,11 @@ impl Shared {
 
     fn closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection is lost past its reconnect timeout.
+    fn link_failed(&self) -> bool {
+        self.lock().link == Link::Failed
     }
 
     fn signal(&self) {
@@ -238,20 +251,33 @@ impl Shared {
             len: 0,
         }
         .encode(&mut msg);
-        {
+        loop {
+            {
+                // A reconnect in progress ends (link up, or failed) within its timeout.
+                let mut st = self.lock();
+                while st.link == Link::Reconnecting && !self.closing() {
+                    st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            // Lock order: writer, then state (as in `send` and the reconnect).
             let mut writer = self.lock_writer();
             {
                 let mut st = self.lock();
-                if st.link != Link::Up {
-                    return Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "NBD connection lost",
-                    ));
+                match st.link {
+                    Link::Up => {}
+                    Link::Reconnecting if !self.closing() => continue, // lost again meanwhile
+                    _ => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "NBD connection lost",
+                        ))
+                    }
                 }
                 let part = Part {
                     owner: Owner::Sync,
                     buf_offset: 0,
                     read_len: 0,
+                    covered: 0,
                 };
                 st.parts.insert(cookie, part);
             }
@@ -259,6 +285,7 @@ impl Shared {
                 // The reader thread sees the loss and completes the FLUSH with EIO.
                 writer.shutdown();
             }
+            break;
         }
         let deadline = Instant::now() + SYNC_FLUSH_TIMEOUT;
         let mut st = self.lock();
@@ -310,71 +337,14 @@ impl Shared {
         drop(st);
         self.signal();
     }
-
-    fn read_reply(
-        &self,
-        stream: &mut Stream,
-        payload: &mut Vec<u8>,
-    ) -> std::result::Result<(), String> {
-        let mut head = [0u8; proto::REPLY_LEN];
-        stream.read_exact(&mut head).map_err(|e| e.to_string())?;
-        let reply = Reply::decode(&head)?;
-        let part = self
-            .lock()
-            .parts
-            .remove(&reply.cookie)
-            .ok_or_else(|| format!("reply for unknown cookie {}", reply.cookie))?;
-        let errno = reply.errno();
-        // Simple replies carry a READ's data only on success.
-        let data_len = if errno == 0 {
-            part.read_len as usize
-        } else {
-            0
-        };
-        payload.resize(data_len, 0);
-        stream.read_exact(payload).map_err(|e| e.to_string())?;
-        let mut st = self.lock();
-        let id = match part.owner {
-            Owner::Sync => {
-                st.sync_done.insert(reply.cookie, errno);
-                drop(st);
-                self.cond.notify_all();
-                return Ok(());
-            }
-            Owner::Request(id) => id,
-        };
-        let Some(p) = st.requests.get_mut(&id) else {
-            return Ok(()); // failed already
-        };
-        if errno != 0 {
-            p.errno = errno;
-        } else if data_len > 0
-            && p.req
-                .buffers
-                .copy_from_slice(part.buf_offset, payload)
-                .is_err()
-        {
-            p.errno = libc::EFAULT;
-        }
-        p.parts_left -= 1;
-        if p.parts_left == 0 {
-            let p = st.requests.remove(&id).expect("present");
-            let result = if p.errno == 0 {
-                Ok(p.bytes)
-            } else {
-                Err(p.errno)
-            };
-            st.done.push(Completion::new(p.tag, result, p.req));
-            drop(st);
-            self.signal();
-        }
-        Ok(())
-    }
 }
 
 /// The per-queue I/O context: one connection.
 pub(super) struct NbdQueue {
     shared: Arc<Shared>,
+    /// Every queue's connection to this export (this one's included), for a FLUSH when the
+    /// server does not advertise multi-conn.
+    peers: Peers,
     reader: Option<JoinHandle<()>>,
     info: ExportInfo,
     read_only: bool,
@@ -394,6 +364,7 @@ impl NbdQueue {
         info: ExportInfo,
         read_only: bool,
         depth: u32,
+        peers: Peers,
     ) -> Result<Self> {
         let fail = |what: &str, e: io::Error| NbdError::Unusable {
             addr: addr.to_string(),
@@ -424,6 +395,7 @@ impl NbdQueue {
             .map_err(|e| fail("reader thread", e))?;
         Ok(Self {
             shared,
+            peers,
             reader: Some(reader),
             info,
             read_only,
@@ -436,6 +408,31 @@ impl NbdQueue {
 
     pub(super) fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// Without multi-conn a FLUSH covers only the writes of its own connection: flush the
+    /// other queues' connections first (synchronously; a connection that is reconnecting is
+    /// waited for, within its reconnect timeout).
+    fn flush_peers(&self) -> io::Result<()> {
+        let others: Vec<Arc<Shared>> = {
+            let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            peers
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter(|c| !Arc::ptr_eq(c, &self.shared))
+                .collect()
+        };
+        for peer in others {
+            let mut tries = 0;
+            // A FLUSH lost with its connection is sent again once the connection is back.
+            while let Err(e) = peer.flush_sync() {
+                tries += 1;
+                if tries == 3 || peer.link_failed() {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The NBD command and flags for `op`, or the errno to complete it with at once
@@ -473,6 +470,16 @@ impl NbdQueue {
 impl BackendQueue for NbdQueue {
     fn submit(&mut self, req: IoRequest, tag: u32) -> Result<()> {
         let command = match self.command(req.op) {
+            Ok(Some(c))
+                if c.0 == proto::CMD_FLUSH && !self.info.has(proto::TFLAG_CAN_MULTI_CONN) =>
+            {
+                if let Err(e) = self.flush_peers() {
+                    tracing::error!(export = %self.shared.name, "NBD FLUSH on another queue's connection failed: {e}");
+                    self.complete_now(req, tag, Err(libc::EIO));
+                    return Ok(());
+                }
+                c
+            }
             Ok(Some(c)) => c,
             Ok(None) => {
                 self.complete_now(req, tag, Ok(0));
