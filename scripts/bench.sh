@@ -3,7 +3,9 @@
 #
 #   bash scripts/bench.sh                  # 3 alternating rounds of 5 s per workload (~5 min)
 #   BENCH_ROUNDS=5 BENCH_SECONDS=10 bash scripts/bench.sh
-#   BENCH_QUICK=1 bash scripts/bench.sh    # CI smoke: 1 round of 1 s, null workloads + 1 file
+#   BENCH_QUICK=1 bash scripts/bench.sh    # CI smoke: 1 round of 1 s, null workloads + 1 file + 1 NBD
+#   BENCH_ONLY=nbd bash scripts/bench.sh   # only the workloads whose name contains "nbd"
+#                                          # (NBD rows: virtiod and qsd both clients of one qemu-nbd)
 #   VIRTIOD_ARGS="--poll-us 0" bash scripts/bench.sh   # extra virtiod flags (default: none —
 #                                          # both servers run with their defaults)
 #
@@ -49,8 +51,12 @@ RESULTS=$WORK/results.tsv
 SERVER_PID=
 FAILED=0
 
+NBD_SOCK=$WORK/nbd.sock
+NBD_PID=
+
 cleanup() {
   if [ -n "$SERVER_PID" ]; then kill -KILL "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+  if [ -n "$NBD_PID" ]; then kill -TERM "$NBD_PID" 2>/dev/null || true; wait "$NBD_PID" 2>/dev/null || true; fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -76,6 +82,11 @@ start_server() {
       --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path="$sock",writable=on) ;;
     qsd/file) cmd=("$QSD" --blockdev driver=file,node-name=n0,filename="$IMG",aio=io_uring,cache.direct=on
       --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path="$sock",writable=on) ;;
+    # Both clients of the same qemu-nbd (start_nbd_server), each with its defaults.
+    # shellcheck disable=SC2206
+    virtiod/nbd) cmd=("$VIRTIOD" serve --vhost-user "$sock" $VIRTIOD_ARGS "nbd+unix:///?socket=$NBD_SOCK") ;;
+    qsd/nbd) cmd=("$QSD" --blockdev driver=nbd,node-name=n0,server.type=unix,server.path="$NBD_SOCK"
+      --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path="$sock",writable=on) ;;
   esac
   # A simple command (not a compound one) so that $! is the server itself, not a subshell.
   "${cmd[@]}" </dev/null >"$log" 2>&1 &
@@ -99,6 +110,23 @@ stop_server() {
   SERVER_PID=
 }
 
+# The NBD workloads' server: one qemu-nbd on the 1 GiB file (O_DIRECT, io_uring) for the whole
+# run, serving virtiod and qsd alike.
+start_nbd_server() {
+  [ -n "$NBD_PID" ] && return 0
+  qemu-nbd --persistent --shared=8 -f raw --cache=none --aio=io_uring -k "$NBD_SOCK" "$IMG" \
+    </dev/null >"$WORK/qemu-nbd.log" 2>&1 &
+  NBD_PID=$!
+  local i
+  for i in $(seq 200); do
+    [ -S "$NBD_SOCK" ] && return 0
+    kill -0 "$NBD_PID" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "bench: qemu-nbd did not start; log:" >&2; tail -5 "$WORK/qemu-nbd.log" >&2
+  return 1
+}
+
 # record WORKLOAD SERVER ROUND IOPS P50 P99 CPU_US_PER_IO RSS_MIB
 record() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; }
 
@@ -108,6 +136,7 @@ fail() { echo "bench: FAILED: $*" >&2; FAILED=1; }
 run_server() {
   local wl=$1 round=$2 kind=$3 backend=$4; shift 4
   local sock=$WORK/$kind.sock log=$WORK/$kind-$wl-$round.log out cpu0 cpu1 rss ios
+  if [ "$backend" = nbd ]; then start_nbd_server || { fail "qemu-nbd start"; return; }; fi
   start_server "$kind" "$backend" "$sock" "$log" || { fail "$kind $wl: server start"; stop_server; return; }
   cpu0=$(cpu_ticks "$SERVER_PID")
   # VmRSS while serving: sampled half-way through the run.
@@ -158,9 +187,19 @@ WORKLOADS=(
   "file-qd32-randread  file --queue-depth 32 --rw randread"
   "file-qd1-randwrite  file --queue-depth 1 --rw randwrite"
   "file-qd32-randwrite file --queue-depth 32 --rw randwrite"
+  "nbd-qd1-randread    nbd --queue-depth 1 --rw randread"
+  "nbd-qd32-randread   nbd --queue-depth 32 --rw randread"
+  "nbd-qd1-randwrite   nbd --queue-depth 1 --rw randwrite"
+  "nbd-qd32-randwrite  nbd --queue-depth 32 --rw randwrite"
 )
 if [ "$QUICK" = 1 ]; then
-  WORKLOADS=("${WORKLOADS[@]:0:4}" "${WORKLOADS[5]}")
+  WORKLOADS=("${WORKLOADS[@]:0:4}" "${WORKLOADS[5]}" "${WORKLOADS[9]}")
+fi
+if [ -n "${BENCH_ONLY:-}" ]; then
+  # BENCH_ONLY=nbd (a pattern on the workload names): run only those.
+  sel=()
+  for w in "${WORKLOADS[@]}"; do [[ ${w%% *} == *$BENCH_ONLY* ]] && sel+=("$w"); done
+  WORKLOADS=("${sel[@]}")
 fi
 
 CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
@@ -209,6 +248,10 @@ awk -F'\t' -v rounds="$ROUNDS" -v secs="$RUN_SECONDS" -v cpu="${CPU_MODEL:-unkno
     ratio("null QD1 p50 latency virtiod/qsd", "null-qd1-irq", "virtiod", "qsd", 5, "<=", 0.8)
     ratio("file QD32 randread IOPS virtiod/fio", "file-qd32-randread", "virtiod", "fio", 4, ">=", 0.97)
     ratio("file QD1 randread IOPS virtiod/qsd", "file-qd1-randread", "virtiod", "qsd", 4, ">=", 1.1)
+    ratio("NBD QD1 randread IOPS virtiod/qsd", "nbd-qd1-randread", "virtiod", "qsd", 4, ">=", 1.1)
+    ratio("NBD QD32 randread IOPS virtiod/qsd", "nbd-qd32-randread", "virtiod", "qsd", 4, ">=", 1.1)
+    ratio("NBD QD1 randwrite IOPS virtiod/qsd", "nbd-qd1-randwrite", "virtiod", "qsd", 4, ">=", 1.1)
+    ratio("NBD QD32 randwrite IOPS virtiod/qsd", "nbd-qd32-randwrite", "virtiod", "qsd", 4, ">=", 1.1)
     for (i = 1; i <= nk; i++) {
       split(order[i], p, SUBSEP)
       if (p[2] == "virtiod") ratio("server CPU/IO " p[1] " virtiod/qsd", p[1], "virtiod", "qsd", 7, "<=", 0.7)
