@@ -20,6 +20,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(flatten)]
     pub log: LogArgs,
+    /// Seccomp filters of the threads that read driver and frontend input (serve, run):
+    /// on (a call outside a thread's list ends the process, naming the call), log (the kernel
+    /// logs such calls, to learn a list), off.
+    #[arg(long, global = true, value_enum, env = "VIRTIOD_SECCOMP", default_value_t = crate::seccomp::Mode::On)]
+    pub seccomp: crate::seccomp::Mode,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -10,6 +10,7 @@ mod metrics;
 mod notify;
 mod registry;
 mod run;
+mod seccomp;
 mod serve;
 mod signals;
 mod usage;
@@ -22,6 +23,12 @@ fn main() {
     if let Err(err) = logging::init(&cli.log) {
         eprintln!("virtiod: {err:#}");
         std::process::exit(2);
+    }
+    if matches!(cli.command, cli::Command::Serve(_) | cli::Command::Run(_)) {
+        if let Err(err) = seccomp::install(cli.seccomp) {
+            eprintln!("virtiod: error: {}", one_line(&err));
+            std::process::exit(1);
+        }
     }
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),

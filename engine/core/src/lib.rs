@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod chain;
+pub mod confine;
 mod device;
 pub mod inflight;
 mod poll;

@@ -12,6 +12,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use crate::shared::{lock, Mem, Shared};
 
 pub(crate) fn run(shared: &Arc<Shared>, resume: bool) {
+    virtiod_core::confine::enter(virtiod_core::confine::ThreadRole::Message);
     if resume && shared.log.status() & STATUS_DRIVER_OK != 0 {
         if let Err(e) = resume_queues(shared) {
             tracing::error!(%e, "resuming the queues after a restart failed");

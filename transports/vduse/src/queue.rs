@@ -16,6 +16,7 @@ const TOKEN_WAKE: u64 = 2;
 
 /// The queue thread's loop.
 pub(crate) fn run(shared: &Arc<Shared>, index: usize) {
+    virtiod_core::confine::enter(virtiod_core::confine::ThreadRole::Queue);
     if let Err(e) = serve(shared, index) {
         tracing::error!(queue = index, %e, "queue thread stopped");
     }

@@ -297,6 +297,7 @@ impl QueueThread {
 }
 
 fn run(cell: &Mutex<QueueState>, epoll: &Epoll) {
+    virtiod_core::confine::enter(virtiod_core::confine::ThreadRole::Queue);
     let mut events = vec![EpollEvent::default(); 8];
     loop {
         let n = match epoll.wait(-1, &mut events) {

@@ -37,6 +37,7 @@ impl VhostUserDevice {
             std::thread::Builder::new()
                 .name(name.to_string())
                 .spawn(move || {
+                    virtiod_core::confine::enter(virtiod_core::confine::ThreadRole::Message);
                     let result = dev.serve(listener, &stop);
                     if !stop.load(Ordering::Acquire) {
                         on_exit(result);

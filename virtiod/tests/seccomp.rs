@@ -1,0 +1,79 @@
+//! Seccomp: queue and message threads run confined; a call outside a queue thread's list ends
+//! the process with one line naming it (`VIRTIOD_DEBUG_FORBIDDEN_SYSCALL` makes each queue
+//! thread issue one: syslog(2), which no virtiod thread needs).
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use virtiod_testkit::process::Served;
+
+fn daemon(dir: &Scratch, seccomp: &str, forbidden: bool) -> Served {
+    let sock = dir.path("vu.sock");
+    let mut cmd = virtiod();
+    cmd.args(["serve", "--seccomp", seccomp, "--vhost-user"])
+        .arg(&sock)
+        .arg("mem:16M")
+        .env_remove("VIRTIOD_SECCOMP")
+        .stderr(Stdio::piped());
+    if forbidden {
+        cmd.env("VIRTIOD_DEBUG_FORBIDDEN_SYSCALL", "1");
+    }
+    Served::start(cmd, &sock)
+}
+
+fn stderr_of(served: &mut Served) -> String {
+    let mut text = String::new();
+    use std::io::Read;
+    served
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    text
+}
+
+#[test]
+fn a_forbidden_call_in_a_queue_thread_ends_the_process_naming_it() {
+    let dir = Scratch::new("seccomp-trap");
+    let mut served = daemon(&dir, "on", true);
+    // The queue thread starts (and confines itself) when the frontend starts the queue.
+    let _client = Client::connect(&served.socket, 1, 4096);
+    let status = served.wait_timeout(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(159), "exit status {status}");
+    let err = stderr_of(&mut served);
+    assert!(
+        err.contains("virtiod: seccomp: forbidden system call syslog (103) in a confined thread"),
+        "stderr names the call:\n{err}"
+    );
+}
+
+#[test]
+fn with_filters_on_the_round_trip_works_and_off_or_log_let_the_call_through() {
+    let dir = Scratch::new("seccomp-rt");
+    let served = daemon(&dir, "on", false);
+    let mut client = Client::connect(&served.socket, 1, 1 << 20).unwrap();
+    fill_pattern(&mut client.buf()[..1 << 20], 0, 3);
+    assert_eq!(client.write(0, 0, 0, 1 << 20), 0);
+    assert_eq!(client.flush(0), 0);
+    client.buf().fill(0);
+    assert_eq!(client.read(0, 0, 0, 1 << 20), 0);
+    check_pattern(&client.buf()[..1 << 20], 0, 3).unwrap();
+    drop(client);
+    drop(served);
+
+    for mode in ["off", "log"] {
+        let dir = Scratch::new(&format!("seccomp-{mode}"));
+        let mut served = daemon(&dir, mode, true);
+        let mut client = Client::connect(&served.socket, 1, 4096).unwrap();
+        assert_eq!(client.read(0, 0, 0, 4096), 0, "--seccomp {mode}");
+        assert!(
+            served.child.try_wait().unwrap().is_none(),
+            "--seccomp {mode}: the daemon keeps running"
+        );
+    }
+}
