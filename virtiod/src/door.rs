@@ -94,10 +94,21 @@ impl Listen for UnixListener {
     fn set_nonblocking(&self) -> std::io::Result<()> {
         UnixListener::set_nonblocking(self, true)
     }
+    /// Only root and the daemon's own user are admitted (`SO_PEERCRED`), whatever the
+    /// socket's mode says; others are closed at once.
     fn accept_one(&self) -> std::io::Result<UnixStream> {
-        let (stream, _) = self.accept()?;
-        stream.set_nonblocking(true)?;
-        Ok(stream)
+        loop {
+            let (stream, _) = self.accept()?;
+            let uid = rustix::net::sockopt::socket_peercred(&stream)
+                .map(|cred| cred.uid.as_raw())
+                .map_err(std::io::Error::from)?;
+            if uid != 0 && uid != rustix::process::geteuid().as_raw() {
+                tracing::warn!(uid, "refused a control connection from another user (only root and the daemon's user may connect)");
+                continue;
+            }
+            stream.set_nonblocking(true)?;
+            return Ok(stream);
+        }
     }
 }
 
