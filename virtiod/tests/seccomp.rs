@@ -77,3 +77,54 @@ fn with_filters_on_the_round_trip_works_and_off_or_log_let_the_call_through() {
         );
     }
 }
+
+/// `(comm, CapEff, CapPrm)` of every thread of `pid`.
+fn thread_caps(pid: u32) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        };
+        out.push((comm.trim().to_string(), field("CapEff:"), field("CapPrm:")));
+    }
+    out
+}
+
+#[test]
+fn confined_threads_hold_no_capabilities() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip_or_fail("checking that root's capabilities are dropped needs root");
+        return;
+    }
+    let dir = Scratch::new("seccomp-caps");
+    let served = daemon(&dir, "on", false);
+    let mut client = Client::connect(&served.socket, 1, 4096).unwrap();
+    assert_eq!(client.read(0, 0, 0, 4096), 0);
+    let threads = thread_caps(served.child.id());
+    let none = "0000000000000000";
+    let confined: Vec<_> = threads
+        .iter()
+        .filter(|(comm, _, _)| comm.starts_with("vu-"))
+        .collect();
+    assert!(
+        confined.iter().any(|(c, _, _)| c == "vu-queue-0") && confined.len() >= 2,
+        "the message and queue threads: {threads:?}"
+    );
+    for (comm, eff, prm) in &confined {
+        assert_eq!((eff.as_str(), prm.as_str()), (none, none), "{comm}");
+    }
+    let (_, main_eff, _) = threads.iter().find(|(c, _, _)| c == "virtiod").unwrap();
+    assert_ne!(
+        main_eff, none,
+        "the main thread keeps what adding devices needs"
+    );
+}

@@ -16,7 +16,6 @@ const TOKEN_WAKE: u64 = 2;
 
 /// The queue thread's loop.
 pub(crate) fn run(shared: &Arc<Shared>, index: usize) {
-    virtiod_core::confine::enter(virtiod_core::confine::ThreadRole::Queue);
     if let Err(e) = serve(shared, index) {
         tracing::error!(queue = index, %e, "queue thread stopped");
     }
@@ -38,6 +37,8 @@ fn serve(shared: &Arc<Shared>, index: usize) -> std::io::Result<()> {
         add(fd, TOKEN_COMPLETION)?;
     }
     let mut events = vec![EpollEvent::default(); 4];
+    // Set up: from here on the thread reads the driver's rings.
+    virtiod_core::confine::enter(virtiod_core::confine::ThreadRole::Queue);
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,

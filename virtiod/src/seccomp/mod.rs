@@ -91,6 +91,10 @@ fn enter(role: ThreadRole) {
         ThreadRole::Queue => &filters.queue,
         ThreadRole::Message => &filters.message,
     };
+    if let Err(e) = drop_capabilities() {
+        eprintln!("virtiod: error: cannot drop the capabilities of a {role:?} thread: {e}: run with --seccomp off to serve without confinement");
+        std::process::exit(1);
+    }
     if let Err(e) = seccompiler::apply_filter(program) {
         eprintln!("virtiod: error: cannot install the seccomp filter of a {role:?} thread: {e}: run with --seccomp off to serve without it");
         std::process::exit(1);
@@ -100,6 +104,19 @@ fn enter(role: ThreadRole) {
         // SAFETY: syslog(10, NULL, 0) only returns the size of the kernel log buffer.
         unsafe { libc::syscall(libc::SYS_syslog, 10, std::ptr::null_mut::<u8>(), 0) };
     }
+}
+
+/// Confined threads need no capability (what they touch is open already): clear them all
+/// for this thread (capabilities are per thread; the threads it starts inherit the empty sets).
+fn drop_capabilities() -> Result<(), caps::errors::CapsError> {
+    if caps::read(None, caps::CapSet::Permitted)?.is_empty() {
+        return Ok(()); // an unprivileged daemon, or a thread started by a confined one
+    }
+    // The ambient set may not exist on old kernels: nothing to clear there.
+    let _ = caps::clear(None, caps::CapSet::Ambient);
+    caps::clear(None, caps::CapSet::Effective)?;
+    caps::clear(None, caps::CapSet::Inheritable)?;
+    caps::clear(None, caps::CapSet::Permitted)
 }
 
 /// Calls every confined thread makes: memory, futexes, time, signals for panics, exiting.
@@ -154,6 +171,7 @@ const COMMON: &[i64] = &[
     libc::SYS_shutdown,
     libc::SYS_sched_getaffinity,
     libc::SYS_rseq,
+    libc::SYS_msync,
 ];
 
 /// Queue threads: [`COMMON`], plus only the VDUSE ioctls of a queue (interrupts, re-mapping
@@ -217,6 +235,7 @@ fn message_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_sched_setaffinity,
         libc::SYS_socketpair,
         libc::SYS_fstatfs,
+        libc::SYS_capget,
         // A queue thread installs its own filter on top of the one it inherits from here.
         libc::SYS_seccomp,
     ];
