@@ -164,8 +164,9 @@ pub struct RunArgs {
     /// Where VDUSE devices keep their in-flight logs.
     #[arg(long, value_name = "DIR", default_value = "/run/virtiod")]
     pub state_dir: std::path::PathBuf,
-    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9810).
-    #[arg(long, value_name = "ADDR")]
+    /// Serve Prometheus metrics on http://ADDR/metrics: a port alone binds 127.0.0.1 (e.g.
+    /// 9810); give ADDR:PORT to listen elsewhere (e.g. 0.0.0.0:9810).
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_metrics_addr)]
     pub metrics: Option<std::net::SocketAddr>,
     /// Accept control commands (JSON lines; see `virtiod ctl`) on this unix socket.
     #[arg(long, value_name = "PATH")]
@@ -219,8 +220,9 @@ pub struct ServeArgs {
     /// Serial number returned to the driver (at most 20 bytes).
     #[arg(long, default_value = "virtiod")]
     pub serial: String,
-    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9810).
-    #[arg(long, value_name = "ADDR")]
+    /// Serve Prometheus metrics on http://ADDR/metrics: a port alone binds 127.0.0.1 (e.g.
+    /// 9810); give ADDR:PORT to listen elsewhere (e.g. 0.0.0.0:9810).
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_metrics_addr)]
     pub metrics: Option<std::net::SocketAddr>,
     /// Accept control commands (JSON lines; see `virtiod ctl`) on this unix socket.
     #[arg(long, value_name = "PATH")]
@@ -235,6 +237,16 @@ pub struct ServeArgs {
     /// a virtio-net device on the in-process switch NAME, net:tap=NAME on the tap NAME.
     #[arg(value_name = "IMAGE")]
     pub image: String,
+}
+
+/// `PORT` (on 127.0.0.1) or `ADDR:PORT`.
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|_| {
+        format!("{s:?} is not a port or ADDR:PORT (e.g. 9810 for 127.0.0.1:9810, or [::1]:9810)")
+    })
 }
 
 fn parse_mtu(s: &str) -> Result<u16, String> {
@@ -265,6 +277,25 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_address_defaults_to_loopback() {
+        assert_eq!(
+            parse_metrics_addr("9810").unwrap().to_string(),
+            "127.0.0.1:9810"
+        );
+        assert_eq!(
+            parse_metrics_addr("0.0.0.0:9810").unwrap().to_string(),
+            "0.0.0.0:9810"
+        );
+        assert_eq!(
+            parse_metrics_addr("[::1]:9810").unwrap().to_string(),
+            "[::1]:9810"
+        );
+        assert!(parse_metrics_addr("localhost")
+            .unwrap_err()
+            .contains("ADDR:PORT"));
+    }
 
     #[test]
     fn validates_queues() {
