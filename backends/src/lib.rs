@@ -96,7 +96,7 @@ use std::os::fd::RawFd;
 pub use buffers::{BufferError, Direction, DriverMemory, IoBuffers, MAX_SEGMENTS};
 pub use file::{FileBackend, FileOptions};
 pub use mem::MemBackend;
-pub use nbd::{NbdAddress, NbdBackend, NbdError, NbdOptions, NbdTarget};
+pub use nbd::{fuzz as nbd_fuzz, NbdAddress, NbdBackend, NbdError, NbdOptions, NbdTarget};
 pub use null::NullBackend;
 pub use spec::{open, parse_size, ImageSpec, OpenOptions};
 

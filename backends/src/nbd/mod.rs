@@ -395,3 +395,89 @@ impl Backend for NbdBackend {
         Ok(())
     }
 }
+
+/// Entry points for `cargo fuzz` (`fuzz/fuzz_targets/nbd_replies.rs`): the handshake and the
+/// reply parsing against bytes from a hostile server. Not a stable API.
+#[doc(hidden)]
+pub mod fuzz {
+    use std::io::{self, Cursor, Read, Write};
+
+    use super::proto::{self, Chunk, ChunkBody, ReplyStart};
+
+    /// A server that answers with `input` and swallows what the client writes.
+    struct Scripted(Cursor<Vec<u8>>);
+
+    impl Read for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Scripted {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Run the handshake on `data`; an accepted export has sane block sizes.
+    pub fn handshake(data: &[u8]) {
+        let mut server = Scripted(Cursor::new(data.to_vec()));
+        if let Ok(info) = proto::handshake(&mut server, "export") {
+            let addr = super::NbdAddress {
+                target: super::NbdTarget::Unix("/x".into()),
+                export: "export".into(),
+            };
+            let _ = super::check_export(&addr, &info);
+        }
+    }
+
+    /// Parse `data` as a stream of replies (structured when `structured`) to a READ of
+    /// `read_len` bytes at `offset`: every chunk that is accepted lies inside the request.
+    pub fn replies(data: &[u8], structured: bool, offset: u64, read_len: u32) {
+        let mut at = 0usize;
+        while let Some(head) = data.get(at..at + proto::REPLY_LEN) {
+            let head: &[u8; proto::REPLY_LEN] = head.try_into().expect("16 bytes");
+            let Ok(start) = ReplyStart::decode(head, structured) else {
+                return;
+            };
+            at += proto::REPLY_LEN;
+            let ReplyStart::Chunk = start else {
+                at += read_len as usize;
+                continue;
+            };
+            let Some(full) = data.get(at - proto::REPLY_LEN..at + 4) else {
+                return;
+            };
+            let chunk = Chunk::decode(full.try_into().expect("20 bytes"));
+            at += 4;
+            let Some(payload) = data.get(at..at.saturating_add(chunk.length as usize)) else {
+                return;
+            };
+            at += payload.len();
+            match proto::parse_chunk(chunk.kind, payload) {
+                Ok(ChunkBody::Data { offset: o, data }) => {
+                    check_inside(offset, read_len, o, data.len() as u64)
+                }
+                Ok(ChunkBody::Hole { offset: o, len }) => {
+                    check_inside(offset, read_len, o, u64::from(len))
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn check_inside(start: u64, read_len: u32, offset: u64, len: u64) {
+        if let Ok(Some(rel)) =
+            super::queue::replies::chunk_range(Some(start), read_len, offset, len)
+        {
+            assert!(
+                rel as u64 + len <= u64::from(read_len),
+                "a chunk accepted outside its part"
+            );
+        }
+    }
+}

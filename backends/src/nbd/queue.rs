@@ -31,7 +31,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 #[path = "reconnect.rs"]
 mod reconnect;
 #[path = "replies.rs"]
-mod replies;
+pub(super) mod replies;
 
 /// Who waits for an NBD request's reply.
 #[derive(Debug, Clone, Copy)]

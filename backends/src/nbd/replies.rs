@@ -209,7 +209,7 @@ const MAX_CHUNK_PAYLOAD: usize = 64 << 10;
 /// Where a data or hole chunk at export `offset`, `len` bytes, lands inside a part that
 /// starts at export offset `part_start` and reads `read_len` bytes: its offset in the part,
 /// or a protocol error if it leaves the part. `None` when the request is gone (failed).
-fn chunk_range(
+pub(in crate::nbd) fn chunk_range(
     part_start: Option<u64>,
     read_len: u32,
     offset: u64,
@@ -218,7 +218,7 @@ fn chunk_range(
     let Some(start) = part_start else {
         return Ok(None);
     };
-    let end = start + u64::from(read_len);
+    let end = start.saturating_add(u64::from(read_len));
     match offset.checked_add(len) {
         Some(chunk_end) if offset >= start && chunk_end <= end && len > 0 => {
             Ok(Some((offset - start) as usize))
