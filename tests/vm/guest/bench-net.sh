@@ -1,0 +1,122 @@
+#!/bin/sh
+# Guest half of tests/vm/bench-net.sh: two network namespaces a (192.0.2.1) and b (192.0.2.2)
+# joined by one of three paths, measured in turn, ROUNDS times:
+#   switch  two virtiod VDUSE net devices on its in-process switch
+#   veth    a veth pair (the kernel's own path)
+#   veth-nooff  the same pair with its offloads off (checksum, TSO, GSO, GRO, scatter-gather):
+#           every frame at most 1514 bytes and checksummed in software, as virtiod's are today
+#   bridge  two virtiod VDUSE net devices on taps, the taps on a kernel bridge
+# Prints one line per figure: "BENCH path metric value", metric being
+#   tcp_mbps    iperf3 TCP a -> b for SECONDS_PER_RUN s, receiver's Mbit/s
+#   rtt_p50_us  ping a -> b (PINGS pings, 50 ms apart), median round trip in µs
+#   cpu_pct     virtiod's CPU time during the iperf3 run, in % of one CPU (switch, bridge)
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-5} ROUNDS=${ROUNDS:-2} PINGS=${PINGS:-50}   # POLL_US: virtiod's poll-us
+fail() { echo "GUEST-FAIL: $*"; for f in /tmp/*.log; do [ -e "$f" ] && { echo "--- $f"; tail -20 "$f"; }; done; exit 1; }
+ip() { /bin/ip "$@"; }
+clk=100   # USER_HZ: the unit of utime and stime in /proc/PID/stat
+
+# up_pair IF_A IF_B: move the two interfaces into netns a and b, address them, bring them up
+up_pair() {
+  ip netns add a && ip netns add b || fail "ip netns add"
+  ip link set "$1" netns a && ip link set "$2" netns b || fail "moving $1/$2 into the netns"
+  ip -n a addr add 192.0.2.1/24 dev "$1" && ip -n b addr add 192.0.2.2/24 dev "$2" || fail "addresses"
+  for ns in a b; do ip -n $ns link set lo up; done
+  ip -n a link set "$1" up && ip -n b link set "$2" up || fail "links up"
+  i=0
+  until ip netns exec a ping -c 1 -W 1 192.0.2.2 >/dev/null 2>&1; do
+    i=$((i+1)); [ $i -le 30 ] || fail "$path: no ping a -> b"
+    sleep 0.2
+  done
+}
+down_pair() { ip netns del a; ip netns del b; }
+
+# start_virtiod NET_A NET_B: two VDUSE net devices; sets vpid, ifa, ifb
+start_virtiod() {
+  poll=; [ -n "${POLL_US:-}" ] && poll="poll-us = $POLL_US"
+  cat >/tmp/devices.toml <<TOML
+[[device]]
+name = "n1"
+net = "$1"
+vduse = "vnet1"
+mac = "52:54:00:00:00:01"
+$poll
+
+[[device]]
+name = "n2"
+net = "$2"
+vduse = "vnet2"
+mac = "52:54:00:00:00:02"
+$poll
+TOML
+  : >/tmp/run.out
+  virtiod run --config /tmp/devices.toml --state-dir /tmp/state >/tmp/run.out 2>/tmp/run.log &
+  vpid=$!
+  i=0
+  while [ "$(wc -l </tmp/run.out)" -lt 2 ]; do
+    kill -0 $vpid 2>/dev/null || fail "virtiod run exited early"
+    i=$((i+1)); [ $i -le 600 ] || fail "virtiod run printed no interfaces"
+    sleep 0.1
+  done
+  ifa=$(awk '$1 == "n1" { print $2 }' /tmp/run.out)
+  ifb=$(awk '$1 == "n2" { print $2 }' /tmp/run.out)
+}
+stop_virtiod() { kill -TERM $vpid; wait $vpid || fail "virtiod run failed to stop"; vpid=; }
+
+setup_switch() { start_virtiod switch:sw0 switch:sw0; up_pair "$ifa" "$ifb"; }
+teardown_switch() { down_pair; stop_virtiod; }
+setup_veth() { ip link add va type veth peer name vb || fail "veth"; vpid=; up_pair va vb; }
+teardown_veth() { down_pair; }   # deleting the netns deletes the pair
+setup_veth_nooff() {
+  setup_veth
+  ip netns exec a ethtool -K va tx off rx off sg off tso off gso off gro off >/dev/null 2>&1 \
+    && ip netns exec b ethtool -K vb tx off rx off sg off tso off gso off gro off >/dev/null 2>&1 \
+    || fail "ethtool -K: offloads stay on"
+}
+teardown_veth_nooff() { down_pair; }
+setup_bridge() {
+  ip link add br0 type bridge || fail "bridge"
+  ip link set br0 up
+  start_virtiod tap:ta tap:tb
+  for t in ta tb; do ip link set $t master br0 && ip link set $t up || fail "tap $t on br0"; done
+  up_pair "$ifa" "$ifb"
+}
+teardown_bridge() { down_pair; stop_virtiod; ip link del br0; }
+
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+measure() {
+  ip netns exec b iperf3 -s -1 -p 5201 >/tmp/iperf-s.log 2>&1 &
+  srv=$!
+  i=0
+  [ -n "$vpid" ] && c0=$(cpu_ticks $vpid)
+  t0=$(cut -d' ' -f1 /proc/uptime)
+  until ip netns exec a iperf3 -c 192.0.2.2 -p 5201 -t "$SECONDS_PER_RUN" -f m >/tmp/iperf.log 2>&1; do
+    i=$((i+1)); [ $i -le 20 ] || fail "$path: iperf3 client failed"
+    sleep 0.3
+    t0=$(cut -d' ' -f1 /proc/uptime)
+  done
+  t1=$(cut -d' ' -f1 /proc/uptime)
+  wait $srv
+  mbps=$(awk '/receiver/ { print $7 }' /tmp/iperf.log)
+  [ -n "$mbps" ] || fail "$path: no iperf3 figure: $(cat /tmp/iperf.log)"
+  echo "BENCH $path tcp_mbps $mbps"
+  if [ -n "$vpid" ]; then
+    c1=$(cpu_ticks $vpid)
+    echo "BENCH $path cpu_pct $(awk -v c=$((c1 - c0)) -v k="$clk" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", 100 * c / k / (b - a) }')"
+  fi
+  ip netns exec a ping -c "$PINGS" -i 0.05 -W 5 192.0.2.2 >/tmp/ping.log 2>&1 || fail "$path: ping"
+  p50=$(sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' /tmp/ping.log | sort -n \
+    | awk '{ v[NR] = $1 } END { if (NR) printf "%.0f", 1000 * ((NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }')
+  [ -n "$p50" ] || fail "$path: no ping times: $(cat /tmp/ping.log)"
+  echo "BENCH $path rtt_p50_us $p50"
+}
+
+r=0
+while [ $r -lt "$ROUNDS" ]; do
+  for path in switch veth veth-nooff bridge; do
+    setup_$(echo $path | tr - _)
+    measure
+    teardown_$(echo $path | tr - _)
+  done
+  r=$((r+1))
+done
