@@ -7,7 +7,8 @@
 # ratios to veth, and virtiod's CPU use during the iperf3 run. Under TCG the absolute figures
 # are emulation-bound: compare the ratios. A benchmark: it asserts nothing about the figures.
 # usage: tests/vm/bench-net.sh   (env ROUNDS=2 SECONDS_PER_RUN=5 PINGS=50 VM_CPUS=2, POLL_US=N
-#        for virtiod's poll-us, default its own)
+#        for virtiod's poll-us, default its own; PERF=1 profiles each path's first iperf3 run
+#        with the host's perf (apt-get install linux-perf) and prints the top entries)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bin=${VIRTIOD_BIN_DIR:-$here/../../target/release}
@@ -15,7 +16,7 @@ bin=${VIRTIOD_BIN_DIR:-$here/../../target/release}
 out=$(mktemp); trap 'rm -f "$out"' EXIT
 bash "$here/run-in-vm.sh" --timeout 900 --cpus "${VM_CPUS:-2}" --env "ROUNDS=${ROUNDS:-2}" \
   --env "SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}" --env "PINGS=${PINGS:-50}" --env "POLL_US=${POLL_US:-}" \
-  --bin "$bin/virtiod" "$here/guest/bench-net.sh" >"$out" 2>&1 || {
+  --bin "$bin/virtiod" ${PERF:+--env PERF=1 --bin /usr/bin/perf} "$here/guest/bench-net.sh" >"$out" 2>&1 || {
   grep -a -A40 "GUEST-FAIL" "$out" || tail -20 "$out"; exit 1; }
 echo "host CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1) ($(nproc) CPUs);" \
   "guest: ${VM_CPUS:-2} vCPUs under QEMU TCG; rounds: ${ROUNDS:-2}, iperf3 -t ${SECONDS_PER_RUN:-5}, ping -c ${PINGS:-50} -i 0.05${POLL_US:+, poll-us $POLL_US}"
@@ -31,4 +32,17 @@ grep -a '^BENCH' "$out" | tr -d '\r' | awk '
     for (i = 1; i <= n; i++) { p = paths[i]; t = median(v[p ",tcp_mbps"]); l = median(v[p ",rtt_p50_us"])
       c = median(v[p ",cpu_pct"])
       printf "%-10s %10.0f %8.2f %12.0f %8.2f %12s\n", p, t, (bt > 0 ? t / bt : 0), l, (bl > 0 ? l / bl : 0),
-        (c >= 0 ? c "%" : "-") } }'
+        (c >= 0 ? c "%" : "-") }
+    printf "\nguest CPU during iperf3: %% busy, and µs of guest CPU per frame (both directions; a veth\n"
+    printf "with offloads counts a GSO super-frame of up to 64 KiB as one)\n"
+    for (i = 1; i <= n; i++) { p = paths[i]
+      printf "%-10s %4.0f%% busy %8.0f us/frame\n", p, median(v[p ",guest_busy_pct"]), median(v[p ",guest_us_per_frame"]) } }'
+echo
+echo "virtiod threads (summed over both devices; last round): CPU us and context switches per frame"
+grep -a '^PROFILE' "$out" | tr -d '\r' | awk '{ last[$2 " " $3] = $0 } END { for (k in last) print last[k] }' | sort \
+  | awk '{ printf "%-10s %-14s %6s us/frame %6s switches/frame\n", $2, $3, $5, $7 }'
+if grep -aq '^PERF ' "$out"; then
+  echo
+  echo "perf (cpu-clock, whole guest) during each path's first iperf3 run: top entries by comm,dso and comm,sym"
+  grep -a '^PERF ' "$out" | tr -d '\r' | cut -d' ' -f2-
+fi

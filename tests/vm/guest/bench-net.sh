@@ -64,7 +64,7 @@ stop_virtiod() { kill -TERM $vpid; wait $vpid || fail "virtiod run failed to sto
 
 setup_switch() { start_virtiod switch:sw0 switch:sw0; up_pair "$ifa" "$ifb"; }
 teardown_switch() { down_pair; stop_virtiod; }
-setup_veth() { ip link add va type veth peer name vb || fail "veth"; vpid=; up_pair va vb; }
+setup_veth() { ip link add va type veth peer name vb || fail "veth"; vpid=; ifa=va ifb=vb; up_pair va vb; }
 teardown_veth() { down_pair; }   # deleting the netns deletes the pair
 setup_veth_nooff() {
   setup_veth
@@ -83,12 +83,33 @@ setup_bridge() {
 teardown_bridge() { down_pair; stop_virtiod; ip link del br0; }
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# threads PID: one line per thread of PID: name, utime+stime ticks, context switches
+threads() {
+  for t in /proc/"$1"/task/*; do
+    printf '%s %s %s\n' "$(cat "$t/comm")" "$(awk '{ print $14 + $15 }' "$t/stat")" \
+      "$(awk '/^(non)?voluntary_ctxt_switches/ { s += $2 } END { print s }' "$t/status")"
+  done
+}
+# frames: packets sent by both ends (data one way, ACKs the other)
+frames() {
+  echo $(( $(ip netns exec a cat "/sys/class/net/$ifa/statistics/tx_packets") \
+    + $(ip netns exec b cat "/sys/class/net/$ifb/statistics/tx_packets") ))
+}
+# guest CPU time in ticks: "busy idle"
+guest_cpu() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat; }
 
 measure() {
   ip netns exec b iperf3 -s -1 -p 5201 >/tmp/iperf-s.log 2>&1 &
   srv=$!
   i=0
-  [ -n "$vpid" ] && c0=$(cpu_ticks $vpid)
+  [ -n "$vpid" ] && { c0=$(cpu_ticks $vpid); threads $vpid >/tmp/threads0; }
+  f0=$(frames); g0=$(guest_cpu)
+  perf_pid=
+  if [ "${PERF:-0}" = 1 ] && [ $r = 0 ]; then
+    # a system-wide profile of this path's iperf3 run (perf from the host, PERF=1 in bench-net.sh)
+    perf record -q -a -F 999 -e cpu-clock -o "/tmp/perf-$path.data" >/tmp/perf-rec.log 2>&1 &
+    perf_pid=$!
+  fi
   t0=$(cut -d' ' -f1 /proc/uptime)
   until ip netns exec a iperf3 -c 192.0.2.2 -p 5201 -t "$SECONDS_PER_RUN" -f m >/tmp/iperf.log 2>&1; do
     i=$((i+1)); [ $i -le 20 ] || fail "$path: iperf3 client failed"
@@ -96,11 +117,28 @@ measure() {
     t0=$(cut -d' ' -f1 /proc/uptime)
   done
   t1=$(cut -d' ' -f1 /proc/uptime)
+  f1=$(frames); g1=$(guest_cpu)
+  if [ -n "$perf_pid" ]; then
+    kill -INT $perf_pid; wait $perf_pid
+    for sort in comm,dso comm,sym; do
+      perf report -i "/tmp/perf-$path.data" --stdio --no-children -g none --percent-limit 1.5 \
+        --sort $sort 2>/dev/null | grep '%' | grep -v '^#' | head -25 | sed "s/^/PERF $path $sort /"
+    done
+    rm -f "/tmp/perf-$path.data"
+  fi
+  [ -n "$vpid" ] && threads $vpid >/tmp/threads1
   wait $srv
   mbps=$(awk '/receiver/ { print $7 }' /tmp/iperf.log)
   [ -n "$mbps" ] || fail "$path: no iperf3 figure: $(cat /tmp/iperf.log)"
   echo "BENCH $path tcp_mbps $mbps"
+  fr=$((f1 - f0))
+  echo "BENCH $path guest_busy_pct $(echo "$g0 $g1" | awk '{ b = $3 - $1; i = $4 - $2; printf "%.0f", (b + i) ? 100 * b / (b + i) : 0 }')"
+  echo "BENCH $path guest_us_per_frame $(echo "$g0 $g1" | awk -v f=$fr -v k="$clk" '{ printf "%.0f", f ? 1e6 * ($3 - $1) / k / f : 0 }')"
   if [ -n "$vpid" ]; then
+    # per thread (summed over the two devices): CPU µs and context switches per frame
+    awk -v f=$fr -v k="$clk" -v p="$path" 'NR == FNR { c[$1] -= $2; s[$1] -= $3; next } { c[$1] += $2; s[$1] += $3 }
+      END { for (n in c) if (f) printf "PROFILE %s %s cpu_us_per_frame %.0f switches_per_frame %.2f\n", p, n, 1e6 * c[n] / k / f, s[n] / f }' \
+      /tmp/threads0 /tmp/threads1
     c1=$(cpu_ticks $vpid)
     echo "BENCH $path cpu_pct $(awk -v c=$((c1 - c0)) -v k="$clk" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", 100 * c / k / (b - a) }')"
   fi
