@@ -167,6 +167,7 @@ while [ "$(stat -c %s /tmp/kill.bin 2>/dev/null || echo 0)" -lt 8388608 ]; do
   sleep 0.1
 done
 at=$(stat -c %s /tmp/kill.bin)
+tk=$(cut -d' ' -f1 /proc/uptime)
 kill -KILL $pid; wait $pid 2>/dev/null
 for n in vnet1 vnet2; do [ -e "/dev/vduse/$n" ] || fail "SIGKILL removed /dev/vduse/$n"; done
 kill -0 $tx_pid 2>/dev/null || fail "the transfer ended with virtiod killed (at $at bytes)"
@@ -179,15 +180,17 @@ while [ "$(wc -l </tmp/run.out)" -lt 2 ]; do
   i=$((i+1)); [ $i -le 600 ] || fail "virtiod run printed nothing after the restart"
   sleep 0.1
 done
+tr=$(cut -d' ' -f1 /proc/uptime)
 # the interfaces are in netns a and b, out of sight of sysfs here: the device is named instead
 grep -qx 'n1 /dev/vduse/vnet1' /tmp/run.out || fail "after the restart virtiod run printed: $(cat /tmp/run.out)"
 finish kill 300
+td=$(cut -d' ' -f1 /proc/uptime)
 [ "$(ip -n a -o link show "$if1" | cut -d: -f1)" = "$idx1" ] || fail "$if1 changed index: $(ip -n a -o link show)"
 [ "$(ip -n b -o link show "$if2" | cut -d: -f1)" = "$idx2" ] || fail "$if2 changed index: $(ip -n b -o link show)"
 ip -n a -o addr show dev "$if1" | grep -q 'inet 192.0.2.1/24' || fail "$if1 lost its address"
 ip -n b -o addr show dev "$if2" | grep -q 'inet 192.0.2.2/24' || fail "$if2 lost its address"
 ip netns exec a ping -c 2 -W 5 192.0.2.2 >/tmp/ping-after.log 2>&1 || fail "ping a -> b after the restart"
-ok "SIGKILL at $at bytes of 64 MiB + restart: transfer completed, sha256 matches, $if1 (index $idx1) and $if2 (index $idx2) kept with their addresses"
+ok "SIGKILL at $at bytes of 64 MiB, serving again $(awk -v a="$tk" -v b="$tr" 'BEGIN { printf "%.1f", b - a }') s later, transfer done $(awk -v a="$tr" -v b="$td" 'BEGIN { printf "%.1f", b - a }') s after that: sha256 matches, $if1 (index $idx1) and $if2 (index $idx2) kept with their addresses"
 
 kill -TERM $pid; wait $pid; rc=$?
 [ $rc -eq 0 ] || fail "virtiod run exited $rc on SIGTERM"
