@@ -20,7 +20,8 @@ bash "$here/run-in-vm.sh" --timeout "${VM_TIMEOUT:-600}" --env "VIRTIOD_NO_SKIP=
 rc=${PIPESTATUS[0]}
 if [ "$rc" = 0 ]; then
   # VDUSE net: two interfaces on one in-process switch, one netns each; a tap; vhost-vdpa.
-  bash "$here/run-in-vm.sh" --timeout "${VM_TIMEOUT:-600}" --bin "$bin/virtiod" \
+  # (two 64 MiB transfers: ~2 min under TCG, up to 10 on a loaded machine)
+  bash "$here/run-in-vm.sh" --timeout "${VM_TIMEOUT:-900}" --bin "$bin/virtiod" \
     "$here/guest/vduse-net.sh" | tee -a "$out"
   rc=${PIPESTATUS[0]}
 fi

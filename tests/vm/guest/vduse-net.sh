@@ -1,8 +1,8 @@
 #!/bin/sh
 # Guest half of the VDUSE net check (busybox ash + iproute2's ip, iperf3 and socat, inside
 # run-in-vm.sh's 6.12 kernel with vduse, virtio_vdpa, virtio_net, vhost_vdpa and tun loaded):
-#  1. `virtiod serve` makes one interface; SIGTERM removes it; `--attach vhost` gives
-#     /dev/vhost-vdpa-N instead.
+#  1. `virtiod serve` makes one interface, finds it again after SIGKILL + restart; SIGTERM
+#     removes it; `--attach vhost` gives /dev/vhost-vdpa-N instead.
 #  2. `virtiod run` serves two VDUSE net devices on one in-process switch; each interface goes
 #     into its own netns (192.0.2.1/24, 192.0.2.2/24): ping both ways, a 64 MiB TCP transfer
 #     whose sha256 matches, iperf3 TCP for 5 s (its figure printed, not asserted).
@@ -33,11 +33,26 @@ done
 if0=$(head -1 /tmp/serve.out)
 [ -d "/sys/class/net/$if0" ] || fail "virtiod serve printed $if0: no such interface"
 [ "$(cat /sys/class/net/$if0/address)" = 52:54:00:12:34:56 ] || fail "$if0 MAC: $(cat /sys/class/net/$if0/address)"
+# SIGKILL + the same command again: the interface (still in this namespace) is found again
+idx0=$(cat "/sys/class/net/$if0/ifindex")
+kill -KILL $pid; wait $pid 2>/dev/null
+[ -d "/sys/class/net/$if0" ] || fail "SIGKILL removed $if0"
+: >/tmp/serve.out
+virtiod serve --vduse vnet0 --state-dir /tmp/state --mac 52:54:00:12:34:56 net:switch=sw0 >/tmp/serve.out 2>/tmp/serve2.log &
+pid=$!
+i=0
+while [ ! -s /tmp/serve.out ]; do
+  kill -0 $pid 2>/dev/null || fail "virtiod serve exited early after the restart"
+  i=$((i+1)); [ $i -le 300 ] || fail "virtiod serve printed no interface after the restart"
+  sleep 0.1
+done
+[ "$(head -1 /tmp/serve.out)" = "$if0" ] || fail "after the restart virtiod serve printed $(head -1 /tmp/serve.out), not $if0"
+[ "$(cat "/sys/class/net/$if0/ifindex")" = "$idx0" ] || fail "$if0 changed index after the restart"
 kill -TERM $pid; wait $pid; rc=$?
 [ $rc -eq 0 ] || fail "virtiod serve exited $rc on SIGTERM"
 [ ! -e "/sys/class/net/$if0" ] || fail "$if0 left behind"
 [ ! -e /dev/vduse/vnet0 ] || fail "/dev/vduse/vnet0 left behind"
-ok "virtiod serve --vduse vnet0 net:switch=sw0 printed $if0 (MAC 52:54:00:12:34:56); SIGTERM removed it"
+ok "virtiod serve --vduse vnet0 net:switch=sw0 printed $if0 (MAC 52:54:00:12:34:56), again after SIGKILL + restart (index $idx0 kept); SIGTERM removed it"
 
 # --- 1b. --attach vhost: the net device goes to vhost_vdpa, /dev/vhost-vdpa-N, no interface ---
 virtiod serve --vduse vnetv --attach vhost --state-dir /tmp/state --mac 52:54:00:12:34:57 net:switch=sw0 \
@@ -110,17 +125,22 @@ ok "netns b pings 192.0.2.1: $(grep -a 'packets' /tmp/ping-ba.log)"
 # --- 2b. 64 MiB over TCP from netns a to netns b, checksum compared; then iperf3 for 5 s ---
 head -c $MiB64 /dev/urandom >/tmp/src.bin || fail "making the 64 MiB source"
 want=$(sha256sum </tmp/src.bin | cut -d' ' -f1)
+# wait_listen PREFIX PORT: wait until a TCP socket listens on PORT (in the namespace PREFIX
+# enters: "ip netns exec b", or "" for this one)
+wait_listen() {
+  i=0
+  until $1 cat /proc/net/tcp | awk -v p="$(printf ':%04X' "$2")" '$2 ~ p"$" && $4 == "0A" { f = 1 } END { exit !f }'; do
+    i=$((i+1)); [ $i -le 300 ] || fail "nothing listens on port $2 ${1:+($1)}"
+    sleep 0.1
+  done
+}
 # transfer NAME PORT: socat from netns a to netns b in the background; sets rx_pid, tx_pid
 transfer() {
   rm -f "/tmp/$1.bin"
-  ip netns exec b socat -u "TCP-LISTEN:$2,reuseaddr" "OPEN:/tmp/$1.bin,creat,trunc" 2>"/tmp/$1-rx.log" &
+  ip netns exec b socat -u -b 262144 "TCP-LISTEN:$2,reuseaddr" "OPEN:/tmp/$1.bin,creat,trunc" 2>"/tmp/$1-rx.log" &
   rx_pid=$!
-  i=0
-  until ip netns exec b cat /proc/net/tcp | awk -v p="$(printf ':%04X' "$2")" '$2 ~ p"$" && $4 == "0A" { f = 1 } END { exit !f }'; do
-    i=$((i+1)); [ $i -le 100 ] || fail "socat did not listen on port $2 in netns b"
-    sleep 0.1
-  done
-  ip netns exec a socat -u OPEN:/tmp/src.bin "TCP:192.0.2.2:$2" 2>"/tmp/$1-tx.log" &
+  wait_listen "ip netns exec b" "$2"
+  ip netns exec a socat -u -b 262144 OPEN:/tmp/src.bin "TCP:192.0.2.2:$2" 2>"/tmp/$1-tx.log" &
   tx_pid=$!
 }
 # finish NAME SECONDS: wait for both socats of `transfer`, then compare the checksum
@@ -138,7 +158,7 @@ finish() {
 }
 t0=$(cut -d' ' -f1 /proc/uptime)
 transfer tcp 5001
-finish tcp 300
+finish tcp 600
 t1=$(cut -d' ' -f1 /proc/uptime)
 ok "64 MiB over TCP a -> b, sha256 matches ($(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f s, %.0f Mbit/s", b - a, 536.870912 / (b - a) }'))"
 
@@ -183,7 +203,7 @@ done
 tr=$(cut -d' ' -f1 /proc/uptime)
 # the interfaces are in netns a and b, out of sight of sysfs here: the device is named instead
 grep -qx 'n1 /dev/vduse/vnet1' /tmp/run.out || fail "after the restart virtiod run printed: $(cat /tmp/run.out)"
-finish kill 300
+finish kill 600
 td=$(cut -d' ' -f1 /proc/uptime)
 [ "$(ip -n a -o link show "$if1" | cut -d: -f1)" = "$idx1" ] || fail "$if1 changed index: $(ip -n a -o link show)"
 [ "$(ip -n b -o link show "$if2" | cut -d: -f1)" = "$idx2" ] || fail "$if2 changed index: $(ip -n b -o link show)"
@@ -227,7 +247,7 @@ head -c 8388608 /tmp/src.bin >/tmp/src8.bin; want8=$(sha256sum </tmp/src8.bin | 
 rm -f /tmp/src.bin
 socat -u TCP-LISTEN:5003,reuseaddr OPEN:/tmp/tap.bin,creat,trunc 2>/tmp/tap-rx.log &
 rx=$!
-sleep 0.5
+wait_listen "" 5003
 ip netns exec c socat -u OPEN:/tmp/src8.bin TCP:198.51.100.1:5003 2>/tmp/tap-tx.log || fail "socat over the tap"
 wait $rx || fail "socat listening on vt0"
 [ "$(sha256sum </tmp/tap.bin | cut -d' ' -f1)" = "$want8" ] || fail "8 MiB over the tap: sha256 differs"
