@@ -36,7 +36,9 @@ grep -a '^BENCH' "$out" | tr -d '\r' | awk '
     printf "\nguest CPU during iperf3: %% busy, and µs of guest CPU per frame (both directions; a veth\n"
     printf "with offloads counts a GSO super-frame of up to 64 KiB as one)\n"
     for (i = 1; i <= n; i++) { p = paths[i]
-      printf "%-10s %4.0f%% busy %8.0f us/frame\n", p, median(v[p ",guest_busy_pct"]), median(v[p ",guest_us_per_frame"]) } }'
+      d = median(v[p ",drops"])
+      printf "%-10s %4.0f%% busy %8.0f us/frame %s\n", p, median(v[p ",guest_busy_pct"]), median(v[p ",guest_us_per_frame"]),
+        (d >= 0 ? sprintf("%8d frames dropped by virtiod'"'"'s ports", d) : "") } }'
 echo
 echo "virtiod threads (summed over both devices; last round): CPU us and context switches per frame"
 grep -a '^PROFILE' "$out" | tr -d '\r' | awk '{ last[$2 " " $3] = $0 } END { for (k in last) print last[k] }' | sort \

@@ -10,6 +10,8 @@
 #   tcp_mbps    iperf3 TCP a -> b for SECONDS_PER_RUN s, receiver's Mbit/s
 #   rtt_p50_us  ping a -> b (PINGS pings, 50 ms apart), median round trip in µs
 #   cpu_pct     virtiod's CPU time during the iperf3 run, in % of one CPU (switch, bridge)
+#   drops       frames virtiod's ports dropped during the iperf3 run (switch, bridge)
+#   guest_busy_pct, guest_us_per_frame: the guest's CPU during the iperf3 run
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5} ROUNDS=${ROUNDS:-2} PINGS=${PINGS:-50}   # POLL_US: virtiod's poll-us
 fail() { echo "GUEST-FAIL: $*"; for f in /tmp/*.log; do [ -e "$f" ] && { echo "--- $f"; tail -20 "$f"; }; done; exit 1; }
 ip() { /bin/ip "$@"; }
@@ -49,7 +51,8 @@ mac = "52:54:00:00:00:02"
 $poll
 TOML
   : >/tmp/run.out
-  virtiod run --config /tmp/devices.toml --state-dir /tmp/state >/tmp/run.out 2>/tmp/run.log &
+  rm -f /tmp/ctl.sock
+  virtiod run --config /tmp/devices.toml --state-dir /tmp/state --control /tmp/ctl.sock >/tmp/run.out 2>/tmp/run.log &
   vpid=$!
   i=0
   while [ "$(wc -l </tmp/run.out)" -lt 2 ]; do
@@ -139,6 +142,9 @@ measure() {
     awk -v f=$fr -v k="$clk" -v p="$path" 'NR == FNR { c[$1] -= $2; s[$1] -= $3; next } { c[$1] += $2; s[$1] += $3 }
       END { for (n in c) if (f) printf "PROFILE %s %s cpu_us_per_frame %.0f switches_per_frame %.2f\n", p, n, 1e6 * c[n] / k / f, s[n] / f }' \
       /tmp/threads0 /tmp/threads1
+    # frames the ports dropped (a port's queue of frames waiting for receive buffers was full)
+    echo "BENCH $path drops $(virtiod ctl --control /tmp/ctl.sock stats 2>/dev/null \
+      | awk '{ for (i = 2; i <= NF; i++) if ($i ~ /_drop_/) { split($i, kv, "="); s += kv[2] } } END { print s + 0 }')"
     c1=$(cpu_ticks $vpid)
     echo "BENCH $path cpu_pct $(awk -v c=$((c1 - c0)) -v k="$clk" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", 100 * c / k / (b - a) }')"
   fi
