@@ -158,9 +158,10 @@ measure() {
 r=0
 while [ $r -lt "$ROUNDS" ]; do
   for path in switch veth veth-nooff bridge; do
-    setup_$(echo $path | tr - _)
+    fn=$(echo "$path" | tr - _)
+    "setup_$fn"
     measure
-    teardown_$(echo $path | tr - _)
+    "teardown_$fn"
   done
   r=$((r+1))
 done
