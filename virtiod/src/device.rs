@@ -113,6 +113,14 @@ impl Device {
                         tracing::info!(device = %spec.name, name, node = %node.display(), "serving {what} through VDUSE");
                         node.to_path_buf()
                     }
+                    (None, None) if dev.interface_elsewhere() => {
+                        tracing::info!(
+                            device = %spec.name,
+                            name,
+                            "serving {what} through VDUSE again; its interface is in another network namespace"
+                        );
+                        PathBuf::from(format!("/dev/vduse/{name}"))
+                    }
                     (None, None) => {
                         tracing::info!(
                             device = %spec.name,
@@ -156,7 +164,8 @@ impl Device {
     }
 
     /// Where a driver finds it: the socket, `/dev/vdX`, `/dev/vhost-vdpa-N`, `/dev/vduse/NAME`,
-    /// or the network interface of a net device on `virtio_vdpa` (e.g. `eth1`).
+    /// or the network interface of a net device on `virtio_vdpa` (e.g. `eth1`; `/dev/vduse/NAME`
+    /// for one re-opened after a restart whose interface is in another network namespace).
     pub fn endpoint(&self) -> &Path {
         &self.endpoint
     }

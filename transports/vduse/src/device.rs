@@ -57,6 +57,9 @@ pub struct VduseServer {
     node: Option<PathBuf>,
     /// The network interface of a net device attached to `virtio_vdpa`.
     interface: Option<String>,
+    /// A re-opened net device is driven by `virtio_net` but its interface is not visible here:
+    /// it was moved to another network namespace.
+    interface_elsewhere: bool,
     device: Arc<dyn Device>,
 }
 
@@ -185,15 +188,17 @@ impl VduseServer {
             attached: false,
             node: None,
             interface: None,
+            interface_elsewhere: false,
             device: device.clone(),
         };
         this.start(device, dev, log, exists, opts.poll)?;
         if exists && vdpa_has(&opts.name) {
             this.attached = true;
-            this.created = true;
             if opts.attach != Attach::None {
-                this.wait_for_node(opts.attach, false)?;
+                this.find_existing_node(opts.attach)?;
             }
+            // Serving again: from now on a stop removes it.
+            this.created = true;
         } else {
             this.created = true;
             if opts.attach != Attach::None {
@@ -265,6 +270,25 @@ impl VduseServer {
         self.wait_for_node(attach, want_vhost)
     }
 
+    /// A re-opened device already on the bus: its node, or for a net device its interface. The
+    /// interface of a net device may have been moved to another network namespace, where sysfs
+    /// does not show it: the device is then served as it is.
+    fn find_existing_node(&mut self, attach: Attach) -> Result<(), Error> {
+        let want_interface = attach == Attach::Virtio && self.device.device_type() == VIRTIO_ID_NET;
+        if want_interface && vdpa::find_net_interface(&self.name)?.is_none() {
+            let driver = vdpa::virtio_driver(&self.name)?;
+            if driver.as_deref() == Some("virtio_net") {
+                tracing::info!(
+                    name = %self.name,
+                    "re-opened: the network interface is in another network namespace"
+                );
+                self.interface_elsewhere = true;
+                return Ok(());
+            }
+        }
+        self.wait_for_node(attach, false)
+    }
+
     /// Wait until the bus driver `attach` asks for has made the device node (for a net
     /// device on `virtio_vdpa`: the network interface); rebind once if another driver took
     /// the device (unless `rebound` already).
@@ -324,6 +348,12 @@ impl VduseServer {
     /// [`Attach::Virtio`] (e.g. `eth1`).
     pub fn interface(&self) -> Option<&str> {
         self.interface.as_deref()
+    }
+
+    /// Whether this is a re-opened net device whose interface is in another network namespace
+    /// ([`Self::interface`] is then `None`: sysfs only shows this namespace's interfaces).
+    pub fn interface_elsewhere(&self) -> bool {
+        self.interface_elsewhere
     }
 
     /// The device name.

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use crate::sys::vdpa::*;
 use netlink::{parse_attrs, parse_replies, Attr, GenlRequest, Reply};
 use socket::NetlinkSocket;
-pub use sysfs::{bind_driver, find_device_node, find_net_interface, Driver, Sysfs};
+pub use sysfs::{bind_driver, find_device_node, find_net_interface, virtio_driver, Driver, Sysfs};
 
 /// Errors of the vdpa netlink client and the sysfs helpers.
 #[derive(Debug, thiserror::Error)]

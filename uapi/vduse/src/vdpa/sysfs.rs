@@ -125,6 +125,26 @@ impl Sysfs {
         Ok(first_under_virtio(&dir, &names, "net"))
     }
 
+    /// The driver bound to the virtio device that `virtio_vdpa` made of `name` (e.g.
+    /// `virtio_net`); `None` when there is no such device or no driver bound to it. Unlike
+    /// [`Self::find_net_interface`] this also sees a net device whose interface was moved to
+    /// another network namespace (sysfs lists only the interfaces of the reader's namespace).
+    pub fn virtio_driver(&self, name: &str) -> Result<Option<String>, VdpaError> {
+        let (dir, names) = self.children(name)?;
+        for child in &names {
+            let Some(n) = child.strip_prefix("virtio") else {
+                continue;
+            };
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            if let Ok(target) = fs::read_link(dir.join(child).join("driver")) {
+                return Ok(target.file_name().map(|n| n.to_string_lossy().into_owned()));
+            }
+        }
+        Ok(None)
+    }
+
     /// The device's sysfs directory and the names in it, sorted.
     fn children(&self, name: &str) -> Result<(PathBuf, Vec<String>), VdpaError> {
         let dir = self.device_dir(name)?;
@@ -174,6 +194,11 @@ pub fn find_net_interface(name: &str) -> Result<Option<String>, VdpaError> {
 /// [`Sysfs::bind_driver`] on the real `/sys`.
 pub fn bind_driver(name: &str, driver: Driver) -> Result<(), VdpaError> {
     Sysfs::default().bind_driver(name, driver)
+}
+
+/// [`Sysfs::virtio_driver`] on the real `/sys`.
+pub fn virtio_driver(name: &str) -> Result<Option<String>, VdpaError> {
+    Sysfs::default().virtio_driver(name)
 }
 
 /// [`Sysfs::find_device_node`] on the real `/sys` and `/dev`.
@@ -246,6 +271,36 @@ mod tests {
         assert_eq!(t.read("drivers/vhost_vdpa/unbind"), "");
         assert_eq!(t.read("drivers_probe"), "vduse0");
         assert_eq!(t.read("drivers_autoprobe"), "1", "never touched");
+    }
+
+    #[test]
+    fn virtio_driver_sees_a_bound_net_device_without_its_interface() {
+        let t = FakeTree::new("virtio-driver");
+        let s = t.sysfs();
+        assert_eq!(
+            s.virtio_driver("vduse0").unwrap(),
+            None,
+            "no virtio device yet"
+        );
+        fs::create_dir_all(t.bus("devices/vduse0/virtio3/net")).unwrap();
+        assert_eq!(
+            s.virtio_driver("vduse0").unwrap(),
+            None,
+            "no driver bound yet"
+        );
+        fs::create_dir_all(t.0.join("sys/bus/virtio/drivers/virtio_net")).unwrap();
+        symlink(
+            t.0.join("sys/bus/virtio/drivers/virtio_net"),
+            t.bus("devices/vduse0/virtio3/driver"),
+        )
+        .unwrap();
+        // The interface is in another network namespace: sysfs shows an empty net/ here.
+        assert_eq!(s.find_net_interface("vduse0").unwrap(), None);
+        assert_eq!(
+            s.virtio_driver("vduse0").unwrap().as_deref(),
+            Some("virtio_net")
+        );
+        assert!(s.virtio_driver("nothere").is_err());
     }
 
     #[test]
