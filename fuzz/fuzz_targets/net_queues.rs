@@ -3,7 +3,9 @@
 //! same switch, so good tx frames come back as rx frames written into the rx buffers.
 //!
 //! Input layout: byte 0: bit 0 acks MRG_RXBUF, bits 1-3 select the rx queue size (1, 2, 4, 8,
-//! 16, 64, 256, 256); byte 1: the number of chains (at most 32); then per chain a flags byte
+//! 16, 64, 256, 256), bit 4 acks the tx offloads (CSUM, HOST_TSO4/6: partial checksums and
+//! GSO frames up to 64 KiB are sent), bit 5 the rx ones (GUEST_CSUM, GUEST_TSO4/6: else the
+//! switch completes checksums and cuts TCP segments for the rx port); byte 1: the number of chains (at most 32); then per chain a flags byte
 //! (bit 0: to tx, bit 1: to rx, bit 2: tell the rx queue the driver features again before
 //! it, with MRG_RXBUF from bit 3; bit 4: reap rx completions after it), a descriptor count
 //! byte (0..8) and 5 bytes per descriptor: address (u16 LE), length (u16 LE), flags (bit 0
@@ -24,6 +26,9 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use virtiod_core::{Chain, ChainDesc, Completed, GuestMem, Outcome, QueueHandler};
+use virtiod_net::offload::{
+    F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6,
+};
 use virtiod_net::{RxQueue, Switch, TxQueue, DEFAULT_MTU, ETH_HLEN, F_MRG_RXBUF, VLAN_HLEN};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -125,8 +130,13 @@ fn writable_bytes(chain: &Chain) -> u64 {
         .sum()
 }
 
-fn features(mergeable: bool) -> u64 {
-    virtiod_core::F_VERSION_1 | if mergeable { F_MRG_RXBUF } else { 0 }
+fn features(mergeable: bool, guest_offloads: bool) -> u64 {
+    let offloads = if guest_offloads {
+        F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6
+    } else {
+        0
+    };
+    virtiod_core::F_VERSION_1 | offloads | if mergeable { F_MRG_RXBUF } else { 0 }
 }
 
 /// Check rx completions: chains given to rx and still held, each once, used length at most
@@ -168,6 +178,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let mergeable = options & 1 != 0;
     let queue_size = QUEUE_SIZES[usize::from(options >> 1) & 7];
+    let tx_offloads = options & 0x10 != 0;
+    let guest_offloads = options & 0x20 != 0;
 
     let ranges: Vec<_> = REGIONS.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
     let mem = Arc::new(GuestMem::from_ranges(&ranges).unwrap());
@@ -177,8 +189,11 @@ fuzz_target!(|data: &[u8]| {
     let switch = Switch::new("fuzz");
     let (tx_port, rx_port) = (switch.port().unwrap(), switch.port().unwrap());
     let mut tx = TxQueue::new(tx_port, MAX_FRAME);
+    if tx_offloads {
+        tx.driver_features(F_CSUM | F_HOST_TSO4 | F_HOST_TSO6);
+    }
     let mut rx = RxQueue::new(rx_port, mergeable, queue_size);
-    rx.driver_features(features(mergeable));
+    rx.driver_features(features(mergeable, guest_offloads));
 
     let before = Snapshot::take(&mem);
     // Writable descriptors of the chains the rx queue was given: where rx may write.
@@ -201,7 +216,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(Snapshot::take(&mem) == pre, "tx chain {i} wrote memory");
         }
         if let Some(m) = step.features {
-            rx.driver_features(features(m));
+            rx.driver_features(features(m, guest_offloads));
         }
         if step.rx && rx.can_start() {
             match rx.start(&step.chain, &mem) {

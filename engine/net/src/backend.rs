@@ -1,5 +1,7 @@
 //! The seam between the virtio-net queues and where frames go: one [`NetBackend`] per port
-//! (the in-process [`crate::Switch`] today, a tap device next).
+//! (the in-process [`crate::Switch`], a tap device). A frame crossing it is a
+//! `virtio_net_hdr_v1` ([`crate::NET_HDR_LEN`] bytes, `num_buffers` unused) and the Ethernet
+//! frame: the header carries the checksum and segmentation offloads.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,11 +14,16 @@ use vmm_sys_util::eventfd::EventFd;
 /// [`Self::set_rx_ready`], and the backend signals [`Self::rx_event`] when a frame is waiting
 /// while the queue is ready (the queue thread sleeps on that eventfd).
 pub trait NetBackend: Send + Sync {
-    /// A frame the driver sent (an Ethernet frame without the virtio-net header).
+    /// A frame the driver sent: the virtio-net header (checked against the features the
+    /// driver accepted, [`crate::offload::check_tx`]) and the Ethernet frame.
     fn transmit(&self, frame: &[u8]);
-    /// Move the next frame waiting for the driver into `frame` (replacing its contents);
+    /// Move the next frame waiting for the driver into `frame` (replacing its contents): a
+    /// virtio-net header using only the offloads the driver accepted, and the Ethernet frame;
     /// false when none waits.
     fn receive(&self, frame: &mut Vec<u8>) -> bool;
+    /// The features the port's driver accepted: which offloads its frames may use (a tap
+    /// tells the kernel, `TUNSETOFFLOAD`; frames beyond them are finished in software).
+    fn set_guest_features(&self, features: u64);
     /// The eventfd the backend signals when frames wait for a ready rx queue.
     fn rx_event(&self) -> &EventFd;
     /// Whether the rx queue holds receive buffers. Becoming ready with frames waiting
@@ -40,8 +47,16 @@ pub struct PortStats {
     /// tx chains refused as malformed (writable descriptors, shorter than the header and an
     /// Ethernet header, not terminated, outside memory).
     pub tx_malformed: AtomicU64,
-    /// tx frames above MTU + 14 (+ 4 for a VLAN tag).
+    /// tx frames above MTU + 14 (+ 4 for a VLAN tag), or above 64 KiB + 18 for GSO frames.
     pub tx_too_big: AtomicU64,
+    /// tx frames whose virtio-net header was refused (offsets beyond the frame, offloads the
+    /// driver did not accept, unknown GSO types, GSO headers that are not TCP).
+    pub tx_bad_header: AtomicU64,
+    /// Frames for this port cut into TCP segments in software (its driver takes no GSO).
+    pub rx_segmented: AtomicU64,
+    /// Frames for this port dropped because they needed software offload work that could
+    /// not be done (e.g. a GSO frame from a tap that is not TCP).
+    pub rx_offload_dropped: AtomicU64,
     /// Frames for this port dropped because its queue of waiting frames was full (no
     /// receive buffers).
     pub rx_queue_full: AtomicU64,
@@ -67,6 +82,12 @@ pub struct PortCounters {
     pub tx_malformed: u64,
     /// See [`PortStats::tx_too_big`].
     pub tx_too_big: u64,
+    /// See [`PortStats::tx_bad_header`].
+    pub tx_bad_header: u64,
+    /// See [`PortStats::rx_segmented`].
+    pub rx_segmented: u64,
+    /// See [`PortStats::rx_offload_dropped`].
+    pub rx_offload_dropped: u64,
     /// See [`PortStats::rx_queue_full`].
     pub rx_queue_full: u64,
     /// See [`PortStats::rx_too_big`].
@@ -97,6 +118,9 @@ impl PortStats {
             rx_bytes: get(&self.rx_bytes),
             tx_malformed: get(&self.tx_malformed),
             tx_too_big: get(&self.tx_too_big),
+            tx_bad_header: get(&self.tx_bad_header),
+            rx_segmented: get(&self.rx_segmented),
+            rx_offload_dropped: get(&self.rx_offload_dropped),
             rx_queue_full: get(&self.rx_queue_full),
             rx_too_big: get(&self.rx_too_big),
             rx_malformed: get(&self.rx_malformed),

@@ -14,9 +14,17 @@ use crate::{
     VLAN_HLEN,
 };
 
-/// Feature bits offered (no control queue: VDUSE refuses it, and there is one queue pair).
-pub const FEATURES: u64 =
-    F_VERSION_1 | F_EVENT_IDX | F_INDIRECT_DESC | F_MAC | F_STATUS | F_MTU | F_MRG_RXBUF;
+/// Feature bits offered (no control queue: VDUSE refuses it, and there is one queue pair),
+/// with the checksum and TCP segmentation offloads both ways
+/// ([`crate::offload::OFFLOAD_FEATURES`]).
+pub const FEATURES: u64 = F_VERSION_1
+    | F_EVENT_IDX
+    | F_INDIRECT_DESC
+    | F_MAC
+    | F_STATUS
+    | F_MTU
+    | F_MRG_RXBUF
+    | crate::offload::OFFLOAD_FEATURES;
 /// MTU when none is given.
 pub const DEFAULT_MTU: u16 = 1500;
 /// Largest queue size the driver may choose, when none is given.

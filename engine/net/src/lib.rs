@@ -1,7 +1,8 @@
 //! virtio-net as a device of virtiod's core.
 //!
 //! - [`NetDevice`] implements the core's `Device`: device id `VIRTIO_ID_NET`, the feature
-//!   bits (VERSION_1, MAC, STATUS, MTU, MRG_RXBUF and the ring features the core
+//!   bits (VERSION_1, MAC, STATUS, MTU, MRG_RXBUF, the checksum and TCP segmentation
+//!   offloads of [`offload`] and the ring features the core
 //!   implements; no control queue), the configuration space (`struct virtio_net_config`) and
 //!   one queue pair: queue 0 receives ([`RxQueue`]), queue 1 transmits ([`TxQueue`]).
 //! - [`NetBackend`] is the seam to where frames go: one backend per device (a *port*). The
@@ -20,6 +21,7 @@
 mod backend;
 mod device;
 mod frames;
+pub mod offload;
 mod rx;
 mod switch;
 #[allow(unsafe_code)] // the tap ioctls, in tap/sys.rs only
@@ -32,7 +34,7 @@ pub use frames::PORT_QUEUE_FRAMES;
 pub use rx::RxQueue;
 pub use switch::{Mac, Switch, SwitchPort, MAC_AGEING, MAC_TABLE_SIZE};
 pub use tap::{check_tap_name, TapPort, TUN_PATH};
-pub use tx::{TxError, TxQueue};
+pub use tx::{check_frame, TxError, TxQueue};
 
 use virtio_bindings::virtio_net;
 

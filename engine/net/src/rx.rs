@@ -51,11 +51,10 @@ pub struct RxQueue {
     spare: Vec<Vec<ChainDesc>>,
     /// Used entries waiting for `reap`.
     done: Vec<Completed>,
-    /// The frame taken from the backend and not yet written (`has_frame`).
+    /// The frame (virtio-net header and packet) taken from the backend and not yet written
+    /// (`has_frame`).
     frame: Vec<u8>,
     has_frame: bool,
-    /// Header and frame as written into the buffers (reused).
-    stream: Vec<u8>,
 }
 
 impl RxQueue {
@@ -71,7 +70,6 @@ impl RxQueue {
             done: Vec::new(),
             frame: Vec::new(),
             has_frame: false,
-            stream: Vec::new(),
         }
     }
 
@@ -92,7 +90,8 @@ impl RxQueue {
             match self.place() {
                 Placed::Written => {
                     let stats = self.backend.stats();
-                    PortStats::frame(&stats.rx_packets, &stats.rx_bytes, self.frame.len());
+                    let len = self.frame.len().saturating_sub(NET_HDR_LEN);
+                    PortStats::frame(&stats.rx_packets, &stats.rx_bytes, len);
                     self.has_frame = false;
                 }
                 Placed::Dropped => {
@@ -105,9 +104,13 @@ impl RxQueue {
         }
     }
 
-    /// Write the frame in hand into the first buffer(s) held.
+    /// Write the frame in hand (its header's `num_buffers` set) into the first buffer(s)
+    /// held.
     fn place(&mut self) -> Placed {
-        let need = (NET_HDR_LEN + self.frame.len()) as u64;
+        if self.frame.len() < NET_HDR_LEN {
+            return Placed::Dropped; // backends queue header and frame: cannot happen
+        }
+        let need = self.frame.len() as u64;
         let count = if self.mergeable {
             let mut sum = 0;
             match self.held.iter().position(|b| {
@@ -123,15 +126,12 @@ impl RxQueue {
         } else {
             return Placed::Dropped;
         };
-        self.stream.clear();
-        self.stream.resize(NET_HDR_LEN, 0);
         // count <= held <= max_buffers (can_start), a queue size: at most 32768.
         let num_buffers = u16::try_from(count).unwrap_or(u16::MAX);
-        self.stream[NUM_BUFFERS_AT..NET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
-        self.stream.extend_from_slice(&self.frame);
+        self.frame[NUM_BUFFERS_AT..NET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
         let mut at = 0;
         for buf in self.held.drain(..count) {
-            let used = write_buffer(&buf, &self.stream[at..]);
+            let used = write_buffer(&buf, &self.frame[at..]);
             at += used;
             self.done.push(Completed {
                 head: buf.head,
@@ -177,6 +177,7 @@ fn write_buffer(buf: &RxBuffer, bytes: &[u8]) -> usize {
 impl QueueHandler for RxQueue {
     fn driver_features(&mut self, acked: u64) {
         self.mergeable = acked & crate::F_MRG_RXBUF != 0;
+        self.backend.set_guest_features(acked);
     }
 
     /// At most a queue's worth of buffers is held (a driver that repeats heads on the avail
@@ -265,8 +266,10 @@ mod tests {
     use crate::test_util::{chain_at, get, mem, CANARY, MEM_LEN};
     use crate::{Switch, SwitchPort};
 
+    /// A zeroed virtio-net header and an Ethernet frame of `len` bytes.
     fn frame(len: usize, tag: u8) -> Vec<u8> {
-        let mut f = vec![0xff; 6];
+        let mut f = vec![0; NET_HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
         f.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 0xa]);
         f.extend((12..len).map(|i| (i as u8) ^ tag));
         f
@@ -317,7 +320,7 @@ mod tests {
         let want = [(0, 40), (1, 40), (3, 22)].map(|(head, used_len)| Completed { head, used_len });
         assert_eq!(out, want);
         let mut stream = header(3);
-        stream.extend_from_slice(&f);
+        stream.extend_from_slice(&f[NET_HDR_LEN..]);
         assert_eq!(get(&m, 0x1000, 40), stream[..40]);
         assert_eq!(get(&m, 0x2000, 24), stream[40..64]);
         assert_eq!(get(&m, 0x2100, 16), stream[64..80]);
@@ -386,7 +389,7 @@ mod tests {
             }]
         );
         let mut stream = header(1);
-        stream.extend_from_slice(&f);
+        stream.extend_from_slice(&f[NET_HDR_LEN..]);
         assert_eq!(get(&m, 0x4000, 72), stream);
     }
 

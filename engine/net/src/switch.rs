@@ -2,6 +2,10 @@
 //! device) exchange frames by learned source MAC address; broadcast, multicast and unknown
 //! unicast frames are flooded to every other port, and no frame goes back to its sender.
 //!
+//! Frames carry their virtio-net header: a port whose driver takes the offloads a frame uses
+//! gets it as it is (a 64 KiB TCP GSO frame stays one frame), the others get it finished in
+//! software (checksum completed, TCP segments cut) when it is queued for them.
+//!
 //! Each port keeps a bounded queue of frames waiting for receive buffers; beyond
 //! [`crate::PORT_QUEUE_FRAMES`] frames, new ones are dropped and counted, so a slow port never
 //! blocks the others.
@@ -14,7 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{NetBackend, PortStats};
 use crate::frames::{locked, RxFrames};
-use crate::NetError;
+use crate::{NetError, NET_HDR_LEN};
+
 /// A learned address is forgotten when no frame came from it for this long.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
 /// Most addresses a switch learns (beyond, expired ones are evicted; else none is learned).
@@ -89,9 +94,10 @@ impl Switch {
         Ok(port)
     }
 
-    /// Forward `frame` sent by port `from`, as of `now`.
+    /// Forward `frame` (virtio-net header and Ethernet frame) sent by port `from`, as of
+    /// `now`.
     fn forward(&self, from: u64, frame: &[u8], now: Instant) {
-        let Some((dst, src)) = macs(frame) else {
+        let Some((dst, src)) = frame.get(NET_HDR_LEN..).and_then(macs) else {
             return;
         };
         let mut inner = locked(&self.inner);
@@ -214,6 +220,10 @@ impl NetBackend for SwitchPort {
         self.rx.set_ready(ready);
     }
 
+    fn set_guest_features(&self, features: u64) {
+        self.rx.set_guest_features(features);
+    }
+
     fn stats(&self) -> &PortStats {
         &self.stats
     }
@@ -237,7 +247,7 @@ mod tests {
     const BROADCAST: Mac = [0xff; 6];
 
     fn frame(dst: Mac, src: Mac, tag: u8) -> Vec<u8> {
-        let mut f = Vec::new();
+        let mut f = vec![0; NET_HDR_LEN];
         f.extend_from_slice(&dst);
         f.extend_from_slice(&src);
         f.extend_from_slice(&[0x08, 0x00, tag, tag, tag]);
@@ -298,7 +308,7 @@ mod tests {
         c.transmit(&frame(BROADCAST, B, 3));
         a.transmit(&frame(B, A, 4));
         assert_eq!(take_all(&c).len(), 1);
-        assert!(take_all(&b).iter().all(|f| f[14] != 4));
+        assert!(take_all(&b).iter().all(|f| f[NET_HDR_LEN + 14] != 4));
         // A removed port gets nothing, and its addresses are forgotten.
         drop(c);
         a.transmit(&frame(B, A, 5));
@@ -337,7 +347,8 @@ mod tests {
         a.transmit(&frame(BROADCAST, A, 2));
         assert_eq!(b.rx_event().read().unwrap(), 1);
         // Runt frames (no Ethernet addresses) are not forwarded.
-        a.transmit(&[0xff; 11]);
+        a.transmit(&[0xff; NET_HDR_LEN + 11]);
+        a.transmit(&[0xff; 5]);
         assert_eq!(take_all(&b).len(), 2);
     }
 
