@@ -8,11 +8,13 @@
 #   on   the guest accepts CSUM/GUEST_CSUM/HOST_TSO4/6/GUEST_TSO4/6 (checked in the features
 #        it negotiated); the frames the guest sent must average above 1514 bytes (TCP GSO
 #        frames went through whole);
-#   off  QEMU turns every offload off (csum=off,guest_csum=off,...): plain frames only.
+#   off  QEMU turns every offload off (csum=off,guest_csum=off,...): plain frames only;
+#   mq   offloads on, two queue pairs (virtiod --queues 2, QEMU queues=2 and mq=on; the guest
+#        has 2 CPUs, so it uses both pairs): the MQ bit must be negotiated.
 # After each run virtiod is stopped with SIGTERM and must exit cleanly, and the tap it
 # created must be gone.
 #
-# usage: tests/vm/qemu-vhost-user-net.sh [--keep] [MODE...]   (MODE: on, off; default both)
+# usage: tests/vm/qemu-vhost-user-net.sh [--keep] [MODE...]   (MODE: on, off, mq; default all)
 # env: VIRTIOD (default ${CARGO_TARGET_DIR:-<repo>/target}/release/virtiod), TAP (vt0),
 #      HOST_IP (198.51.100.1), GUEST_IP (198.51.100.2), FILE_MB (4), VM_TIMEOUT (300 s),
 #      TMPDIR (work dir parent, /tmp), VM_CACHE (see run-in-vm.sh). Needs root (the tap).
@@ -27,7 +29,7 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-MODES=("$@"); [ ${#MODES[@]} -gt 0 ] || MODES=(on off)
+MODES=("$@"); [ ${#MODES[@]} -gt 0 ] || MODES=(on off mq)
 VIRTIOD=${VIRTIOD:-${CARGO_TARGET_DIR:-$HERE/../../target}/release/virtiod}
 TAP=${TAP:-vt0} HOST_IP=${HOST_IP:-198.51.100.1} GUEST_IP=${GUEST_IP:-198.51.100.2}
 FILE_MB=${FILE_MB:-4} VM_TIMEOUT=${VM_TIMEOUT:-300} PORT=8080
@@ -67,14 +69,15 @@ chmod +x "$work/www/cgi-bin/up"
 bit() { printf '%s' "${1:$2:1}"; }
 
 run_mode() {
-  local mode=$1 dev_opts sock=$work/net-$1.sock ctl=$work/ctl-$1.sock
+  local mode=$1 dev_opts netdev_opts= pairs=1 sock=$work/net-$1.sock ctl=$work/ctl-$1.sock
   case "$mode" in
     on) dev_opts= ;;
     off) dev_opts=",csum=off,guest_csum=off,host_tso4=off,host_tso6=off,guest_tso4=off,guest_tso6=off" ;;
-    *) die "unknown mode $mode (on, off)" ;;
+    mq) pairs=2 dev_opts=",mq=on,vectors=6" netdev_opts=",queues=2" ;;
+    *) die "unknown mode $mode (on, off, mq)" ;;
   esac
   rm -f "$work/up.bin"
-  "$VIRTIOD" serve --vhost-user "$sock" --control "$ctl" --mac "$MAC" "net:tap=$TAP" \
+  "$VIRTIOD" serve --vhost-user "$sock" --control "$ctl" --mac "$MAC" --queues "$pairs" "net:tap=$TAP" \
     >"$work/server-$mode.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 150); do
@@ -95,7 +98,7 @@ run_mode() {
     setsid "$HERE/run-in-vm.sh" --timeout "$VM_TIMEOUT" \
       --env "HOST_IP=$HOST_IP" --env "GUEST_IP=$GUEST_IP" --env "PORT=$PORT" --env "FILE_MB=$FILE_MB" \
       --qemu-arg -chardev --qemu-arg "socket,id=vn0,path=$sock" \
-      --qemu-arg -netdev --qemu-arg "vhost-user,id=n0,chardev=vn0" \
+      --qemu-arg -netdev --qemu-arg "vhost-user,id=n0,chardev=vn0$netdev_opts" \
       --qemu-arg -device --qemu-arg "virtio-net-pci,netdev=n0,mac=$MAC$dev_opts" \
       "$HERE/guest/net-tap.sh" >"$work/vm-$mode.log" 2>&1
     vm_rc=$?
@@ -136,17 +139,20 @@ run_mode() {
   got_up=$(sha256sum <"$work/up.bin" | cut -d' ' -f1)
   [ "$up" = "$got_up" ] || die "[$mode] the host received sha256 $got_up, the guest sent '$up'"
   # CSUM 0, GUEST_CSUM 1, GUEST_TSO4 7, GUEST_TSO6 8, HOST_TSO4 11, HOST_TSO6 12
-  local b want=1; [ "$mode" = on ] || want=0
+  local b want=1; [ "$mode" != off ] || want=0
   for b in 0 1 7 8 11 12; do
     [ "$(bit "$feats" $b)" = "$want" ] || die "[$mode] feature bit $b is '$(bit "$feats" $b)' in '$feats', want $want"
   done
-  if [ "$mode" = on ]; then
+  # MQ is bit 22
+  want=0; [ "$mode" != mq ] || want=1
+  [ "$(bit "$feats" 22)" = "$want" ] || die "[$mode] MQ (bit 22) is '$(bit "$feats" 22)', want $want"
+  if [ "$mode" != off ]; then
     local tx_packets tx_bytes
     read -r tx_packets tx_bytes < <(printf '%s\n' "$stats" | sed -n 's/.* tx=\([0-9]*\)\/\([0-9]*\)B.*/\1 \2/p')
-    [ -n "${tx_packets:-}" ] && [ "$tx_packets" -gt 0 ] || die "[on] no tx counters in: $stats"
+    [ -n "${tx_packets:-}" ] && [ "$tx_packets" -gt 0 ] || die "[$mode] no tx counters in: $stats"
     [ $((tx_bytes / tx_packets)) -gt 1514 ] ||
-      die "[on] the guest's frames average $((tx_bytes / tx_packets)) bytes: no GSO frame went through"
-    log "[on] the guest's frames average $((tx_bytes / tx_packets)) bytes (TSO frames passed whole)"
+      die "[$mode] the guest's frames average $((tx_bytes / tx_packets)) bytes: no GSO frame went through"
+    log "[$mode] the guest's frames average $((tx_bytes / tx_packets)) bytes (TSO frames passed whole)"
   fi
   log "[$mode] ping, download and upload of $FILE_MB MiB verified (sha256 $want_down / $got_up)"
 }

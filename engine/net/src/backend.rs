@@ -9,26 +9,33 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Where the frames of one virtio-net device go and come from.
 ///
-/// The tx queue hands every frame the driver sent to [`Self::transmit`]. The rx queue takes
-/// frames with [`Self::receive`] while it holds receive buffers; it tells the backend so with
-/// [`Self::set_rx_ready`], and the backend signals [`Self::rx_event`] when a frame is waiting
-/// while the queue is ready (the queue thread sleeps on that eventfd).
+/// The tx queues hand every frame the driver sent to [`Self::transmit`]. Each rx queue (one
+/// per queue pair, by pair index) takes frames with [`Self::receive`] while it holds receive
+/// buffers; it tells the backend so with [`Self::set_rx_ready`], and the backend signals
+/// [`Self::rx_event`] of that pair when a frame is waiting while the queue is ready (the queue
+/// thread sleeps on that eventfd). Frames are spread over the pairs the driver uses
+/// ([`Self::set_queue_pairs`]) by flow.
 pub trait NetBackend: Send + Sync {
     /// A frame the driver sent: the virtio-net header (checked against the features the
     /// driver accepted, [`crate::offload::check_tx`]) and the Ethernet frame.
     fn transmit(&self, frame: &[u8]);
-    /// Move the next frame waiting for the driver into `frame` (replacing its contents): a
-    /// virtio-net header using only the offloads the driver accepted, and the Ethernet frame;
-    /// false when none waits.
-    fn receive(&self, frame: &mut Vec<u8>) -> bool;
+    /// Move the next frame waiting for rx queue pair `pair` into `frame` (replacing its
+    /// contents): a virtio-net header using only the offloads the driver accepted, and the
+    /// Ethernet frame; false when none waits.
+    fn receive(&self, pair: u16, frame: &mut Vec<u8>) -> bool;
     /// The features the port's driver accepted: which offloads its frames may use (a tap
     /// tells the kernel, `TUNSETOFFLOAD`; frames beyond them are finished in software).
     fn set_guest_features(&self, features: u64);
-    /// The eventfd the backend signals when frames wait for a ready rx queue.
-    fn rx_event(&self) -> &EventFd;
-    /// Whether the rx queue holds receive buffers. Becoming ready with frames waiting
-    /// signals [`Self::rx_event`] at once.
-    fn set_rx_ready(&self, ready: bool);
+    /// The eventfd the backend signals when frames wait for the rx queue of `pair`, ready.
+    fn rx_event(&self, pair: u16) -> &EventFd;
+    /// Whether the rx queue of `pair` holds receive buffers. Becoming ready with frames
+    /// waiting signals [`Self::rx_event`] at once.
+    fn set_rx_ready(&self, pair: u16, ready: bool);
+    /// Queue pairs the port has (the most the device may offer).
+    fn queue_pairs(&self) -> u16;
+    /// Spread received frames over the first `pairs` rx queues (the driver's choice; 1
+    /// until it makes one).
+    fn set_queue_pairs(&self, pairs: u16);
     /// The port's counters.
     fn stats(&self) -> &PortStats;
 }

@@ -288,34 +288,34 @@ fn the_switch_hands_each_port_what_its_driver_takes() {
     a.transmit(&broadcast);
     let mut got = Vec::new();
     // The TSO port gets the GSO frame as it is.
-    assert!(tso.receive(&mut got));
+    assert!(tso.receive(0, &mut got));
     assert_eq!(got, broadcast);
-    assert!(!tso.receive(&mut got));
+    assert!(!tso.receive(0, &mut got));
     // The others get 3 segments, DATA_VALID for the one with GUEST_CSUM.
     for (port, flags) in [(&plain, 0), (&csum, HDR_F_DATA_VALID)] {
         let mut payload = 0;
         for _ in 0..3 {
-            assert!(port.receive(&mut got));
+            assert!(port.receive(0, &mut got));
             assert_eq!(got[0], flags);
             assert!(tcp_checksum_ok(&got, true).0);
             payload += got.len() - NET_HDR_LEN - 14 - 20 - 32;
         }
         assert_eq!(payload, 3000);
-        assert!(!port.receive(&mut got));
+        assert!(!port.receive(0, &mut got));
         assert_eq!(port.stats().snapshot().rx_segmented, 1);
     }
     // A partial checksum: completed for the port without GUEST_CSUM only.
     let mut partial = tcp_frame(false, false, 500, 0);
     partial[NET_HDR_LEN..NET_HDR_LEN + 6].fill(0xff);
     a.transmit(&partial);
-    assert!(plain.receive(&mut got));
+    assert!(plain.receive(0, &mut got));
     assert!(got[0] == 0 && tcp_checksum_ok(&got, false).0);
-    assert!(csum.receive(&mut got));
+    assert!(csum.receive(0, &mut got));
     assert_eq!(got, partial);
     // A GSO frame that cannot be cut (as a tap could hand one): dropped and counted.
     let mut udp = broadcast.clone();
     udp[1] = 3;
     a.transmit(&udp);
-    assert!(!plain.receive(&mut got));
+    assert!(!plain.receive(0, &mut got));
     assert_eq!(plain.stats().snapshot().rx_offload_dropped, 1);
 }

@@ -43,6 +43,8 @@ enum Placed {
 /// The handler of the receive queue (queue 0).
 pub struct RxQueue {
     backend: Arc<dyn NetBackend>,
+    /// The queue pair this rx queue belongs to.
+    pair: u16,
     mergeable: bool,
     /// Most buffers the driver can give at once (its queue size).
     max_buffers: usize,
@@ -58,11 +60,22 @@ pub struct RxQueue {
 }
 
 impl RxQueue {
-    /// A handler receiving frames from `backend`; `mergeable`: a frame may span several
-    /// buffers (MRG_RXBUF); `max_buffers`: the queue size.
+    /// A handler receiving frames from `backend` for queue pair 0; `mergeable`: a frame may
+    /// span several buffers (MRG_RXBUF); `max_buffers`: the queue size.
     pub fn new(backend: Arc<dyn NetBackend>, mergeable: bool, max_buffers: usize) -> Self {
+        Self::for_pair(backend, 0, mergeable, max_buffers)
+    }
+
+    /// As [`Self::new`], the rx queue of queue pair `pair`.
+    pub fn for_pair(
+        backend: Arc<dyn NetBackend>,
+        pair: u16,
+        mergeable: bool,
+        max_buffers: usize,
+    ) -> Self {
         Self {
             backend,
+            pair,
             mergeable,
             max_buffers: max_buffers.max(1),
             held: VecDeque::new(),
@@ -82,7 +95,7 @@ impl RxQueue {
     fn deliver(&mut self) {
         while !self.held.is_empty() {
             if !self.has_frame {
-                if !self.backend.receive(&mut self.frame) {
+                if !self.backend.receive(self.pair, &mut self.frame) {
                     break;
                 }
                 self.has_frame = true;
@@ -151,8 +164,8 @@ impl RxQueue {
             });
             self.spare.push(buf.descs);
         }
-        self.backend.set_rx_ready(false);
-        let _ = self.backend.rx_event().read();
+        self.backend.set_rx_ready(self.pair, false);
+        let _ = self.backend.rx_event(self.pair).read();
     }
 }
 
@@ -225,26 +238,26 @@ impl QueueHandler for RxQueue {
         }
         if self.has_frame {
             self.backend
-                .rx_event()
+                .rx_event(self.pair)
                 .write(1)
                 .map_err(|e| HandlerError(format!("waking the rx queue: {e}")))?;
         }
-        self.backend.set_rx_ready(true);
+        self.backend.set_rx_ready(self.pair, true);
         Ok(())
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.backend.rx_event().as_raw_fd())
+        Some(self.backend.rx_event(self.pair).as_raw_fd())
     }
 
     fn ack_completion_event(&mut self) {
-        let _ = self.backend.rx_event().read();
+        let _ = self.backend.rx_event(self.pair).read();
     }
 
     fn reap(&mut self, out: &mut Vec<Completed>) {
         self.deliver();
         if self.held.is_empty() {
-            self.backend.set_rx_ready(false);
+            self.backend.set_rx_ready(self.pair, false);
         }
         out.append(&mut self.done);
     }
@@ -314,7 +327,7 @@ mod tests {
         q.submit().unwrap();
         let f = frame(90, 1); // 102 bytes with the header: 40 + 40 + 22
         sender.transmit(&f);
-        assert_eq!(port.rx_event().read().unwrap(), 1, "the queue is woken");
+        assert_eq!(port.rx_event(0).read().unwrap(), 1, "the queue is woken");
         let mut out = Vec::new();
         q.reap(&mut out);
         let want = [(0, 40), (1, 40), (3, 22)].map(|(head, used_len)| Completed { head, used_len });
@@ -348,7 +361,7 @@ mod tests {
         // No buffers yet: the frame waits in the port, and nobody is woken.
         let f = frame(60, 2);
         sender.transmit(&f);
-        assert!(port.rx_event().read().is_err());
+        assert!(port.rx_event(0).read().is_err());
         // A buffer too small for the whole frame: the frame is taken and waits for more.
         q.start(&chain_at(5, &[(0x1000, 32, true)]), &m);
         q.submit().unwrap();
@@ -358,7 +371,7 @@ mod tests {
         q.start(&chain_at(6, &[(0x2000, 1500, true)]), &m);
         q.submit().unwrap();
         assert!(
-            port.rx_event().read().is_ok(),
+            port.rx_event(0).read().is_ok(),
             "the frame in hand wakes the queue"
         );
         q.reap(&mut out);
@@ -492,7 +505,10 @@ mod tests {
             }]
         );
         assert_eq!(q.in_flight(), 0);
-        assert!(port.rx_event().read().is_err(), "not ready after the drain");
+        assert!(
+            port.rx_event(0).read().is_err(),
+            "not ready after the drain"
+        );
         untouched_outside(&m, &[]);
     }
 }

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{NetBackend, PortStats};
-use crate::frames::{locked, RxFrames};
+use crate::frames::locked;
+use crate::steer::PortQueues;
 use crate::{NetError, NET_HDR_LEN};
 
 /// A learned address is forgotten when no frame came from it for this long.
@@ -77,9 +78,15 @@ impl Switch {
         &self.name
     }
 
-    /// A new port on this switch (removed when dropped).
+    /// A new port on this switch with one queue pair (removed when dropped).
     pub fn port(self: &Arc<Self>) -> Result<Arc<SwitchPort>, NetError> {
-        let rx = RxFrames::new()?;
+        self.port_with_pairs(1)
+    }
+
+    /// A new port on this switch for a device with `pairs` queue pairs (1 to
+    /// [`crate::MAX_QUEUE_PAIRS`]).
+    pub fn port_with_pairs(self: &Arc<Self>, pairs: u16) -> Result<Arc<SwitchPort>, NetError> {
+        let rx = PortQueues::new(pairs)?;
         let mut inner = locked(&self.inner);
         let id = inner.next_id;
         inner.next_id += 1;
@@ -176,7 +183,7 @@ fn is_multicast(mac: &Mac) -> bool {
 pub struct SwitchPort {
     id: u64,
     switch: Arc<Switch>,
-    rx: RxFrames,
+    rx: PortQueues,
     stats: PortStats,
 }
 
@@ -208,16 +215,24 @@ impl NetBackend for SwitchPort {
         self.switch.forward(self.id, frame, Instant::now());
     }
 
-    fn receive(&self, frame: &mut Vec<u8>) -> bool {
-        self.rx.pop(frame)
+    fn receive(&self, pair: u16, frame: &mut Vec<u8>) -> bool {
+        self.rx.queue(pair).pop(frame)
     }
 
-    fn rx_event(&self) -> &EventFd {
-        self.rx.event()
+    fn rx_event(&self, pair: u16) -> &EventFd {
+        self.rx.event(pair)
     }
 
-    fn set_rx_ready(&self, ready: bool) {
-        self.rx.set_ready(ready);
+    fn set_rx_ready(&self, pair: u16, ready: bool) {
+        self.rx.queue(pair).set_ready(ready);
+    }
+
+    fn queue_pairs(&self) -> u16 {
+        self.rx.pairs()
+    }
+
+    fn set_queue_pairs(&self, pairs: u16) {
+        self.rx.set_active(pairs);
     }
 
     fn set_guest_features(&self, features: u64) {
@@ -257,7 +272,7 @@ mod tests {
     fn take_all(p: &SwitchPort) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         let mut f = Vec::new();
-        while p.receive(&mut f) {
+        while p.receive(0, &mut f) {
             out.push(f.clone());
         }
         out
@@ -337,15 +352,15 @@ mod tests {
         let sw = Switch::new("t4");
         let (a, b) = (sw.port().unwrap(), sw.port().unwrap());
         a.transmit(&frame(BROADCAST, A, 1));
-        assert!(b.rx_event().read().is_err(), "not ready: no wake-up");
-        b.set_rx_ready(true);
+        assert!(b.rx_event(0).read().is_err(), "not ready: no wake-up");
+        b.set_rx_ready(0, true);
         assert_eq!(
-            b.rx_event().read().unwrap(),
+            b.rx_event(0).read().unwrap(),
             1,
             "ready with a frame waiting"
         );
         a.transmit(&frame(BROADCAST, A, 2));
-        assert_eq!(b.rx_event().read().unwrap(), 1);
+        assert_eq!(b.rx_event(0).read().unwrap(), 1);
         // Runt frames (no Ethernet addresses) are not forwarded.
         a.transmit(&[0xff; NET_HDR_LEN + 11]);
         a.transmit(&[0xff; 5]);

@@ -257,9 +257,9 @@ mod tests {
         assert_eq!((s.tx_packets, s.tx_bytes), (1, 60));
         assert_eq!((s.tx_too_big, s.tx_malformed), (1, 1));
         let mut got = Vec::new();
-        assert!(b.receive(&mut got));
+        assert!(b.receive(0, &mut got));
         assert_eq!(got, p);
-        assert!(!b.receive(&mut got), "dropped frames are not forwarded");
+        assert!(!b.receive(0, &mut got), "dropped frames are not forwarded");
         // The device wrote nothing into driver memory.
         let mut all = vec![0; MEM_LEN];
         m.read_slice(&mut all, vm_memory::GuestAddress(0)).unwrap();
@@ -288,7 +288,7 @@ mod tests {
         q.driver_features(F_CSUM);
         q.start(&c, &m);
         let mut got = Vec::new();
-        assert!(b.receive(&mut got));
+        assert!(b.receive(0, &mut got));
         assert_eq!(got, p, "as it is, to a driver with GUEST_CSUM");
         // An 8000-byte frame: too big without GSO, a bad header as a GSO frame that is not
         // TCP, even with HOST_TSO4 accepted.

@@ -29,8 +29,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{NetBackend, PortStats};
-use crate::frames::RxFrames;
 use crate::offload::{F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6};
+use crate::steer::PortQueues;
 use crate::{NetError, NET_HDR_LEN};
 
 /// The tun/tap clone device.
@@ -61,7 +61,7 @@ pub fn check_tap_name(name: &str) -> Result<(), NetError> {
 #[derive(Debug)]
 struct Shared {
     file: File,
-    rx: RxFrames,
+    rx: PortQueues,
     stats: PortStats,
 }
 
@@ -77,8 +77,15 @@ pub struct TapPort {
 }
 
 impl TapPort {
-    /// Create the tap `name` (or attach to the existing one) and start its reader thread.
+    /// Create the tap `name` (or attach to the existing one) for a device with one queue
+    /// pair, and start its reader thread.
     pub fn open(name: &str) -> Result<Self, NetError> {
+        Self::open_with_pairs(name, 1)
+    }
+
+    /// As [`Self::open`], for a device with `pairs` queue pairs: one tap fd, its frames
+    /// spread over the pairs' rx queues by flow, every tx queue writing to it.
+    pub fn open_with_pairs(name: &str, pairs: u16) -> Result<Self, NetError> {
         check_tap_name(name)?;
         let existed = Path::new("/sys/class/net").join(name).exists();
         let file = open_tun()?;
@@ -101,7 +108,7 @@ impl TapPort {
         sys::set_offload(&file, 0).map_err(tap_err("TUNSETOFFLOAD"))?;
         let shared = Arc::new(Shared {
             file,
-            rx: RxFrames::new()?,
+            rx: PortQueues::new(pairs)?,
             stats: PortStats::default(),
         });
         let stop = EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?;
@@ -172,16 +179,24 @@ impl NetBackend for TapPort {
         }
     }
 
-    fn receive(&self, frame: &mut Vec<u8>) -> bool {
-        self.shared.rx.pop(frame)
+    fn receive(&self, pair: u16, frame: &mut Vec<u8>) -> bool {
+        self.shared.rx.queue(pair).pop(frame)
     }
 
-    fn rx_event(&self) -> &EventFd {
-        self.shared.rx.event()
+    fn rx_event(&self, pair: u16) -> &EventFd {
+        self.shared.rx.event(pair)
     }
 
-    fn set_rx_ready(&self, ready: bool) {
-        self.shared.rx.set_ready(ready);
+    fn set_rx_ready(&self, pair: u16, ready: bool) {
+        self.shared.rx.queue(pair).set_ready(ready);
+    }
+
+    fn queue_pairs(&self) -> u16 {
+        self.shared.rx.pairs()
+    }
+
+    fn set_queue_pairs(&self, pairs: u16) {
+        self.shared.rx.set_active(pairs);
     }
 
     fn set_guest_features(&self, features: u64) {
