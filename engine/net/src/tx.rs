@@ -82,8 +82,9 @@ pub fn read_tx(
     Ok(())
 }
 
-/// Check the header of the frame in `buf` (read by [`read_tx`]) against the features the
-/// driver accepted, `acked`: a frame that is not GSO must be at most `max_frame` bytes.
+/// Check the header of the frame in `buf` (header and frame of a tx chain) against the
+/// features the driver accepted, `acked`: a frame that is not GSO must be at most
+/// `max_frame` bytes.
 pub fn check_frame(buf: &mut [u8], acked: u64, max_frame: usize) -> Result<(), TxError> {
     check_tx(buf, acked)?;
     let len = buf.len() - NET_HDR_LEN;
