@@ -89,3 +89,16 @@ for name, options in (("seed-gso-segmented", TX_OFFLOADS), ("seed-gso-as-is", TX
         i.chain(RX, (0x3000 + n * 0x800, 0x800, W))
     i.chain(TX | REAP, (0x1000, len(gso), 0))
     open(os.path.join(out, name), "wb").write(i.bytes())
+
+# The control queue: VQ_PAIRS_SET 2, an rx-mode command, a malformed chain, then a frame.
+CTRL = 32
+i = Input(mergeable=True, size=16)
+i.put(0x1000, bytes([4, 0, 2, 0]))
+i.put(0x1010, bytes([0, 0, 1]))
+i.put(0x1100, HDR + frame(60, 5))
+i.chain(CTRL, (0x1000, 4, 0), (0x6000, 1, W))
+i.chain(CTRL, (0x1010, 3, 0), (0x6001, 1, W))
+i.chain(CTRL, (0x6002, 1, W), (0x1010, 3, 0))
+i.chain(RX, (0x4000, 1526, W))
+i.chain(TX | REAP, (0x1100, 72, 0))
+open(os.path.join(out, "seed-control"), "wb").write(i.bytes())
