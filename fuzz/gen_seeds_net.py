@@ -64,3 +64,41 @@ i.chain(TX | REAP, (0x1100, 72, 0))
 i.chain(TX | RX, (0x1100, 72, W))
 i.chain(TX | REAP, (0xFF00, 72, TOP))
 open(os.path.join(out, "seed-mrg-hostile"), "wb").write(i.bytes())
+
+# Offloads: a TCP/IPv4 GSO frame (NEEDS_CSUM, gso_size 500) sent with the tx offloads
+# accepted, to an rx port whose driver takes none: the switch cuts it into 3 segments.
+TX_OFFLOADS, GUEST_OFFLOADS = 0x10, 0x20
+
+
+def tcp_gso_frame(payload, mss):
+    ip_len = 20 + 20 + payload
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, ip_len, 0x1234, 0x4000, 64, 6, 0,
+                     bytes([198, 51, 100, 2]), bytes([198, 51, 100, 1]))
+    tcp = struct.pack(">HHIIBBHHH", 40000, 80, 1000, 1, 0x50, 0x18, 0xFFFF, 0, 0)
+    eth = b"\xff" * 6 + bytes([0x52, 0x54, 0, 0, 0, 0xA]) + b"\x08\x00"
+    hdr = struct.pack("<BBHHHHH", 1, 1, 54, mss, 34, 16, 0)
+    return hdr + eth + ip + tcp + bytes((i * 7) & 0xFF for i in range(payload))
+
+
+for name, options in (("seed-gso-segmented", TX_OFFLOADS), ("seed-gso-as-is", TX_OFFLOADS | GUEST_OFFLOADS)):
+    i = Input(mergeable=True, size=64)
+    i.options |= options
+    gso = tcp_gso_frame(1200, 500)
+    i.put(0x1000, gso)
+    for n in range(4):
+        i.chain(RX, (0x3000 + n * 0x800, 0x800, W))
+    i.chain(TX | REAP, (0x1000, len(gso), 0))
+    open(os.path.join(out, name), "wb").write(i.bytes())
+
+# The control queue: VQ_PAIRS_SET 2, an rx-mode command, a malformed chain, then a frame.
+CTRL = 32
+i = Input(mergeable=True, size=16)
+i.put(0x1000, bytes([4, 0, 2, 0]))
+i.put(0x1010, bytes([0, 0, 1]))
+i.put(0x1100, HDR + frame(60, 5))
+i.chain(CTRL, (0x1000, 4, 0), (0x6000, 1, W))
+i.chain(CTRL, (0x1010, 3, 0), (0x6001, 1, W))
+i.chain(CTRL, (0x6002, 1, W), (0x1010, 3, 0))
+i.chain(RX, (0x4000, 1526, W))
+i.chain(TX | REAP, (0x1100, 72, 0))
+open(os.path.join(out, "seed-control"), "wb").write(i.bytes())

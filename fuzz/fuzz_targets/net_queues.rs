@@ -3,9 +3,12 @@
 //! same switch, so good tx frames come back as rx frames written into the rx buffers.
 //!
 //! Input layout: byte 0: bit 0 acks MRG_RXBUF, bits 1-3 select the rx queue size (1, 2, 4, 8,
-//! 16, 64, 256, 256); byte 1: the number of chains (at most 32); then per chain a flags byte
+//! 16, 64, 256, 256), bit 4 acks the tx offloads (CSUM, HOST_TSO4/6: partial checksums and
+//! GSO frames up to 64 KiB are sent), bit 5 the rx ones (GUEST_CSUM, GUEST_TSO4/6: else the
+//! switch completes checksums and cuts TCP segments for the rx port); byte 1: the number of chains (at most 32); then per chain a flags byte
 //! (bit 0: to tx, bit 1: to rx, bit 2: tell the rx queue the driver features again before
-//! it, with MRG_RXBUF from bit 3; bit 4: reap rx completions after it), a descriptor count
+//! it, with MRG_RXBUF from bit 3; bit 4: reap rx completions after it; bit 5: to the control
+//! queue of the rx port, whose device has 2 queue pairs), a descriptor count
 //! byte (0..8) and 5 bytes per descriptor: address (u16 LE), length (u16 LE), flags (bit 0
 //! writable; bits 1-2 where the address is: + 0 (the two adjacent regions 0..0x10000),
 //! + 0x10000 (the hole), + 0x20000 (the region after the hole, 0x20000..0x21000, and beyond),
@@ -13,7 +16,8 @@
 //! The rest of the input is copied to guest address 0 (at most 0x10000 bytes). Chain `i` has
 //! head `i`.
 //!
-//! Checked: no panic; tx completes every chain at once with used length 0 and writes nothing
+//! Checked: no panic; the control queue answers at once with used length 0 or 1 (a status
+//! byte in the chain's first writable descriptor, counted as a place it may write); tx completes every chain at once with used length 0 and writes nothing
 //! at all (memory compared around each `start`); every used length is at most the chain's
 //! writable bytes; rx completes only chains it was given, each once, and after the drain
 //! holds nothing; rx writes nothing outside the writable descriptors of the chains it was
@@ -24,7 +28,12 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use virtiod_core::{Chain, ChainDesc, Completed, GuestMem, Outcome, QueueHandler};
-use virtiod_net::{RxQueue, Switch, TxQueue, DEFAULT_MTU, ETH_HLEN, F_MRG_RXBUF, VLAN_HLEN};
+use virtiod_net::offload::{
+    F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6,
+};
+use virtiod_net::{
+    CtrlQueue, RxQueue, Switch, TxQueue, DEFAULT_MTU, ETH_HLEN, F_MRG_RXBUF, VLAN_HLEN,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 const REGIONS: [(u64, usize); 3] = [(0, 0x8000), (0x8000, 0x8000), (0x2_0000, 0x1000)];
@@ -74,6 +83,7 @@ struct Step {
     rx: bool,
     features: Option<bool>,
     reap: bool,
+    ctrl: bool,
 }
 
 /// Parse the chains; returns them and the rest of the input (the memory image).
@@ -111,6 +121,7 @@ fn parse(mut data: &[u8]) -> Option<(Vec<Step>, &[u8])> {
             rx: flags & 2 != 0,
             features: (flags & 4 != 0).then_some(flags & 8 != 0),
             reap: flags & 16 != 0,
+            ctrl: flags & 32 != 0,
         });
     }
     Some((steps, data))
@@ -125,8 +136,13 @@ fn writable_bytes(chain: &Chain) -> u64 {
         .sum()
 }
 
-fn features(mergeable: bool) -> u64 {
-    virtiod_core::F_VERSION_1 | if mergeable { F_MRG_RXBUF } else { 0 }
+fn features(mergeable: bool, guest_offloads: bool) -> u64 {
+    let offloads = if guest_offloads {
+        F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6
+    } else {
+        0
+    };
+    virtiod_core::F_VERSION_1 | offloads | if mergeable { F_MRG_RXBUF } else { 0 }
 }
 
 /// Check rx completions: chains given to rx and still held, each once, used length at most
@@ -168,6 +184,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let mergeable = options & 1 != 0;
     let queue_size = QUEUE_SIZES[usize::from(options >> 1) & 7];
+    let tx_offloads = options & 0x10 != 0;
+    let guest_offloads = options & 0x20 != 0;
 
     let ranges: Vec<_> = REGIONS.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
     let mem = Arc::new(GuestMem::from_ranges(&ranges).unwrap());
@@ -175,10 +193,15 @@ fuzz_target!(|data: &[u8]| {
     mem.write_slice(image, GuestAddress(0)).unwrap();
 
     let switch = Switch::new("fuzz");
-    let (tx_port, rx_port) = (switch.port().unwrap(), switch.port().unwrap());
+    let (tx_port, rx_port) = (switch.port().unwrap(), switch.port_with_pairs(2).unwrap());
+    let mac = Arc::new(std::sync::Mutex::new([0x52, 0x54, 0, 0, 0, 1]));
+    let mut ctrl = CtrlQueue::new(rx_port.clone(), 2, mac);
     let mut tx = TxQueue::new(tx_port, MAX_FRAME);
+    if tx_offloads {
+        tx.driver_features(F_CSUM | F_HOST_TSO4 | F_HOST_TSO6);
+    }
     let mut rx = RxQueue::new(rx_port, mergeable, queue_size);
-    rx.driver_features(features(mergeable));
+    rx.driver_features(features(mergeable, guest_offloads));
 
     let before = Snapshot::take(&mem);
     // Writable descriptors of the chains the rx queue was given: where rx may write.
@@ -200,8 +223,18 @@ fuzz_target!(|data: &[u8]| {
             assert!(out.is_empty(), "tx reaped {out:?}");
             assert!(Snapshot::take(&mem) == pre, "tx chain {i} wrote memory");
         }
+        if step.ctrl {
+            let Outcome::Done { used_len } = ctrl.start(&step.chain, &mem) else {
+                panic!("control chain {i}: not done at once");
+            };
+            assert!(used_len <= 1, "control chain {i}: used length {used_len}");
+            if used_len == 1 {
+                let status = step.chain.descs().iter().find(|d| d.writable).unwrap();
+                allowed.push((status.addr.0, status.addr.0 + 1));
+            }
+        }
         if let Some(m) = step.features {
-            rx.driver_features(features(m));
+            rx.driver_features(features(m, guest_offloads));
         }
         if step.rx && rx.can_start() {
             match rx.start(&step.chain, &mem) {

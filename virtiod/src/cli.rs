@@ -204,7 +204,8 @@ pub struct ServeArgs {
     /// Refuse writes (the driver sees a read-only disk).
     #[arg(long)]
     pub read_only: bool,
-    /// Number of request queues (one thread each).
+    /// Number of request queues (one thread each); for a net device, queue pairs (more than
+    /// one over vhost-user only: they need the control queue VDUSE refuses).
     #[arg(long, default_value_t = 1, value_parser = parse_queues)]
     pub queues: u16,
     /// Size of each queue (a power of two).

@@ -224,11 +224,14 @@ fn open_blk(spec: &DeviceSpec) -> anyhow::Result<(Arc<BlkDevice>, Arc<Stats>)> {
 
 /// A virtio-net device on its port (of a switch, or a tap), with the MAC given or a random one.
 fn open_net(spec: &DeviceSpec, net: &NetSpec) -> anyhow::Result<(Arc<NetDevice>, Mac)> {
+    // The queue pairs (--queues / queues); the control queue they need only over vhost-user
+    // (VDUSE refuses it: NetDevice::new then refuses more than one pair).
+    let pairs = spec.queues;
     let port: Arc<dyn NetBackend> = match &net.backend {
         NetBackendSpec::Switch(switch) => Switch::named(switch)
-            .and_then(|sw| sw.port())
+            .and_then(|sw| sw.port_with_pairs(pairs))
             .with_context(|| format!("cannot join switch {switch}"))?,
-        NetBackendSpec::Tap(tap) => Arc::new(TapPort::open(tap)?),
+        NetBackendSpec::Tap(tap) => Arc::new(TapPort::open_with_pairs(tap, pairs)?),
     };
     let mac = match net.mac {
         Some(mac) => mac,
@@ -236,6 +239,8 @@ fn open_net(spec: &DeviceSpec, net: &NetSpec) -> anyhow::Result<(Arc<NetDevice>,
     };
     let mut cfg = NetConfig::new(mac);
     cfg.queue_size = spec.queue_size;
+    cfg.queue_pairs = pairs;
+    cfg.control_queue = matches!(spec.transport, Transport::VhostUser(_));
     if let Some(mtu) = net.mtu {
         cfg.mtu = mtu;
     }
@@ -247,6 +252,8 @@ fn open_net(spec: &DeviceSpec, net: &NetSpec) -> anyhow::Result<(Arc<NetDevice>,
         mtu = cfg.mtu,
         random_mac = net.mac.is_none(),
         queue_size = cfg.queue_size,
+        queue_pairs = cfg.queue_pairs,
+        control_queue = cfg.control_queue,
         "port opened"
     );
     Ok((Arc::new(dev), mac))

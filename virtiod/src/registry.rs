@@ -129,15 +129,18 @@ impl NetStats {
 }
 
 /// A port's drop counters as (direction, reason, count): what the driver sent (`tx`) or was
-/// to receive (`rx`), dropped because it was malformed, too big, or (rx) the port's queue of
-/// waiting frames was full.
-pub fn net_drops(port: &PortCounters) -> [(&'static str, &'static str, u64); 5] {
+/// to receive (`rx`), dropped because it was malformed, too big, (tx) its virtio-net header
+/// was refused, or (rx) the port's queue of waiting frames was full or the offload work it
+/// needed could not be done.
+pub fn net_drops(port: &PortCounters) -> [(&'static str, &'static str, u64); 7] {
     [
         ("rx", "queue_full", port.rx_queue_full),
         ("rx", "too_big", port.rx_too_big),
         ("rx", "malformed", port.rx_malformed),
+        ("rx", "offload", port.rx_offload_dropped),
         ("tx", "too_big", port.tx_too_big),
         ("tx", "malformed", port.tx_malformed),
+        ("tx", "bad_header", port.tx_bad_header),
     ]
 }
 

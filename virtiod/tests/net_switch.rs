@@ -71,20 +71,22 @@ impl Guest {
 }
 
 /// Every drop counter a net device has, as (direction, reason).
-const DROPS: [(&str, &str); 5] = [
+const DROPS: [(&str, &str); 7] = [
     ("rx", "queue_full"),
     ("rx", "too_big"),
     ("rx", "malformed"),
+    ("rx", "offload"),
     ("tx", "too_big"),
     ("tx", "malformed"),
+    ("tx", "bad_header"),
 ];
 
 /// The `ctl stats` line of a net device that received `rx` and sent `tx` (packets, bytes)
 /// and dropped nothing.
 fn stats_line(name: &str, rx: (usize, usize), tx: (usize, usize)) -> String {
     format!(
-        "{name} rx={}/{}B tx={}/{}B rx_drop_malformed=0 rx_drop_queue_full=0 rx_drop_too_big=0 \
-         tx_drop_malformed=0 tx_drop_too_big=0",
+        "{name} rx={}/{}B tx={}/{}B rx_drop_malformed=0 rx_drop_offload=0 rx_drop_queue_full=0 \
+         rx_drop_too_big=0 tx_drop_bad_header=0 tx_drop_malformed=0 tx_drop_too_big=0",
         rx.0, rx.1, tx.0, tx.1
     )
 }

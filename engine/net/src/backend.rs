@@ -1,5 +1,7 @@
 //! The seam between the virtio-net queues and where frames go: one [`NetBackend`] per port
-//! (the in-process [`crate::Switch`] today, a tap device next).
+//! (the in-process [`crate::Switch`], a tap device). A frame crossing it is a
+//! `virtio_net_hdr_v1` ([`crate::NET_HDR_LEN`] bytes, `num_buffers` unused) and the Ethernet
+//! frame: the header carries the checksum and segmentation offloads.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -7,21 +9,33 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Where the frames of one virtio-net device go and come from.
 ///
-/// The tx queue hands every frame the driver sent to [`Self::transmit`]. The rx queue takes
-/// frames with [`Self::receive`] while it holds receive buffers; it tells the backend so with
-/// [`Self::set_rx_ready`], and the backend signals [`Self::rx_event`] when a frame is waiting
-/// while the queue is ready (the queue thread sleeps on that eventfd).
+/// The tx queues hand every frame the driver sent to [`Self::transmit`]. Each rx queue (one
+/// per queue pair, by pair index) takes frames with [`Self::receive`] while it holds receive
+/// buffers; it tells the backend so with [`Self::set_rx_ready`], and the backend signals
+/// [`Self::rx_event`] of that pair when a frame is waiting while the queue is ready (the queue
+/// thread sleeps on that eventfd). Frames are spread over the pairs the driver uses
+/// ([`Self::set_queue_pairs`]) by flow.
 pub trait NetBackend: Send + Sync {
-    /// A frame the driver sent (an Ethernet frame without the virtio-net header).
+    /// A frame the driver sent: the virtio-net header (checked against the features the
+    /// driver accepted, [`crate::offload::check_tx`]) and the Ethernet frame.
     fn transmit(&self, frame: &[u8]);
-    /// Move the next frame waiting for the driver into `frame` (replacing its contents);
-    /// false when none waits.
-    fn receive(&self, frame: &mut Vec<u8>) -> bool;
-    /// The eventfd the backend signals when frames wait for a ready rx queue.
-    fn rx_event(&self) -> &EventFd;
-    /// Whether the rx queue holds receive buffers. Becoming ready with frames waiting
-    /// signals [`Self::rx_event`] at once.
-    fn set_rx_ready(&self, ready: bool);
+    /// Move the next frame waiting for rx queue pair `pair` into `frame` (replacing its
+    /// contents): a virtio-net header using only the offloads the driver accepted, and the
+    /// Ethernet frame; false when none waits.
+    fn receive(&self, pair: u16, frame: &mut Vec<u8>) -> bool;
+    /// The features the port's driver accepted: which offloads its frames may use (a tap
+    /// tells the kernel, `TUNSETOFFLOAD`; frames beyond them are finished in software).
+    fn set_guest_features(&self, features: u64);
+    /// The eventfd the backend signals when frames wait for the rx queue of `pair`, ready.
+    fn rx_event(&self, pair: u16) -> &EventFd;
+    /// Whether the rx queue of `pair` holds receive buffers. Becoming ready with frames
+    /// waiting signals [`Self::rx_event`] at once.
+    fn set_rx_ready(&self, pair: u16, ready: bool);
+    /// Queue pairs the port has (the most the device may offer).
+    fn queue_pairs(&self) -> u16;
+    /// Spread received frames over the first `pairs` rx queues (the driver's choice; 1
+    /// until it makes one).
+    fn set_queue_pairs(&self, pairs: u16);
     /// The port's counters.
     fn stats(&self) -> &PortStats;
 }
@@ -40,8 +54,16 @@ pub struct PortStats {
     /// tx chains refused as malformed (writable descriptors, shorter than the header and an
     /// Ethernet header, not terminated, outside memory).
     pub tx_malformed: AtomicU64,
-    /// tx frames above MTU + 14 (+ 4 for a VLAN tag).
+    /// tx frames above MTU + 14 (+ 4 for a VLAN tag), or above 64 KiB + 18 for GSO frames.
     pub tx_too_big: AtomicU64,
+    /// tx frames whose virtio-net header was refused (offsets beyond the frame, offloads the
+    /// driver did not accept, unknown GSO types, GSO headers that are not TCP).
+    pub tx_bad_header: AtomicU64,
+    /// Frames for this port cut into TCP segments in software (its driver takes no GSO).
+    pub rx_segmented: AtomicU64,
+    /// Frames for this port dropped because they needed software offload work that could
+    /// not be done (e.g. a GSO frame from a tap that is not TCP).
+    pub rx_offload_dropped: AtomicU64,
     /// Frames for this port dropped because its queue of waiting frames was full (no
     /// receive buffers).
     pub rx_queue_full: AtomicU64,
@@ -67,6 +89,12 @@ pub struct PortCounters {
     pub tx_malformed: u64,
     /// See [`PortStats::tx_too_big`].
     pub tx_too_big: u64,
+    /// See [`PortStats::tx_bad_header`].
+    pub tx_bad_header: u64,
+    /// See [`PortStats::rx_segmented`].
+    pub rx_segmented: u64,
+    /// See [`PortStats::rx_offload_dropped`].
+    pub rx_offload_dropped: u64,
     /// See [`PortStats::rx_queue_full`].
     pub rx_queue_full: u64,
     /// See [`PortStats::rx_too_big`].
@@ -97,6 +125,9 @@ impl PortStats {
             rx_bytes: get(&self.rx_bytes),
             tx_malformed: get(&self.tx_malformed),
             tx_too_big: get(&self.tx_too_big),
+            tx_bad_header: get(&self.tx_bad_header),
+            rx_segmented: get(&self.rx_segmented),
+            rx_offload_dropped: get(&self.rx_offload_dropped),
             rx_queue_full: get(&self.rx_queue_full),
             rx_too_big: get(&self.rx_too_big),
             rx_malformed: get(&self.rx_malformed),

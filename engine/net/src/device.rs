@@ -1,32 +1,44 @@
-//! The virtio-net device: what the driver sees (features, configuration space, one queue
-//! pair), and the handlers of its two queues.
+//! The virtio-net device: what the driver sees (features, configuration space, queue pairs
+//! and, where the transport allows it, the control queue), and the handlers of its queues.
 
 use std::mem::offset_of;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::{virtio_net_config, VIRTIO_NET_S_LINK_UP};
+use virtio_bindings::virtio_net::{self as vn, virtio_net_config, VIRTIO_NET_S_LINK_UP};
 use virtiod_core::{Device, DeviceError, QueueHandler, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1};
 
+use crate::ctrl::CtrlQueue;
+use crate::frames::locked;
 use crate::{
     Mac, NetBackend, NetError, RxQueue, TxQueue, ETH_HLEN, F_MAC, F_MRG_RXBUF, F_MTU, F_STATUS,
-    VLAN_HLEN,
+    MAX_QUEUE_PAIRS, VLAN_HLEN,
 };
 
-/// Feature bits offered (no control queue: VDUSE refuses it, and there is one queue pair).
-pub const FEATURES: u64 =
-    F_VERSION_1 | F_EVENT_IDX | F_INDIRECT_DESC | F_MAC | F_STATUS | F_MTU | F_MRG_RXBUF;
+/// Feature bits always offered, with the checksum and TCP segmentation offloads both ways
+/// ([`crate::offload::OFFLOAD_FEATURES`]). With a control queue ([`NetConfig::control_queue`])
+/// [`CTRL_FEATURES`] are added, and MQ with more than one queue pair.
+pub const FEATURES: u64 = F_VERSION_1
+    | F_EVENT_IDX
+    | F_INDIRECT_DESC
+    | F_MAC
+    | F_STATUS
+    | F_MTU
+    | F_MRG_RXBUF
+    | crate::offload::OFFLOAD_FEATURES;
+/// Features of the control queue: the queue, rx-mode and MAC address commands.
+pub const CTRL_FEATURES: u64 = (1 << vn::VIRTIO_NET_F_CTRL_VQ)
+    | (1 << vn::VIRTIO_NET_F_CTRL_RX)
+    | (1 << vn::VIRTIO_NET_F_CTRL_MAC_ADDR);
+/// `VIRTIO_NET_F_MQ`: several queue pairs (needs the control queue).
+pub const F_MQ: u64 = 1 << vn::VIRTIO_NET_F_MQ;
 /// MTU when none is given.
 pub const DEFAULT_MTU: u16 = 1500;
 /// Largest queue size the driver may choose, when none is given.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Smallest MTU (IPv4's minimum datagram).
 const MIN_MTU: u16 = 68;
-/// Queue index of the receive queue.
-const RX_QUEUE: u16 = 0;
-/// Queue index of the transmit queue.
-const TX_QUEUE: u16 = 1;
 
 /// What a virtio-net device is configured with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +49,10 @@ pub struct NetConfig {
     pub mtu: u16,
     /// Largest queue size the driver may choose (a power of two).
     pub queue_size: u16,
+    /// Queue pairs (1 to [`MAX_QUEUE_PAIRS`]; more than one needs [`Self::control_queue`]).
+    pub queue_pairs: u16,
+    /// Offer the control queue: the transport allows it (vhost-user does, VDUSE refuses it).
+    pub control_queue: bool,
 }
 
 impl NetConfig {
@@ -46,6 +62,8 @@ impl NetConfig {
             mac,
             mtu: DEFAULT_MTU,
             queue_size: DEFAULT_QUEUE_SIZE,
+            queue_pairs: 1,
+            control_queue: false,
         }
     }
 
@@ -55,20 +73,32 @@ impl NetConfig {
     }
 }
 
-/// A virtio-net device with one queue pair, whose frames go to one [`NetBackend`].
+/// A virtio-net device whose frames go to one [`NetBackend`]. Queues: rx of pair `i` is
+/// `2i`, tx `2i + 1`, then the control queue if offered.
 pub struct NetDevice {
     config: NetConfig,
     backend: Arc<dyn NetBackend>,
     link_up: AtomicBool,
+    /// The MAC address (the driver may change it with `MAC_ADDR_SET`).
+    mac: Arc<Mutex<Mac>>,
 }
 
 impl NetDevice {
-    /// A device configured by `config` whose frames go to `backend`; the link is up.
+    /// A device configured by `config` whose frames go to `backend` (which has at least
+    /// `config.queue_pairs` pairs); the link is up.
     pub fn new(config: NetConfig, backend: Arc<dyn NetBackend>) -> Result<Self, NetError> {
         if config.mtu < MIN_MTU {
             return Err(NetError::Mtu(config.mtu));
         }
+        let pairs = config.queue_pairs;
+        if pairs == 0 || pairs > MAX_QUEUE_PAIRS || pairs > backend.queue_pairs() {
+            return Err(NetError::QueuePairs(pairs));
+        }
+        if pairs > 1 && !config.control_queue {
+            return Err(NetError::MultiqueueWithoutControlQueue(pairs));
+        }
         Ok(Self {
+            mac: Arc::new(Mutex::new(config.mac)),
             config,
             backend,
             link_up: AtomicBool::new(true),
@@ -92,15 +122,22 @@ impl Device for NetDevice {
     }
 
     fn features(&self) -> u64 {
-        FEATURES
+        let mut features = FEATURES;
+        if self.config.control_queue {
+            features |= CTRL_FEATURES;
+            if self.config.queue_pairs > 1 {
+                features |= F_MQ;
+            }
+        }
+        features
     }
 
-    /// `struct virtio_net_config`, little endian: mac, status, max_virtqueue_pairs = 1,
-    /// mtu; speed and duplex unknown; no RSS.
+    /// `struct virtio_net_config`, little endian: mac, status, max_virtqueue_pairs, mtu;
+    /// speed and duplex unknown; no RSS.
     fn config_space(&self) -> Vec<u8> {
         let mut space = vec![0u8; std::mem::size_of::<virtio_net_config>()];
         let mut put = |at: usize, bytes: &[u8]| space[at..at + bytes.len()].copy_from_slice(bytes);
-        put(offset_of!(virtio_net_config, mac), &self.config.mac);
+        put(offset_of!(virtio_net_config, mac), &*locked(&self.mac));
         let status = if self.link_up.load(Ordering::Relaxed) {
             VIRTIO_NET_S_LINK_UP as u16
         } else {
@@ -109,7 +146,7 @@ impl Device for NetDevice {
         put(offset_of!(virtio_net_config, status), &status.to_le_bytes());
         put(
             offset_of!(virtio_net_config, max_virtqueue_pairs),
-            &1u16.to_le_bytes(),
+            &self.config.queue_pairs.to_le_bytes(),
         );
         put(
             offset_of!(virtio_net_config, mtu),
@@ -124,7 +161,7 @@ impl Device for NetDevice {
     }
 
     fn num_queues(&self) -> u16 {
-        2
+        2 * self.config.queue_pairs + u16::from(self.config.control_queue)
     }
 
     fn max_queue_size(&self) -> u16 {
@@ -133,20 +170,32 @@ impl Device for NetDevice {
 
     fn queue_handler(&self, index: u16) -> Result<Box<dyn QueueHandler>, DeviceError> {
         let max_frame = self.config.max_frame();
-        match index {
-            RX_QUEUE => Ok(Box::new(RxQueue::new(
+        let pairs = self.config.queue_pairs;
+        if index < 2 * pairs && index.is_multiple_of(2) {
+            Ok(Box::new(RxQueue::for_pair(
                 self.backend.clone(),
+                index / 2,
                 // Mergeable until the driver's accepted features say otherwise
                 // (`QueueHandler::driver_features`).
                 true,
                 usize::from(self.config.queue_size),
-            ))),
-            TX_QUEUE => Ok(Box::new(TxQueue::new(self.backend.clone(), max_frame))),
-            _ => Err(DeviceError::Queue {
+            )))
+        } else if index < 2 * pairs {
+            Ok(Box::new(TxQueue::new(self.backend.clone(), max_frame)))
+        } else if index == 2 * pairs && self.config.control_queue {
+            Ok(Box::new(CtrlQueue::new(
+                self.backend.clone(),
+                pairs,
+                self.mac.clone(),
+            )))
+        } else {
+            Err(DeviceError::Queue {
                 queue: index,
-                reason: "virtio-net here has one queue pair (0 rx, 1 tx) and no control queue"
-                    .into(),
-            }),
+                reason: format!(
+                    "this virtio-net device has {pairs} queue pair(s) and {} control queue",
+                    if self.config.control_queue { "a" } else { "no" }
+                ),
+            })
         }
     }
 }
@@ -186,5 +235,44 @@ mod tests {
         };
         let port = Switch::new("dev2").port().unwrap();
         assert!(NetDevice::new(tiny, port).is_err());
+    }
+
+    #[test]
+    fn queue_pairs_and_the_control_queue_where_the_transport_allows_it() {
+        let mac = [0x52, 0x54, 0, 0, 0, 1];
+        let sw = Switch::new("dev-mq");
+        let two = NetConfig {
+            queue_pairs: 2,
+            control_queue: true,
+            ..NetConfig::new(mac)
+        };
+        let dev = NetDevice::new(two, sw.port_with_pairs(2).unwrap()).unwrap();
+        assert_eq!(dev.num_queues(), 5);
+        assert_eq!(
+            dev.features() & (CTRL_FEATURES | F_MQ),
+            CTRL_FEATURES | F_MQ
+        );
+        assert_eq!(&dev.config_space()[8..10], &2u16.to_le_bytes());
+        assert!((0..5).all(|q| dev.queue_handler(q).is_ok()));
+        assert!(dev.queue_handler(5).is_err());
+        // One pair with a control queue: no MQ. Two without (VDUSE): refused.
+        let one = NetConfig {
+            control_queue: true,
+            ..NetConfig::new(mac)
+        };
+        let dev = NetDevice::new(one, sw.port().unwrap()).unwrap();
+        assert_eq!((dev.num_queues(), dev.features() & F_MQ), (3, 0));
+        let vduse = NetConfig {
+            control_queue: false,
+            ..two
+        };
+        assert!(matches!(
+            NetDevice::new(vduse, sw.port_with_pairs(2).unwrap()),
+            Err(NetError::MultiqueueWithoutControlQueue(2))
+        ));
+        assert!(matches!(
+            NetDevice::new(two, sw.port().unwrap()),
+            Err(NetError::QueuePairs(2))
+        ));
     }
 }

@@ -1,9 +1,11 @@
 //! virtio-net as a device of virtiod's core.
 //!
 //! - [`NetDevice`] implements the core's `Device`: device id `VIRTIO_ID_NET`, the feature
-//!   bits (VERSION_1, MAC, STATUS, MTU, MRG_RXBUF and the ring features the core
-//!   implements; no control queue), the configuration space (`struct virtio_net_config`) and
-//!   one queue pair: queue 0 receives ([`RxQueue`]), queue 1 transmits ([`TxQueue`]).
+//!   bits (VERSION_1, MAC, STATUS, MTU, MRG_RXBUF, the checksum and TCP segmentation
+//!   offloads of [`offload`] and the ring features the core implements; the control queue
+//!   and MQ where the transport allows them), the configuration space (`struct
+//!   virtio_net_config`) and its queues: per pair `i`, queue `2i` receives ([`RxQueue`]),
+//!   queue `2i + 1` transmits ([`TxQueue`]); then the control queue ([`CtrlQueue`]).
 //! - [`NetBackend`] is the seam to where frames go: one backend per device (a *port*). The
 //!   in-process [`Switch`] (`switch:NAME`) and a Linux tap interface ([`TapPort`],
 //!   `tap:NAME`).
@@ -18,21 +20,28 @@
 #![deny(unsafe_code)]
 
 mod backend;
+mod ctrl;
 mod device;
 mod frames;
+pub mod offload;
 mod rx;
+mod steer;
 mod switch;
 #[allow(unsafe_code)] // the tap ioctls, in tap/sys.rs only
 mod tap;
 mod tx;
 
 pub use backend::{NetBackend, PortCounters, PortStats};
-pub use device::{NetConfig, NetDevice, DEFAULT_MTU, DEFAULT_QUEUE_SIZE, FEATURES};
+pub use ctrl::CtrlQueue;
+pub use device::{
+    NetConfig, NetDevice, CTRL_FEATURES, DEFAULT_MTU, DEFAULT_QUEUE_SIZE, FEATURES, F_MQ,
+};
 pub use frames::PORT_QUEUE_FRAMES;
 pub use rx::RxQueue;
+pub use steer::MAX_QUEUE_PAIRS;
 pub use switch::{Mac, Switch, SwitchPort, MAC_AGEING, MAC_TABLE_SIZE};
 pub use tap::{check_tap_name, TapPort, TUN_PATH};
-pub use tx::{TxError, TxQueue};
+pub use tx::{check_frame, TxError, TxQueue};
 
 use virtio_bindings::virtio_net;
 
@@ -88,6 +97,12 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
+    /// A number of queue pairs out of range, or above what the port has.
+    #[error("{0} queue pairs: give 1 to 64 (and no more than the port was opened with)")]
+    QueuePairs(u16),
+    /// Several queue pairs without a control queue (VDUSE).
+    #[error("{0} queue pairs need the control queue, which VDUSE refuses: give one queue pair (no --queues) over VDUSE, or serve over vhost-user")]
+    MultiqueueWithoutControlQueue(u16),
     /// The MTU is outside what virtio-net and Ethernet allow.
     #[error("invalid MTU {0}: give a value from 68 to 65535")]
     Mtu(u16),

@@ -43,6 +43,8 @@ enum Placed {
 /// The handler of the receive queue (queue 0).
 pub struct RxQueue {
     backend: Arc<dyn NetBackend>,
+    /// The queue pair this rx queue belongs to.
+    pair: u16,
     mergeable: bool,
     /// Most buffers the driver can give at once (its queue size).
     max_buffers: usize,
@@ -51,19 +53,29 @@ pub struct RxQueue {
     spare: Vec<Vec<ChainDesc>>,
     /// Used entries waiting for `reap`.
     done: Vec<Completed>,
-    /// The frame taken from the backend and not yet written (`has_frame`).
+    /// The frame (virtio-net header and packet) taken from the backend and not yet written
+    /// (`has_frame`).
     frame: Vec<u8>,
     has_frame: bool,
-    /// Header and frame as written into the buffers (reused).
-    stream: Vec<u8>,
 }
 
 impl RxQueue {
-    /// A handler receiving frames from `backend`; `mergeable`: a frame may span several
-    /// buffers (MRG_RXBUF); `max_buffers`: the queue size.
+    /// A handler receiving frames from `backend` for queue pair 0; `mergeable`: a frame may
+    /// span several buffers (MRG_RXBUF); `max_buffers`: the queue size.
     pub fn new(backend: Arc<dyn NetBackend>, mergeable: bool, max_buffers: usize) -> Self {
+        Self::for_pair(backend, 0, mergeable, max_buffers)
+    }
+
+    /// As [`Self::new`], the rx queue of queue pair `pair`.
+    pub fn for_pair(
+        backend: Arc<dyn NetBackend>,
+        pair: u16,
+        mergeable: bool,
+        max_buffers: usize,
+    ) -> Self {
         Self {
             backend,
+            pair,
             mergeable,
             max_buffers: max_buffers.max(1),
             held: VecDeque::new(),
@@ -71,7 +83,6 @@ impl RxQueue {
             done: Vec::new(),
             frame: Vec::new(),
             has_frame: false,
-            stream: Vec::new(),
         }
     }
 
@@ -84,7 +95,7 @@ impl RxQueue {
     fn deliver(&mut self) {
         while !self.held.is_empty() {
             if !self.has_frame {
-                if !self.backend.receive(&mut self.frame) {
+                if !self.backend.receive(self.pair, &mut self.frame) {
                     break;
                 }
                 self.has_frame = true;
@@ -92,7 +103,8 @@ impl RxQueue {
             match self.place() {
                 Placed::Written => {
                     let stats = self.backend.stats();
-                    PortStats::frame(&stats.rx_packets, &stats.rx_bytes, self.frame.len());
+                    let len = self.frame.len().saturating_sub(NET_HDR_LEN);
+                    PortStats::frame(&stats.rx_packets, &stats.rx_bytes, len);
                     self.has_frame = false;
                 }
                 Placed::Dropped => {
@@ -105,9 +117,13 @@ impl RxQueue {
         }
     }
 
-    /// Write the frame in hand into the first buffer(s) held.
+    /// Write the frame in hand (its header's `num_buffers` set) into the first buffer(s)
+    /// held.
     fn place(&mut self) -> Placed {
-        let need = (NET_HDR_LEN + self.frame.len()) as u64;
+        if self.frame.len() < NET_HDR_LEN {
+            return Placed::Dropped; // backends queue header and frame: cannot happen
+        }
+        let need = self.frame.len() as u64;
         let count = if self.mergeable {
             let mut sum = 0;
             match self.held.iter().position(|b| {
@@ -123,15 +139,12 @@ impl RxQueue {
         } else {
             return Placed::Dropped;
         };
-        self.stream.clear();
-        self.stream.resize(NET_HDR_LEN, 0);
         // count <= held <= max_buffers (can_start), a queue size: at most 32768.
         let num_buffers = u16::try_from(count).unwrap_or(u16::MAX);
-        self.stream[NUM_BUFFERS_AT..NET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
-        self.stream.extend_from_slice(&self.frame);
+        self.frame[NUM_BUFFERS_AT..NET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
         let mut at = 0;
         for buf in self.held.drain(..count) {
-            let used = write_buffer(&buf, &self.stream[at..]);
+            let used = write_buffer(&buf, &self.frame[at..]);
             at += used;
             self.done.push(Completed {
                 head: buf.head,
@@ -151,8 +164,8 @@ impl RxQueue {
             });
             self.spare.push(buf.descs);
         }
-        self.backend.set_rx_ready(false);
-        let _ = self.backend.rx_event().read();
+        self.backend.set_rx_ready(self.pair, false);
+        let _ = self.backend.rx_event(self.pair).read();
     }
 }
 
@@ -177,6 +190,7 @@ fn write_buffer(buf: &RxBuffer, bytes: &[u8]) -> usize {
 impl QueueHandler for RxQueue {
     fn driver_features(&mut self, acked: u64) {
         self.mergeable = acked & crate::F_MRG_RXBUF != 0;
+        self.backend.set_guest_features(acked);
     }
 
     /// At most a queue's worth of buffers is held (a driver that repeats heads on the avail
@@ -224,26 +238,26 @@ impl QueueHandler for RxQueue {
         }
         if self.has_frame {
             self.backend
-                .rx_event()
+                .rx_event(self.pair)
                 .write(1)
                 .map_err(|e| HandlerError(format!("waking the rx queue: {e}")))?;
         }
-        self.backend.set_rx_ready(true);
+        self.backend.set_rx_ready(self.pair, true);
         Ok(())
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.backend.rx_event().as_raw_fd())
+        Some(self.backend.rx_event(self.pair).as_raw_fd())
     }
 
     fn ack_completion_event(&mut self) {
-        let _ = self.backend.rx_event().read();
+        let _ = self.backend.rx_event(self.pair).read();
     }
 
     fn reap(&mut self, out: &mut Vec<Completed>) {
         self.deliver();
         if self.held.is_empty() {
-            self.backend.set_rx_ready(false);
+            self.backend.set_rx_ready(self.pair, false);
         }
         out.append(&mut self.done);
     }
@@ -265,8 +279,10 @@ mod tests {
     use crate::test_util::{chain_at, get, mem, CANARY, MEM_LEN};
     use crate::{Switch, SwitchPort};
 
+    /// A zeroed virtio-net header and an Ethernet frame of `len` bytes.
     fn frame(len: usize, tag: u8) -> Vec<u8> {
-        let mut f = vec![0xff; 6];
+        let mut f = vec![0; NET_HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
         f.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 0xa]);
         f.extend((12..len).map(|i| (i as u8) ^ tag));
         f
@@ -311,13 +327,13 @@ mod tests {
         q.submit().unwrap();
         let f = frame(90, 1); // 102 bytes with the header: 40 + 40 + 22
         sender.transmit(&f);
-        assert_eq!(port.rx_event().read().unwrap(), 1, "the queue is woken");
+        assert_eq!(port.rx_event(0).read().unwrap(), 1, "the queue is woken");
         let mut out = Vec::new();
         q.reap(&mut out);
         let want = [(0, 40), (1, 40), (3, 22)].map(|(head, used_len)| Completed { head, used_len });
         assert_eq!(out, want);
         let mut stream = header(3);
-        stream.extend_from_slice(&f);
+        stream.extend_from_slice(&f[NET_HDR_LEN..]);
         assert_eq!(get(&m, 0x1000, 40), stream[..40]);
         assert_eq!(get(&m, 0x2000, 24), stream[40..64]);
         assert_eq!(get(&m, 0x2100, 16), stream[64..80]);
@@ -345,7 +361,7 @@ mod tests {
         // No buffers yet: the frame waits in the port, and nobody is woken.
         let f = frame(60, 2);
         sender.transmit(&f);
-        assert!(port.rx_event().read().is_err());
+        assert!(port.rx_event(0).read().is_err());
         // A buffer too small for the whole frame: the frame is taken and waits for more.
         q.start(&chain_at(5, &[(0x1000, 32, true)]), &m);
         q.submit().unwrap();
@@ -355,7 +371,7 @@ mod tests {
         q.start(&chain_at(6, &[(0x2000, 1500, true)]), &m);
         q.submit().unwrap();
         assert!(
-            port.rx_event().read().is_ok(),
+            port.rx_event(0).read().is_ok(),
             "the frame in hand wakes the queue"
         );
         q.reap(&mut out);
@@ -386,7 +402,7 @@ mod tests {
             }]
         );
         let mut stream = header(1);
-        stream.extend_from_slice(&f);
+        stream.extend_from_slice(&f[NET_HDR_LEN..]);
         assert_eq!(get(&m, 0x4000, 72), stream);
     }
 
@@ -489,7 +505,10 @@ mod tests {
             }]
         );
         assert_eq!(q.in_flight(), 0);
-        assert!(port.rx_event().read().is_err(), "not ready after the drain");
+        assert!(
+            port.rx_event(0).read().is_err(),
+            "not ready after the drain"
+        );
         untouched_outside(&m, &[]);
     }
 }

@@ -2,6 +2,10 @@
 //! device) exchange frames by learned source MAC address; broadcast, multicast and unknown
 //! unicast frames are flooded to every other port, and no frame goes back to its sender.
 //!
+//! Frames carry their virtio-net header: a port whose driver takes the offloads a frame uses
+//! gets it as it is (a 64 KiB TCP GSO frame stays one frame), the others get it finished in
+//! software (checksum completed, TCP segments cut) when it is queued for them.
+//!
 //! Each port keeps a bounded queue of frames waiting for receive buffers; beyond
 //! [`crate::PORT_QUEUE_FRAMES`] frames, new ones are dropped and counted, so a slow port never
 //! blocks the others.
@@ -13,8 +17,10 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{NetBackend, PortStats};
-use crate::frames::{locked, RxFrames};
-use crate::NetError;
+use crate::frames::locked;
+use crate::steer::PortQueues;
+use crate::{NetError, NET_HDR_LEN};
+
 /// A learned address is forgotten when no frame came from it for this long.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
 /// Most addresses a switch learns (beyond, expired ones are evicted; else none is learned).
@@ -72,9 +78,15 @@ impl Switch {
         &self.name
     }
 
-    /// A new port on this switch (removed when dropped).
+    /// A new port on this switch with one queue pair (removed when dropped).
     pub fn port(self: &Arc<Self>) -> Result<Arc<SwitchPort>, NetError> {
-        let rx = RxFrames::new()?;
+        self.port_with_pairs(1)
+    }
+
+    /// A new port on this switch for a device with `pairs` queue pairs (1 to
+    /// [`crate::MAX_QUEUE_PAIRS`]).
+    pub fn port_with_pairs(self: &Arc<Self>, pairs: u16) -> Result<Arc<SwitchPort>, NetError> {
+        let rx = PortQueues::new(pairs)?;
         let mut inner = locked(&self.inner);
         let id = inner.next_id;
         inner.next_id += 1;
@@ -89,9 +101,10 @@ impl Switch {
         Ok(port)
     }
 
-    /// Forward `frame` sent by port `from`, as of `now`.
+    /// Forward `frame` (virtio-net header and Ethernet frame) sent by port `from`, as of
+    /// `now`.
     fn forward(&self, from: u64, frame: &[u8], now: Instant) {
-        let Some((dst, src)) = macs(frame) else {
+        let Some((dst, src)) = frame.get(NET_HDR_LEN..).and_then(macs) else {
             return;
         };
         let mut inner = locked(&self.inner);
@@ -170,7 +183,7 @@ fn is_multicast(mac: &Mac) -> bool {
 pub struct SwitchPort {
     id: u64,
     switch: Arc<Switch>,
-    rx: RxFrames,
+    rx: PortQueues,
     stats: PortStats,
 }
 
@@ -202,16 +215,28 @@ impl NetBackend for SwitchPort {
         self.switch.forward(self.id, frame, Instant::now());
     }
 
-    fn receive(&self, frame: &mut Vec<u8>) -> bool {
-        self.rx.pop(frame)
+    fn receive(&self, pair: u16, frame: &mut Vec<u8>) -> bool {
+        self.rx.queue(pair).pop(frame)
     }
 
-    fn rx_event(&self) -> &EventFd {
-        self.rx.event()
+    fn rx_event(&self, pair: u16) -> &EventFd {
+        self.rx.event(pair)
     }
 
-    fn set_rx_ready(&self, ready: bool) {
-        self.rx.set_ready(ready);
+    fn set_rx_ready(&self, pair: u16, ready: bool) {
+        self.rx.queue(pair).set_ready(ready);
+    }
+
+    fn queue_pairs(&self) -> u16 {
+        self.rx.pairs()
+    }
+
+    fn set_queue_pairs(&self, pairs: u16) {
+        self.rx.set_active(pairs);
+    }
+
+    fn set_guest_features(&self, features: u64) {
+        self.rx.set_guest_features(features);
     }
 
     fn stats(&self) -> &PortStats {
@@ -237,7 +262,7 @@ mod tests {
     const BROADCAST: Mac = [0xff; 6];
 
     fn frame(dst: Mac, src: Mac, tag: u8) -> Vec<u8> {
-        let mut f = Vec::new();
+        let mut f = vec![0; NET_HDR_LEN];
         f.extend_from_slice(&dst);
         f.extend_from_slice(&src);
         f.extend_from_slice(&[0x08, 0x00, tag, tag, tag]);
@@ -247,7 +272,7 @@ mod tests {
     fn take_all(p: &SwitchPort) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         let mut f = Vec::new();
-        while p.receive(&mut f) {
+        while p.receive(0, &mut f) {
             out.push(f.clone());
         }
         out
@@ -298,7 +323,7 @@ mod tests {
         c.transmit(&frame(BROADCAST, B, 3));
         a.transmit(&frame(B, A, 4));
         assert_eq!(take_all(&c).len(), 1);
-        assert!(take_all(&b).iter().all(|f| f[14] != 4));
+        assert!(take_all(&b).iter().all(|f| f[NET_HDR_LEN + 14] != 4));
         // A removed port gets nothing, and its addresses are forgotten.
         drop(c);
         a.transmit(&frame(B, A, 5));
@@ -327,17 +352,18 @@ mod tests {
         let sw = Switch::new("t4");
         let (a, b) = (sw.port().unwrap(), sw.port().unwrap());
         a.transmit(&frame(BROADCAST, A, 1));
-        assert!(b.rx_event().read().is_err(), "not ready: no wake-up");
-        b.set_rx_ready(true);
+        assert!(b.rx_event(0).read().is_err(), "not ready: no wake-up");
+        b.set_rx_ready(0, true);
         assert_eq!(
-            b.rx_event().read().unwrap(),
+            b.rx_event(0).read().unwrap(),
             1,
             "ready with a frame waiting"
         );
         a.transmit(&frame(BROADCAST, A, 2));
-        assert_eq!(b.rx_event().read().unwrap(), 1);
+        assert_eq!(b.rx_event(0).read().unwrap(), 1);
         // Runt frames (no Ethernet addresses) are not forwarded.
-        a.transmit(&[0xff; 11]);
+        a.transmit(&[0xff; NET_HDR_LEN + 11]);
+        a.transmit(&[0xff; 5]);
         assert_eq!(take_all(&b).len(), 2);
     }
 

@@ -1,12 +1,15 @@
 //! The transmit queue: each chain is a `virtio_net_hdr_v1` and an Ethernet frame in
-//! device-readable buffers. The frame is copied out of driver memory (checked: the driver is
-//! hostile) and handed to the backend; the chain completes at once with used length 0.
+//! device-readable buffers. Header and frame are copied out of driver memory (checked: the
+//! driver is hostile; the header against the offloads the driver accepted) and handed to the
+//! backend; the chain completes at once with used length 0.
 
 use std::sync::Arc;
 
 use virtiod_core::{Chain, GuestMem, Outcome, QueueHandler};
 use vm_memory::Bytes;
 
+use crate::offload::MAX_GSO_FRAME;
+use crate::offload::{check_tx, HdrError, NetHdr, F_HOST_TSO4, F_HOST_TSO6, GSO_NONE};
 use crate::{NetBackend, PortStats, ETH_HLEN, NET_HDR_LEN};
 
 /// Why a tx chain was refused (the chain completes with used length 0, the frame is dropped).
@@ -35,6 +38,9 @@ pub enum TxError {
         /// Largest frame allowed.
         max: usize,
     },
+    /// The virtio-net header is refused.
+    #[error("bad virtio-net header: {0}")]
+    Header(#[from] HdrError),
 }
 
 /// Copy the header and frame of tx `chain` into `buf` (replacing its contents); the frame
@@ -76,38 +82,73 @@ pub fn read_tx(
     Ok(())
 }
 
+/// Check the header of the frame in `buf` (header and frame of a tx chain) against the
+/// features the driver accepted, `acked`: a frame that is not GSO must be at most
+/// `max_frame` bytes.
+pub fn check_frame(buf: &mut [u8], acked: u64, max_frame: usize) -> Result<(), TxError> {
+    check_tx(buf, acked)?;
+    let len = buf.len() - NET_HDR_LEN;
+    if NetHdr::read(buf).gso_type == GSO_NONE && len > max_frame {
+        return Err(TxError::TooBig {
+            len: len as u64,
+            max: max_frame,
+        });
+    }
+    Ok(())
+}
+
 /// The handler of the transmit queue (queue 1).
 pub struct TxQueue {
     backend: Arc<dyn NetBackend>,
     max_frame: usize,
+    /// The features the driver accepted.
+    acked: u64,
     /// Header and frame of the chain being sent (reused).
     buf: Vec<u8>,
 }
 
 impl TxQueue {
-    /// A handler sending frames of at most `max_frame` bytes to `backend`.
+    /// A handler sending frames of at most `max_frame` bytes (GSO frames: 64 KiB and an
+    /// Ethernet header, when the driver accepted HOST_TSO4/6) to `backend`.
     pub fn new(backend: Arc<dyn NetBackend>, max_frame: usize) -> Self {
         Self {
             backend,
             max_frame,
+            acked: 0,
             buf: Vec::with_capacity(NET_HDR_LEN + max_frame),
+        }
+    }
+
+    /// Largest frame a chain may hold, GSO frames included.
+    fn chain_limit(&self) -> usize {
+        if self.acked & (F_HOST_TSO4 | F_HOST_TSO6) != 0 {
+            self.max_frame.max(MAX_GSO_FRAME)
+        } else {
+            self.max_frame
         }
     }
 }
 
 impl QueueHandler for TxQueue {
+    fn driver_features(&mut self, acked: u64) {
+        self.acked = acked;
+    }
+
     fn start(&mut self, chain: &Chain, mem: &Arc<GuestMem>) -> Outcome {
         let stats = self.backend.stats();
-        match read_tx(chain, mem, self.max_frame, &mut self.buf) {
+        let read = read_tx(chain, mem, self.chain_limit(), &mut self.buf)
+            .and_then(|()| check_frame(&mut self.buf, self.acked, self.max_frame));
+        match read {
             Ok(()) => {
-                let frame = &self.buf[NET_HDR_LEN..];
-                PortStats::frame(&stats.tx_packets, &stats.tx_bytes, frame.len());
-                self.backend.transmit(frame);
+                let len = self.buf.len() - NET_HDR_LEN;
+                PortStats::frame(&stats.tx_packets, &stats.tx_bytes, len);
+                self.backend.transmit(&self.buf);
             }
             Err(err) => {
                 tracing::debug!(head = chain.head(), %err, "dropping a tx chain");
                 match err {
                     TxError::TooBig { .. } => PortStats::bump(&stats.tx_too_big),
+                    TxError::Header(_) => PortStats::bump(&stats.tx_bad_header),
                     _ => PortStats::bump(&stats.tx_malformed),
                 }
             }
@@ -217,13 +258,52 @@ mod tests {
         assert_eq!((s.tx_packets, s.tx_bytes), (1, 60));
         assert_eq!((s.tx_too_big, s.tx_malformed), (1, 1));
         let mut got = Vec::new();
-        assert!(b.receive(&mut got));
-        assert_eq!(got, &p[NET_HDR_LEN..]);
-        assert!(!b.receive(&mut got), "dropped frames are not forwarded");
+        assert!(b.receive(0, &mut got));
+        assert_eq!(got, p);
+        assert!(!b.receive(0, &mut got), "dropped frames are not forwarded");
         // The device wrote nothing into driver memory.
         let mut all = vec![0; MEM_LEN];
         m.read_slice(&mut all, vm_memory::GuestAddress(0)).unwrap();
         all[0x1000..0x1000 + p.len()].fill(CANARY);
         assert!(all.iter().all(|&b| b == CANARY));
+    }
+
+    #[test]
+    fn headers_are_checked_against_the_accepted_offloads() {
+        use crate::offload::{F_CSUM, F_GUEST_CSUM, F_HOST_TSO4, GSO_TCPV4, HDR_F_NEEDS_CSUM};
+        let m = Arc::new(mem());
+        let sw = Switch::new("tx-hdr");
+        let (a, b) = (sw.port().unwrap(), sw.port().unwrap());
+        b.set_guest_features(F_GUEST_CSUM);
+        let mut q = TxQueue::new(a.clone(), MAX);
+        // A partial checksum before CSUM is accepted: refused; after: sent as it is.
+        let mut p = packet(60);
+        p[NET_HDR_LEN..NET_HDR_LEN + 6].copy_from_slice(&[0xff; 6]);
+        p[0] = HDR_F_NEEDS_CSUM;
+        p[6] = 14; // csum_start
+        p[8] = 6; // csum_offset
+        put(&m, 0x1000, &p);
+        let c = chain(&[(0x1000, p.len() as u32, false)]);
+        q.start(&c, &m);
+        assert_eq!(a.stats().snapshot().tx_bad_header, 1);
+        q.driver_features(F_CSUM);
+        q.start(&c, &m);
+        let mut got = Vec::new();
+        assert!(b.receive(0, &mut got));
+        assert_eq!(got, p, "as it is, to a driver with GUEST_CSUM");
+        // An 8000-byte frame: too big without GSO, a bad header as a GSO frame that is not
+        // TCP, even with HOST_TSO4 accepted.
+        let mut big = packet(8000);
+        big[1] = GSO_TCPV4;
+        big[4] = 100; // gso_size
+        big[0] = HDR_F_NEEDS_CSUM;
+        put(&m, 0x2000, &big);
+        let c = chain(&[(0x2000, big.len() as u32, false)]);
+        q.start(&c, &m);
+        assert_eq!(a.stats().snapshot().tx_too_big, 1, "HOST_TSO4 not accepted");
+        q.driver_features(F_CSUM | F_HOST_TSO4);
+        q.start(&c, &m);
+        let s = a.stats().snapshot();
+        assert_eq!((s.tx_too_big, s.tx_bad_header, s.tx_packets), (1, 2, 1));
     }
 }

@@ -201,7 +201,8 @@ impl VhostUserDevice {
         let mut requests = BackendReqHandler::from_stream(handler_end, conn.clone());
         loop {
             match wire.forward_request() {
-                Ok(()) => {}
+                Ok(true) => {}
+                Ok(false) => continue, // answered by the wire itself
                 Err(WireError::Disconnected) => return Ok(()),
                 Err(WireError::MemoryShrunk) => {
                     self.report_shrunk(&conn);

@@ -9,11 +9,19 @@
 //! handler reads it from the other end in one piece. Its replies (with any descriptors) are
 //! passed back the same way. Control messages only: the data path never crosses this.
 //!
+//! One message is answered here instead: QEMU's virtio-net enables its rings
+//! (`SET_VRING_ENABLE`) when the device is realized, before `SET_FEATURES`, which the `vhost`
+//! crate refuses (protocol features not acked yet) by closing the connection, and does not
+//! enable them again when it starts the device. Such an early enable is acknowledged here,
+//! kept, and passed on to the handler right after the `SET_FEATURES` that acks the protocol
+//! features.
+//!
 //! While waiting for the frontend, the reader also watches the connection's poison eventfd
 //! (`fault.rs`): a frontend that shrank its memory is cut off at once.
 
+use std::collections::VecDeque;
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -26,6 +34,16 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 /// Bytes of a vhost-user header: request, flags, payload size (u32 each).
 const HEADER: usize = 12;
 const TOKEN_SOCKET: u64 = 0;
+/// `VHOST_USER_SET_FEATURES`.
+const SET_FEATURES: u32 = 2;
+/// `VHOST_USER_SET_VRING_ENABLE`.
+const SET_VRING_ENABLE: u32 = 18;
+/// `VHOST_USER_F_PROTOCOL_FEATURES`, a bit of `SET_FEATURES`.
+const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// Header flags: protocol version 1, a reply, the frontend wants a reply.
+const VERSION_1: u32 = 0x1;
+const REPLY: u32 = 0x4;
+const NEED_REPLY: u32 = 0x8;
 const TOKEN_WAKE: u64 = 1;
 
 /// Why no message was passed on.
@@ -59,6 +77,12 @@ pub struct Wire {
     handler: UnixStream,
     epoll: Epoll,
     wake: Arc<EventFd>,
+    /// The last `SET_FEATURES` acked `VHOST_USER_F_PROTOCOL_FEATURES`.
+    protocol_acked: bool,
+    /// Payloads of the `SET_VRING_ENABLE`s that came before that (the last per ring).
+    early_enables: Vec<[u8; 8]>,
+    /// Messages to pass to the handler before reading the frontend again.
+    pending: VecDeque<Vec<u8>>,
 }
 
 fn sys(e: vmm_sys_util::errno::Error) -> io::Error {
@@ -86,12 +110,21 @@ impl Wire {
             handler,
             epoll,
             wake,
+            protocol_acked: false,
+            early_enables: Vec::new(),
+            pending: VecDeque::new(),
         };
         Ok((wire, theirs))
     }
 
-    /// Wait for the next whole message from the frontend and pass it to the handler.
-    pub fn forward_request(&mut self) -> Result<(), WireError> {
+    /// Wait for the next whole message from the frontend and pass it to the handler; false
+    /// when it was answered here instead (an early `SET_VRING_ENABLE`): the handler has
+    /// nothing to read.
+    pub fn forward_request(&mut self) -> Result<bool, WireError> {
+        if let Some(msg) = self.pending.pop_front() {
+            self.send_to_handler(&msg, &[])?;
+            return Ok(true);
+        }
         let mut msg = vec![0u8; HEADER];
         let mut files = Vec::new();
         let got = self.read_full(&mut msg, &mut files)?;
@@ -113,9 +146,47 @@ impl Wire {
                 want: HEADER + size,
             });
         }
+        let request = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
+        let flags = u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
+        tracing::trace!(request, flags, size, "vhost-user message");
+        if request == SET_FEATURES && size == 8 {
+            let features = u64::from_le_bytes(msg[HEADER..].try_into().unwrap_or_default());
+            self.protocol_acked = features & F_PROTOCOL_FEATURES != 0;
+            if self.protocol_acked {
+                for payload in self.early_enables.drain(..) {
+                    let mut enable = Vec::with_capacity(HEADER + 8);
+                    enable.extend_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+                    enable.extend_from_slice(&VERSION_1.to_le_bytes());
+                    enable.extend_from_slice(&8u32.to_le_bytes());
+                    enable.extend_from_slice(&payload);
+                    self.pending.push_back(enable);
+                }
+            }
+        }
+        if request == SET_VRING_ENABLE && !self.protocol_acked && size == 8 {
+            tracing::debug!("SET_VRING_ENABLE before SET_FEATURES: kept for after it");
+            let payload: [u8; 8] = msg[HEADER..].try_into().unwrap_or_default();
+            self.early_enables.retain(|p| p[..4] != payload[..4]);
+            self.early_enables.push(payload);
+            if flags & NEED_REPLY != 0 {
+                let mut reply = Vec::with_capacity(HEADER + 8);
+                reply.extend_from_slice(&request.to_le_bytes());
+                reply.extend_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
+                reply.extend_from_slice(&8u32.to_le_bytes());
+                reply.extend_from_slice(&0u64.to_le_bytes());
+                (&self.frontend).write_all(&reply)?;
+            }
+            return Ok(false);
+        }
         let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        self.send_to_handler(&msg, &fds)?;
+        Ok(true)
+    }
+
+    /// Pass one whole message (and its descriptors) to the handler.
+    fn send_to_handler(&self, msg: &[u8], fds: &[RawFd]) -> Result<(), WireError> {
         // One sendmsg of at most a page and a header to an empty socket pair: one piece.
-        let sent = self.handler.send_with_fds(&[&msg[..]], &fds).map_err(sys)?;
+        let sent = self.handler.send_with_fds(&[msg], fds).map_err(sys)?;
         if sent != msg.len() {
             return Err(io::Error::other("short write to the request handler").into());
         }
@@ -199,4 +270,73 @@ fn recv_with_files(sock: &UnixStream, buf: &mut [u8], files: &mut Vec<File>) -> 
         files.push(unsafe { File::from_raw_fd(fd) });
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    fn message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&request.to_le_bytes());
+        m.extend_from_slice(&flags.to_le_bytes());
+        m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        m.extend_from_slice(payload);
+        m
+    }
+
+    fn enable(index: u32, on: u32) -> Vec<u8> {
+        [index.to_le_bytes(), on.to_le_bytes()].concat()
+    }
+
+    fn read_exact(s: &mut UnixStream, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        s.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn an_enable_before_set_features_is_acked_and_passed_on_after_it() {
+        let (mut qemu, ours) = UnixStream::pair().unwrap();
+        let (mut wire, mut handler) = Wire::new(ours, Arc::new(EventFd::new(0).unwrap())).unwrap();
+        handler.set_nonblocking(true).unwrap();
+        // Two early enables (ring 0 twice: the last counts), one wanting a reply.
+        qemu.write_all(&message(
+            SET_VRING_ENABLE,
+            VERSION_1 | NEED_REPLY,
+            &enable(0, 0),
+        ))
+        .unwrap();
+        assert!(!wire.forward_request().unwrap(), "answered by the wire");
+        let ack = message(SET_VRING_ENABLE, VERSION_1 | REPLY, &0u64.to_le_bytes());
+        assert_eq!(read_exact(&mut qemu, ack.len()), ack);
+        qemu.write_all(&message(SET_VRING_ENABLE, VERSION_1, &enable(1, 1)))
+            .unwrap();
+        assert!(!wire.forward_request().unwrap());
+        qemu.write_all(&message(SET_VRING_ENABLE, VERSION_1, &enable(0, 1)))
+            .unwrap();
+        assert!(!wire.forward_request().unwrap());
+        let mut none = [0u8; 1];
+        assert!(
+            handler.read(&mut none).is_err(),
+            "nothing reached the handler"
+        );
+        // SET_FEATURES with the protocol features, then the kept enables, in order.
+        let features = message(SET_FEATURES, VERSION_1, &F_PROTOCOL_FEATURES.to_le_bytes());
+        qemu.write_all(&features).unwrap();
+        assert!(wire.forward_request().unwrap());
+        assert_eq!(read_exact(&mut handler, features.len()), features);
+        for ring in [1, 0] {
+            assert!(wire.forward_request().unwrap());
+            let want = message(SET_VRING_ENABLE, VERSION_1, &enable(ring, 1));
+            assert_eq!(read_exact(&mut handler, want.len()), want);
+        }
+        // From now on enables go to the handler as they come.
+        let late = message(SET_VRING_ENABLE, VERSION_1 | NEED_REPLY, &enable(0, 0));
+        qemu.write_all(&late).unwrap();
+        assert!(wire.forward_request().unwrap());
+        assert_eq!(read_exact(&mut handler, late.len()), late);
+    }
 }

@@ -380,10 +380,13 @@ fn kind(
                     .map_err(|e| problems.bad(m.span(), e))
                     .ok()
             });
-            if let Some(q) = raw.queues.as_ref().filter(|q| *q.get_ref() != 1) {
+            let vduse = raw.vduse.is_some();
+            if let Some(q) = raw.queues.as_ref().filter(|q| vduse && *q.get_ref() != 1) {
                 problems.bad(
                     q.span(),
-                    "a net device has one queue pair: remove queues".into(),
+                    "a VDUSE net device has one queue pair (the kernel refuses the control queue \
+                     multiqueue needs): remove queues, or serve it over vhost-user"
+                        .into(),
                 );
             }
             Some(DeviceKind::Net(NetSpec {

@@ -217,9 +217,14 @@ fn net_errors_are_located() {
     let multicast = bad_mac.replace("52:54:00:12:34", "01:00:5e:00:00:01");
     assert!(errors(&multicast)[0].message.contains("multicast"));
 
-    let bad =
-        "[[device]]\nname = \"a\"\nnet = \"tap:a/b\"\nvhost-user = \"/s\"\nmtu = 20\nqueues = 2\n";
+    let bad = "[[device]]\nname = \"a\"\nnet = \"tap:a/b\"\nvduse = \"v\"\nmtu = 20\nqueues = 2\n";
     assert_eq!(at(bad), [(3, 7), (5, 7), (6, 10)]);
+    let mq = "[[device]]\nname = \"a\"\nnet = \"tap:a\"\nvhost-user = \"/s\"\nqueues = 2\n";
+    assert_eq!(
+        parse(mq).unwrap()[0].queues,
+        2,
+        "queue pairs over vhost-user"
+    );
 
     let blk_with_mac = "[[device]]\nname = \"a\"\nimage = \"mem:1M\"\nvhost-user = \"/s\"\nmac = \"52:54:00:12:34:56\"\n";
     let e = errors(blk_with_mac);

@@ -2,11 +2,13 @@
 //! the interface `NAME` (or attaches to an existing, e.g. persistent, one) with
 //! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and a 12-byte `virtio_net_hdr_v1`, non-blocking.
 //!
-//! - transmit: one `writev` of a zeroed header (the device offers no offloads, so there is
-//!   nothing to pass through) and the frame;
-//! - receive: a reader thread per tap waits (epoll) for the fd, reads each frame into a reused
-//!   buffer, drops the header and queues the frame like a switch port does (bounded, drops
-//!   counted), signalling the rx eventfd while the rx queue holds buffers.
+//! - transmit: one `write` of the driver's header (checked; partial checksums and TCP GSO
+//!   frames go to the kernel as they are) and the frame;
+//! - receive: a reader thread per tap waits (epoll) for the fd, reads each header and frame
+//!   into a reused buffer and queues it like a switch port does (bounded, drops counted),
+//!   signalling the rx eventfd while the rx queue holds buffers. The kernel is told with
+//!   `TUNSETOFFLOAD` which offloads the driver takes (GUEST_CSUM: `TUN_F_CSUM`, GUEST_TSO4/6:
+//!   `TUN_F_TSO4/6`), so it hands over 64 KiB TCP frames and partial checksums only then.
 //!
 //! The interface's link state and addresses are the operator's (`ip link set NAME up`). A tap
 //! the daemon created disappears when its fd closes (the daemon stops); an existing
@@ -15,7 +17,7 @@
 mod sys;
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -27,7 +29,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{NetBackend, PortStats};
-use crate::frames::RxFrames;
+use crate::offload::{F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6};
+use crate::steer::PortQueues;
 use crate::{NetError, NET_HDR_LEN};
 
 /// The tun/tap clone device.
@@ -58,7 +61,7 @@ pub fn check_tap_name(name: &str) -> Result<(), NetError> {
 #[derive(Debug)]
 struct Shared {
     file: File,
-    rx: RxFrames,
+    rx: PortQueues,
     stats: PortStats,
 }
 
@@ -74,8 +77,15 @@ pub struct TapPort {
 }
 
 impl TapPort {
-    /// Create the tap `name` (or attach to the existing one) and start its reader thread.
+    /// Create the tap `name` (or attach to the existing one) for a device with one queue
+    /// pair, and start its reader thread.
     pub fn open(name: &str) -> Result<Self, NetError> {
+        Self::open_with_pairs(name, 1)
+    }
+
+    /// As [`Self::open`], for a device with `pairs` queue pairs: one tap fd, its frames
+    /// spread over the pairs' rx queues by flow, every tx queue writing to it.
+    pub fn open_with_pairs(name: &str, pairs: u16) -> Result<Self, NetError> {
         check_tap_name(name)?;
         let existed = Path::new("/sys/class/net").join(name).exists();
         let file = open_tun()?;
@@ -94,9 +104,11 @@ impl TapPort {
                 source,
             }
         };
+        // A persistent tap keeps the offloads of its last user: none until the driver says.
+        sys::set_offload(&file, 0).map_err(tap_err("TUNSETOFFLOAD"))?;
         let shared = Arc::new(Shared {
             file,
-            rx: RxFrames::new()?,
+            rx: PortQueues::new(pairs)?,
             stats: PortStats::default(),
         });
         let stop = EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?;
@@ -161,25 +173,48 @@ impl TapPort {
 
 impl NetBackend for TapPort {
     fn transmit(&self, frame: &[u8]) {
-        // No offload is offered, so the driver's header carries nothing to pass through.
-        let header = [0u8; NET_HDR_LEN];
-        let iov = [IoSlice::new(&header), IoSlice::new(frame)];
-        if let Err(err) = (&self.shared.file).write_vectored(&iov) {
+        if let Err(err) = (&self.shared.file).write(frame) {
             self.tx_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(tap = %self.name, %err, "frame dropped: the tap refused it");
         }
     }
 
-    fn receive(&self, frame: &mut Vec<u8>) -> bool {
-        self.shared.rx.pop(frame)
+    fn receive(&self, pair: u16, frame: &mut Vec<u8>) -> bool {
+        self.shared.rx.queue(pair).pop(frame)
     }
 
-    fn rx_event(&self) -> &EventFd {
-        self.shared.rx.event()
+    fn rx_event(&self, pair: u16) -> &EventFd {
+        self.shared.rx.event(pair)
     }
 
-    fn set_rx_ready(&self, ready: bool) {
-        self.shared.rx.set_ready(ready);
+    fn set_rx_ready(&self, pair: u16, ready: bool) {
+        self.shared.rx.queue(pair).set_ready(ready);
+    }
+
+    fn queue_pairs(&self) -> u16 {
+        self.shared.rx.pairs()
+    }
+
+    fn set_queue_pairs(&self, pairs: u16) {
+        self.shared.rx.set_active(pairs);
+    }
+
+    fn set_guest_features(&self, features: u64) {
+        self.shared.rx.set_guest_features(features);
+        let mut flags = 0;
+        if features & F_GUEST_CSUM != 0 {
+            flags |= libc::TUN_F_CSUM;
+            if features & F_GUEST_TSO4 != 0 {
+                flags |= libc::TUN_F_TSO4;
+            }
+            if features & F_GUEST_TSO6 != 0 {
+                flags |= libc::TUN_F_TSO6;
+            }
+        }
+        if let Err(err) = sys::set_offload(&self.shared.file, flags) {
+            // Frames then come without offloads: slower, still right.
+            tracing::warn!(tap = %self.name, %err, flags, "TUNSETOFFLOAD failed");
+        }
     }
 
     fn stats(&self) -> &PortStats {
@@ -251,7 +286,7 @@ fn read_loop(name: &str, shared: &Shared, epoll: &Epoll) {
         loop {
             match (&shared.file).read(&mut buf) {
                 Ok(len) if len > NET_HDR_LEN => {
-                    shared.rx.push(&buf[NET_HDR_LEN..len], &shared.stats);
+                    shared.rx.push(&buf[..len], &shared.stats);
                 }
                 Ok(_) => {} // no frame behind the header
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,

@@ -1,4 +1,4 @@
-//! The tap ioctls (`TUNSETIFF`, `TUNSETVNETHDRSZ`): the only `unsafe` of this crate.
+//! The tap ioctls (`TUNSETIFF`, `TUNSETVNETHDRSZ`, `TUNSETOFFLOAD`): the only `unsafe` of this crate.
 
 use std::fs::File;
 use std::io;
@@ -50,6 +50,23 @@ pub(crate) fn set_vnet_hdr_size(tun: &File, size: libc::c_int) -> io::Result<()>
             tun.as_raw_fd(),
             libc::TUNSETVNETHDRSZ,
             &size as *const libc::c_int,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `TUNSETOFFLOAD`: which offloads (`TUN_F_*`) the frames read from the tap may use.
+pub(crate) fn set_offload(tun: &File, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: `tun` is an attached tap fd; TUNSETOFFLOAD takes its argument by value (an
+    // unsigned long of flags), no memory is passed.
+    let ret = unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(flags),
         )
     };
     if ret < 0 {
