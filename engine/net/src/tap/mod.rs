@@ -21,7 +21,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -40,6 +40,7 @@ const MAX_READ: usize = NET_HDR_LEN + 65536 + 18;
 
 const TOKEN_TAP: u64 = 0;
 const TOKEN_STOP: u64 = 1;
+const TOKEN_OFFLOAD: u64 = 2;
 
 /// Check an interface name as the kernel does: 1 to 15 bytes, not `.` or `..`, without `/`,
 /// `:` or white space.
@@ -63,6 +64,10 @@ struct Shared {
     file: File,
     rx: PortQueues,
     stats: PortStats,
+    /// The `TUN_F_*` flags the driver's features call for, applied by the reader thread.
+    offload_flags: AtomicU32,
+    /// Tells the reader thread to apply `offload_flags`.
+    offload_evt: EventFd,
 }
 
 /// A tap interface as the [`NetBackend`] of one virtio-net device.
@@ -110,12 +115,15 @@ impl TapPort {
             file,
             rx: PortQueues::new(pairs)?,
             stats: PortStats::default(),
+            offload_flags: AtomicU32::new(0),
+            offload_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
         });
         let stop = EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?;
         let epoll = Epoll::new().map_err(tap_err("epoll_create"))?;
         for (fd, token) in [
             (shared.file.as_raw_fd(), TOKEN_TAP),
             (stop.as_raw_fd(), TOKEN_STOP),
+            (shared.offload_evt.as_raw_fd(), TOKEN_OFFLOAD),
         ] {
             epoll
                 .ctl(
@@ -211,9 +219,14 @@ impl NetBackend for TapPort {
                 flags |= libc::TUN_F_TSO6;
             }
         }
-        if let Err(err) = sys::set_offload(&self.shared.file, flags) {
-            // Frames then come without offloads: slower, still right.
-            tracing::warn!(tap = %self.name, %err, flags, "TUNSETOFFLOAD failed");
+        // Applied by the reader thread, not here: this runs while a VDUSE device starts,
+        // under the kernel's rtnl lock held by virtio_net's probe, which TUNSETOFFLOAD takes
+        // too (a deadlock until VDUSE's message timeout breaks the device). Until then the
+        // tap sends frames with the offloads it had, which the receive path finishes in
+        // software where the driver does not take them.
+        self.shared.offload_flags.store(flags, Ordering::Release);
+        if let Err(err) = self.shared.offload_evt.write(1) {
+            tracing::warn!(tap = %self.name, %err, "cannot wake the tap reader to set the offloads");
         }
     }
 
@@ -270,7 +283,7 @@ fn iff_error(name: &str, err: io::Error) -> NetError {
 /// The reader thread: frames from the tap into the port's queue until told to stop.
 fn read_loop(name: &str, shared: &Shared, epoll: &Epoll) {
     let mut buf = vec![0u8; MAX_READ];
-    let mut events = [EpollEvent::default(); 2];
+    let mut events = [EpollEvent::default(); 3];
     loop {
         let ready = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -282,6 +295,14 @@ fn read_loop(name: &str, shared: &Shared, epoll: &Epoll) {
         };
         if events[..ready].iter().any(|e| e.data() == TOKEN_STOP) {
             return;
+        }
+        if events[..ready].iter().any(|e| e.data() == TOKEN_OFFLOAD) {
+            let _ = shared.offload_evt.read();
+            let flags = shared.offload_flags.load(Ordering::Acquire);
+            if let Err(err) = sys::set_offload(&shared.file, flags) {
+                // Frames then come without offloads: slower, still right.
+                tracing::warn!(tap = name, %err, flags, "TUNSETOFFLOAD failed");
+            }
         }
         loop {
             match (&shared.file).read(&mut buf) {
