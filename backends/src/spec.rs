@@ -302,7 +302,18 @@ pub fn open(spec: &str, opts: OpenOptions) -> Result<Arc<dyn Backend>> {
                     read_only: opts.read_only,
                     direct: !opts.buffered,
                 },
-            )?;
+            )
+            .map_err(|e| match (e, detect_format(&path)) {
+                // A qcow2 file is seldom a multiple of 512 bytes: say what it is.
+                (Error::BadSize { size, .. }, Some("qcow2")) => Error::InvalidSpec {
+                    spec: spec.to_string(),
+                    reason: format!(
+                        "the file is {size} bytes (not a multiple of 512) and starts like a qcow2 image; formats are never probed: write qcow2:{} to serve it as qcow2",
+                        path.display()
+                    ),
+                },
+                (e, _) => e,
+            })?;
             warn_if_not_raw(&path);
             Arc::new(backend)
         }

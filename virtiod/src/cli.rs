@@ -176,6 +176,11 @@ pub struct DoctorArgs {
     /// The state directory whose filesystem is probed for O_DIRECT.
     #[arg(long, value_name = "DIR", default_value = "/run/virtiod")]
     pub state_dir: std::path::PathBuf,
+    /// Also check that this image spec opens (read-only) in the format it names, and warn when
+    /// a file served raw looks like qcow2 or another format; repeatable. Does not change the
+    /// exit status.
+    #[arg(long = "image", value_name = "SPEC")]
+    pub images: Vec<String>,
 }
 
 /// `virtiod serve`.

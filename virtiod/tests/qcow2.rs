@@ -285,3 +285,56 @@ fn qcow2_file_served_raw_stays_raw_with_a_warning() {
         "{text}"
     );
 }
+
+/// `virtiod doctor --image`: the format each spec names, and a warning for a qcow2 file
+/// given as a raw image.
+#[test]
+fn doctor_checks_image_formats() {
+    let dir = Scratch::new("q2-doctor");
+    let img = dir.path("d.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=full",
+        s(&img),
+        "1M",
+    ]);
+    let raw = dir.image("d.raw", MIB);
+    let out = virtiod()
+        .args(["doctor", "--state-dir"])
+        .arg(&dir.0)
+        .arg("--image")
+        .arg(format!("qcow2:{}", s(&img)))
+        .arg("--image")
+        .arg(&img)
+        .arg("--image")
+        .arg(&raw)
+        .arg("--image")
+        .arg(format!("qcow2:{}", s(&raw)))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!("image {prefix}:")))
+            .unwrap_or_else(|| panic!("no line for {prefix}: {text}"))
+            .to_string()
+    };
+    assert!(
+        line(&format!("qcow2:{}", s(&img))).starts_with("OK"),
+        "{text}"
+    );
+    let warned = line(s(&img));
+    assert!(
+        warned.starts_with("WARN") && warned.contains(&format!("write qcow2:{}", s(&img))),
+        "{text}"
+    );
+    assert!(line(s(&raw)).starts_with("OK"), "{text}");
+    let refused = line(&format!("qcow2:{}", s(&raw)));
+    assert!(
+        refused.starts_with("FAIL") && refused.contains("not a qcow2 image"),
+        "{text}"
+    );
+}
