@@ -297,6 +297,11 @@ impl FileQueue {
         pushed
     }
 
+    /// Requests in the ring whose completions were not reaped yet.
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
     fn push(&mut self, entry: io_uring::squeue::Entry) -> Result<()> {
         loop {
             // SAFETY: every buffer an entry refers to belongs to its request's `TagState` in

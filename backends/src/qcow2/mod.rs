@@ -21,8 +21,8 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
@@ -53,7 +53,11 @@ pub struct Qcow2Options {
 
 /// A qcow2 image and its backing chain.
 pub struct Qcow2Backend {
-    image: Arc<Image>,
+    /// The metadata. Requests take it shared; a DISCARD that frees clusters takes it
+    /// exclusively, so no other request holds a mapping meanwhile (see `queue.rs`).
+    image: Arc<RwLock<Image>>,
+    /// How many queues exist: clusters are freed only when there is one.
+    queues: Arc<AtomicUsize>,
     /// The image file again, for the data path on `io_uring`.
     data: Arc<File>,
     size: u64,
@@ -211,13 +215,21 @@ impl Qcow2Backend {
             "opened qcow2 image"
         );
         Ok(Self {
-            image: Arc::new(image),
+            image: Arc::new(RwLock::new(image)),
+            queues: Arc::new(AtomicUsize::new(0)),
             data: Arc::new(data),
             size: header.size,
             opts,
             flush_failed: Arc::new(AtomicBool::new(false)),
         })
     }
+}
+
+/// The image, shared. A panic while another thread held it cannot leave `imago`'s state
+/// half-changed in a way a lock would protect against (its own locks guard its caches), so a
+/// poisoned lock is used as it is.
+fn shared(image: &RwLock<Image>) -> std::sync::RwLockReadGuard<'_, Image> {
+    image.read().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Write the metadata caches back, then sync the file; a failure sticks.
@@ -258,12 +270,13 @@ impl Backend for Qcow2Backend {
         Ok(Box::new(queue::Qcow2Queue::new(
             io,
             self.image.clone(),
+            self.queues.clone(),
             self.flush_failed.clone(),
         )))
     }
 
     fn flush(&self) -> std::io::Result<()> {
-        flush_image(&self.image, &self.flush_failed)
+        flush_image(&shared(&self.image), &self.flush_failed)
     }
 }
 
