@@ -166,6 +166,13 @@ fn open_layer(
                     let backing_path = resolve(path, &b.name);
                     let layer = open_layer(&backing_path, b.format, false, direct, depth + 1)
                         .map_err(|e| match e {
+                            Error::Open { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
+                                invalid(path, format!(
+                                    "its backing file {} does not exist: restore it, or name the right one with qemu-img rebase -u -b BACKING -F {} IMAGE",
+                                    backing_path.display(),
+                                    if b.format == BackingFormat::Raw { "raw" } else { "qcow2" }
+                                ))
+                            }
                             Error::Open { .. } | Error::Qcow2 { .. } => {
                                 invalid(path, format!("its backing file cannot be opened: {e}"))
                             }

@@ -271,7 +271,10 @@ fn refused_images() {
         "1M",
     ]);
     let e = Qcow2Backend::open(&lost, BUFFERED).unwrap_err().to_string();
-    assert!(e.contains("backing file") && e.contains("gone.raw"), "{e}");
+    assert!(
+        e.contains("backing file") && e.contains("gone.raw") && e.contains("does not exist"),
+        "{e}"
+    );
     // Unsupported features.
     let ext = dir.path().join("ext.qcow2");
     qemu_img(&[
