@@ -126,7 +126,7 @@ pub fn parse(first_cluster: &[u8], file_size: u64) -> Result<Header, HeaderError
             "virtual size {size} is larger than {MAX_DISK_SIZE} bytes: the header is damaged"
         )));
     }
-    if size == 0 || size % crate::SECTOR_SIZE != 0 {
+    if size == 0 || !size.is_multiple_of(crate::SECTOR_SIZE) {
         return Err(bad(format!(
             "virtual size {size} is not a non-zero multiple of 512: resize it with qemu-img resize"
         )));
@@ -145,7 +145,7 @@ pub fn parse(first_cluster: &[u8], file_size: u64) -> Result<Header, HeaderError
             "the L1 table has {l1_entries} entries, too few for {size} bytes: the header is damaged"
         )));
     }
-    if l1_offset % cluster_size != 0 {
+    if !l1_offset.is_multiple_of(cluster_size) {
         return Err(bad(
             "the L1 table is not cluster aligned: the header is damaged",
         ));
@@ -153,7 +153,7 @@ pub fn parse(first_cluster: &[u8], file_size: u64) -> Result<Header, HeaderError
     inside("the L1 table", l1_offset, l1_entries * 8, file_size)?;
     let refcount_offset = be64(b, 48);
     let refcount_clusters = u64::from(be32(b, 56));
-    if refcount_offset % cluster_size != 0 || refcount_clusters == 0 {
+    if !refcount_offset.is_multiple_of(cluster_size) || refcount_clusters == 0 {
         return Err(bad(
             "the refcount table is misplaced: the header is damaged",
         ));

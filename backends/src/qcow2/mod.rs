@@ -18,7 +18,7 @@ mod header;
 mod queue;
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -119,7 +119,9 @@ fn open_file(path: &Path, write: bool, direct: bool) -> Result<File> {
 pub fn read_header(path: &Path) -> Result<Header> {
     let mut file = open_file(path, false, false)?;
     let io_err = |e: std::io::Error| invalid(path, format!("cannot read the header: {e}"));
-    let file_size = file.metadata().map_err(io_err)?.len();
+    // Seek, not metadata: a block device's metadata says 0 bytes.
+    let file_size = file.seek(SeekFrom::End(0)).map_err(io_err)?;
+    file.seek(SeekFrom::Start(0)).map_err(io_err)?;
     let mut first = Vec::new();
     file.by_ref()
         .take(file_size.min(MAX_CLUSTER))
