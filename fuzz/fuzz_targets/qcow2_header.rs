@@ -4,6 +4,13 @@
 //! The input is the whole image file (in a memfd). Checked: no panic, no hang; an accepted
 //! header has a cluster size and a virtual size within the format's limits; reads of an
 //! opened image either succeed or fail with an errno.
+//!
+//! Seeds (`corpus/qcow2_header/seed-*`) are images made by qemu-img:
+//! `create -f qcow2 -o cluster_size=512 seed-empty-512 64K`; `convert -c -O qcow2 -o
+//! cluster_size=512` of 32 KiB of runs of one byte per sector then 32 KiB of zeroes
+//! (`seed-compressed-512`); `convert -O qcow2 -o cluster_size=4096,compat=0.10` of 64 KiB of
+//! random bytes with a zeroed middle (`seed-v2-4k`); `create -f qcow2 -o cluster_size=512 -b
+//! r.raw -F raw seed-backing` (its backing file is not followed by the target).
 #![no_main]
 
 use std::io::Write;
