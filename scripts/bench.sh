@@ -4,10 +4,11 @@
 #   bash scripts/bench.sh                  # 3 alternating rounds of 5 s per workload (~5 min)
 #   BENCH_ROUNDS=5 BENCH_SECONDS=10 bash scripts/bench.sh
 #   BENCH_QUICK=1 bash scripts/bench.sh    # CI smoke: 1 round of 1 s, null workloads + 1 file + 1 NBD
-#   BENCH_ONLY=nbd bash scripts/bench.sh   # only the workloads whose name contains "nbd"
-#                                          # (NBD rows: virtiod and qsd both clients of one qemu-nbd)
 #   VIRTIOD_ARGS="--poll-us 0" bash scripts/bench.sh   # extra virtiod flags (default: none —
 #                                          # both servers run with their defaults)
+#   BENCH_ONLY=qcow2 bash scripts/bench.sh # only the workloads whose name matches (grep -E),
+#                                          # e.g. BENCH_ONLY='nbd|qcow2' (NBD rows: virtiod and
+#                                          # qsd both clients of one qemu-nbd)
 #
 # Builds release binaries, then for every round and workload runs virtiod, then qsd (then fio
 # for the device limit), each server freshly started and stopped. Prints one table of medians
@@ -24,6 +25,7 @@ else
 fi
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 IMG=$TARGET_DIR/bench-disk-1G.img
+QIMG=$TARGET_DIR/bench-disk-1G.qcow2
 QSD=${QSD:-qemu-storage-daemon}
 VIRTIOD_ARGS=${VIRTIOD_ARGS:-}
 
@@ -43,6 +45,14 @@ if [ ! -f "$IMG" ] || [ "$(stat -c %s "$IMG")" != 1073741824 ]; then
   fallocate -l 1G "$IMG.tmp" 2>/dev/null || true
   dd if=/dev/zero of="$IMG.tmp" bs=1M count=1024 oflag=direct conv=notrunc status=none
   mv "$IMG.tmp" "$IMG"
+fi
+
+# The 1 GiB qcow2 image, preallocated with real blocks (preallocation=full writes zeroes):
+# every cluster is allocated, as in an image that has been in use for a while.
+if [ "$QUICK" != 1 ] && [ ! -f "$QIMG" ]; then
+  echo "bench: writing $QIMG (1 GiB qcow2, preallocation=full, once)" >&2
+  qemu-img create -q -f qcow2 -o preallocation=full "$QIMG.tmp" 1G
+  mv "$QIMG.tmp" "$QIMG"
 fi
 
 WORK=$(mktemp -d /tmp/virtiod-bench.XXXXXX)
@@ -67,7 +77,7 @@ cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 json_field() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
 
-# start_server virtiod|qsd null|file SOCKET LOG: start it in the background, wait for its socket.
+# start_server virtiod|qsd null|file|qcow2 SOCKET LOG: start it in the background, wait for its socket.
 start_server() {
   local kind=$1 backend=$2 sock=$3 log=$4
   rm -f "$sock"
@@ -78,6 +88,10 @@ start_server() {
     # shellcheck disable=SC2206
     virtiod/file) cmd=("$VIRTIOD" serve --vhost-user "$sock" $VIRTIOD_ARGS "$IMG") ;;
     # read-zeroes=on: qsd's null device then zero-fills reads as virtiod's null: does.
+    virtiod/qcow2) cmd=("$VIRTIOD" serve --vhost-user "$sock" $VIRTIOD_ARGS "qcow2:$QIMG") ;;
+    qsd/qcow2) cmd=("$QSD" --blockdev driver=file,node-name=f0,filename="$QIMG",aio=io_uring,cache.direct=on
+      --blockdev driver=qcow2,node-name=n0,file=f0
+      --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path="$sock",writable=on) ;;
     qsd/null) cmd=("$QSD" --blockdev driver=null-co,node-name=n0,size=1073741824,read-zeroes=on
       --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path="$sock",writable=on) ;;
     qsd/file) cmd=("$QSD" --blockdev driver=file,node-name=n0,filename="$IMG",aio=io_uring,cache.direct=on
@@ -191,15 +205,17 @@ WORKLOADS=(
   "nbd-qd32-randread   nbd --queue-depth 32 --rw randread"
   "nbd-qd1-randwrite   nbd --queue-depth 1 --rw randwrite"
   "nbd-qd32-randwrite  nbd --queue-depth 32 --rw randwrite"
+  "qcow2-qd1-randread   qcow2 --queue-depth 1 --rw randread"
+  "qcow2-qd32-randread  qcow2 --queue-depth 32 --rw randread"
+  "qcow2-qd1-randwrite  qcow2 --queue-depth 1 --rw randwrite"
+  "qcow2-qd32-randwrite qcow2 --queue-depth 32 --rw randwrite"
 )
 if [ "$QUICK" = 1 ]; then
   WORKLOADS=("${WORKLOADS[@]:0:4}" "${WORKLOADS[5]}" "${WORKLOADS[9]}")
 fi
 if [ -n "${BENCH_ONLY:-}" ]; then
-  # BENCH_ONLY=nbd (a pattern on the workload names): run only those.
-  sel=()
-  for w in "${WORKLOADS[@]}"; do [[ ${w%% *} == *$BENCH_ONLY* ]] && sel+=("$w"); done
-  WORKLOADS=("${sel[@]}")
+  mapfile -t WORKLOADS < <(printf '%s\n' "${WORKLOADS[@]}" | grep -E "^[^ ]*(${BENCH_ONLY})")
+  [ "${#WORKLOADS[@]}" -gt 0 ] || { echo "bench: no workload matches BENCH_ONLY=$BENCH_ONLY" >&2; exit 2; }
 fi
 
 CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
@@ -252,6 +268,10 @@ awk -F'\t' -v rounds="$ROUNDS" -v secs="$RUN_SECONDS" -v cpu="${CPU_MODEL:-unkno
     ratio("NBD QD32 randread IOPS virtiod/qsd", "nbd-qd32-randread", "virtiod", "qsd", 4, ">=", 1.1)
     ratio("NBD QD1 randwrite IOPS virtiod/qsd", "nbd-qd1-randwrite", "virtiod", "qsd", 4, ">=", 1.1)
     ratio("NBD QD32 randwrite IOPS virtiod/qsd", "nbd-qd32-randwrite", "virtiod", "qsd", 4, ">=", 1.1)
+    ratio("qcow2 QD32 randread IOPS virtiod/qsd", "qcow2-qd32-randread", "virtiod", "qsd", 4, ">=", 1.3)
+    ratio("qcow2 QD32 randwrite IOPS virtiod/qsd", "qcow2-qd32-randwrite", "virtiod", "qsd", 4, ">=", 1.3)
+    ratio("qcow2 QD1 randread IOPS virtiod/qsd", "qcow2-qd1-randread", "virtiod", "qsd", 4, ">=", 1.1)
+    ratio("qcow2 QD1 randwrite IOPS virtiod/qsd", "qcow2-qd1-randwrite", "virtiod", "qsd", 4, ">=", 1.1)
     for (i = 1; i <= nk; i++) {
       split(order[i], p, SUBSEP)
       if (p[2] == "virtiod") ratio("server CPU/IO " p[1] " virtiod/qsd", p[1], "virtiod", "qsd", 7, "<=", 0.7)

@@ -107,23 +107,13 @@ impl Backend for FileBackend {
     }
 
     fn queue(&self, depth: u32) -> Result<Box<dyn BackendQueue>> {
-        let entries = depth.max(1).next_power_of_two();
-        let ring = IoUring::new(entries).map_err(Error::IoUring)?;
-        ring.submitter()
-            .register_files(&[self.file.as_raw_fd()])
-            .map_err(Error::IoUring)?;
-        Ok(Box::new(FileQueue {
-            _file: self.file.clone(),
-            ring,
-            tags: (0..depth).map(|_| TagState::default()).collect(),
-            direct: self.opts.direct,
-            block_device: self.block_device,
-            flush_failed: self.flush_failed.clone(),
-            in_flight: 0,
-            unsubmitted: 0,
-            done: Vec::new(),
-            cqes: Vec::with_capacity(entries as usize),
-        }))
+        Ok(Box::new(FileQueue::new(
+            self.file.clone(),
+            self.opts.direct,
+            self.block_device,
+            self.flush_failed.clone(),
+            depth,
+        )?))
     }
 
     fn flush(&self) -> std::io::Result<()> {
@@ -205,9 +195,13 @@ struct TagState {
     buffers: IoBuffers,
     /// READ/WRITE through an aligned copy point into this instead.
     bounce: Option<Bounce>,
+    /// The outcome of a request the caller completed itself ([`FileQueue::complete_now`]):
+    /// a NOP carries it through the ring.
+    preset: Option<std::result::Result<u32, i32>>,
 }
 
-struct FileQueue {
+/// The `io_uring` of one queue on a file (also the data path of the qcow2 backend).
+pub(crate) struct FileQueue {
     _file: Arc<File>,
     flush_failed: Arc<AtomicBool>,
     ring: IoUring,
@@ -251,6 +245,63 @@ fn is_aligned(iovecs: &[libc::iovec], offset: u64) -> bool {
 }
 
 impl FileQueue {
+    /// A queue of `depth` requests on `file`, with its own ring.
+    pub(crate) fn new(
+        file: Arc<File>,
+        direct: bool,
+        block_device: bool,
+        flush_failed: Arc<AtomicBool>,
+        depth: u32,
+    ) -> Result<Self> {
+        let entries = depth.max(1).next_power_of_two();
+        let ring = IoUring::new(entries).map_err(Error::IoUring)?;
+        ring.submitter()
+            .register_files(&[file.as_raw_fd()])
+            .map_err(Error::IoUring)?;
+        Ok(Self {
+            _file: file,
+            ring,
+            tags: (0..depth).map(|_| TagState::default()).collect(),
+            direct,
+            block_device,
+            flush_failed,
+            in_flight: 0,
+            unsubmitted: 0,
+            done: Vec::new(),
+            cqes: Vec::with_capacity(entries as usize),
+        })
+    }
+
+    /// Complete `req` with `result`, which the caller computed itself, through the ring: its
+    /// completion is reaped like the others, after the ring's fd signals it.
+    pub(crate) fn complete_now(
+        &mut self,
+        req: IoRequest,
+        tag: u32,
+        result: std::result::Result<u32, i32>,
+    ) -> Result<()> {
+        let einval = || Error::Submit(std::io::Error::from_raw_os_error(libc::EINVAL));
+        let state = self.tags.get_mut(tag as usize).ok_or_else(einval)?;
+        state.op = Some(req.op);
+        state.offset = req.offset;
+        state.len = req.len;
+        state.buffers = req.buffers;
+        state.bounce = None;
+        state.preset = Some(result);
+        let pushed = self.push(opcode::Nop::new().build().user_data(u64::from(tag)));
+        if pushed.is_err() {
+            let state = &mut self.tags[tag as usize];
+            state.buffers = IoBuffers::new();
+            state.preset = None;
+        }
+        pushed
+    }
+
+    /// Requests in the ring whose completions were not reaped yet.
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
     fn push(&mut self, entry: io_uring::squeue::Entry) -> Result<()> {
         loop {
             // SAFETY: every buffer an entry refers to belongs to its request's `TagState` in
@@ -307,6 +358,7 @@ impl BackendQueue for FileQueue {
         state.len = len;
         state.buffers = buffers;
         state.bounce = None;
+        state.preset = None;
         let entry = match op {
             Op::Read | Op::Write if direct && !is_aligned(state.buffers.iovecs(), offset) => {
                 let errno = |e| Error::Submit(std::io::Error::from_raw_os_error(e));
@@ -387,6 +439,14 @@ impl BackendQueue for FileQueue {
             let Some(state) = self.tags.get_mut(tag as usize) else {
                 continue;
             };
+            if let Some(preset) = state.preset.take() {
+                out.push(Completion {
+                    tag,
+                    result: preset,
+                    buffers: std::mem::take(&mut state.buffers),
+                });
+                continue;
+            }
             // tmpfs and some filesystems cannot zero a range: punching a hole reads back as
             // zeroes in a regular file, so retry with that.
             if result == -libc::EOPNOTSUPP

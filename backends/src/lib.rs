@@ -1,7 +1,10 @@
 //! Storage backends for virtiod.
 //!
 //! A backend is chosen by an *image spec* ([`open`]):
-//! - a path: a raw image file or a block device, served with `io_uring`, `O_DIRECT` by default;
+//! - a path or `raw:PATH`: a raw image file or a block device, served with `io_uring`,
+//!   `O_DIRECT` by default;
+//! - `qcow2:PATH`: a qcow2 image and its backing chain (formats are never probed: a path
+//!   without `qcow2:` is raw, whatever its first bytes);
 //! - `mem:SIZE`: RAM-backed, for tests;
 //! - `null:SIZE`: reads return zeroes, writes are dropped (the benchmark backend);
 //! - `nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST[:PORT]/EXPORT`: an export of an NBD server.
@@ -89,6 +92,7 @@ mod file;
 mod mem;
 mod nbd;
 mod null;
+mod qcow2;
 mod spec;
 
 use std::os::fd::RawFd;
@@ -98,7 +102,11 @@ pub use file::{FileBackend, FileOptions};
 pub use mem::MemBackend;
 pub use nbd::{fuzz as nbd_fuzz, NbdAddress, NbdBackend, NbdError, NbdOptions, NbdTarget};
 pub use null::NullBackend;
-pub use spec::{open, parse_size, ImageSpec, OpenOptions};
+pub use qcow2::{
+    looks_like_qcow2, parse_header as parse_qcow2_header, read_header as read_qcow2_header,
+    Backing as Qcow2Backing, BackingFormat, Header as Qcow2Header, Qcow2Backend, Qcow2Options,
+};
+pub use spec::{detect_format, open, parse_size, ImageSpec, OpenOptions};
 
 /// Size of a virtio-blk sector in bytes.
 pub const SECTOR_SIZE: u64 = 512;
@@ -138,6 +146,14 @@ pub enum Error {
     /// An I/O submission failed.
     #[error("I/O submission failed: {0}")]
     Submit(std::io::Error),
+    /// A qcow2 image (or an image of its backing chain) cannot be served.
+    #[error("qcow2 image {path}: {reason}")]
+    Qcow2 {
+        /// Path of the image.
+        path: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// An NBD export could not be opened.
     #[error(transparent)]
     Nbd(#[from] NbdError),

@@ -1,21 +1,29 @@
-//! Image specs: `PATH`, `mem:SIZE`, `null:SIZE`, `nbd+unix:///EXPORT?socket=PATH[&reconnect=S]`,
-//! `nbd://HOST[:PORT]/EXPORT[?reconnect=S]`. Formats are never probed: a path is always a raw image.
+//! Image specs: `PATH`, `raw:PATH`, `qcow2:PATH`, `mem:SIZE`, `null:SIZE`,
+//! `nbd+unix:///EXPORT?socket=PATH[&reconnect=S]`, `nbd://HOST[:PORT]/EXPORT[?reconnect=S]`.
+//!
+//! Formats are never probed: a path is a raw image unless the spec says `qcow2:`, whatever its
+//! first bytes (probing untrusted images lets a guest that writes a qcow2 header into its raw
+//! disk make the host open files the header names). When a raw image looks like another format,
+//! [`open`] logs a warning that says which spec to write.
 
+use std::io::Read;
+use std::path::Path;
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use crate::nbd::{NbdAddress, NbdOptions, NbdTarget, DEFAULT_PORT};
 use crate::{
-    Backend, Error, FileBackend, FileOptions, MemBackend, NbdBackend, NullBackend, Result,
-    SECTOR_SIZE,
+    Backend, Error, FileBackend, FileOptions, MemBackend, NbdBackend, NullBackend, Qcow2Backend,
+    Qcow2Options, Result, SECTOR_SIZE,
 };
 
 /// A parsed image spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSpec {
-    /// A raw image file or block device.
+    /// A raw image file or block device (`PATH` or `raw:PATH`).
     Path(std::path::PathBuf),
+    /// A qcow2 image (`qcow2:PATH`).
+    Qcow2(std::path::PathBuf),
     /// RAM-backed, `size` bytes.
     Mem(u64),
     /// Zeroes on read, writes dropped, `size` bytes.
@@ -48,6 +56,18 @@ impl ImageSpec {
             let (addr, options) = parse_nbd_tcp(rest).map_err(bad)?;
             return Ok(Self::Nbd(addr, options));
         }
+        for (prefix, qcow2) in [("qcow2:", true), ("raw:", false)] {
+            if let Some(path) = spec.strip_prefix(prefix) {
+                if path.is_empty() {
+                    return Err(bad(format!("no path given: write {prefix}PATH")));
+                }
+                return Ok(if qcow2 {
+                    Self::Qcow2(path.into())
+                } else {
+                    Self::Path(path.into())
+                });
+            }
+        }
         if let Some((kind, rest)) = spec.split_once(':') {
             let size = match kind {
                 "mem" | "null" => parse_size(rest).map_err(|e| bad(e.to_string()))?,
@@ -57,7 +77,7 @@ impl ImageSpec {
                 }
                 _ => {
                     return Err(bad(format!(
-                    "unknown kind {kind:?}: use a file path, mem:SIZE, null:SIZE (e.g. mem:256M) or an nbd:// URI"
+                    "unknown kind {kind:?}: use a file path, raw:PATH, qcow2:PATH, mem:SIZE, null:SIZE (e.g. mem:256M) or an nbd:// URI"
                 )))
                 }
             };
@@ -226,12 +246,80 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
+/// The format the first bytes of the file at `path` announce, if they announce one: `qcow2`,
+/// `vmdk`, `vdi`, `vhdx`, `vpc` or `luks`. Used only to warn: formats are never probed.
+pub fn detect_format(path: &Path) -> Option<&'static str> {
+    let mut head = [0u8; 512];
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut filled = 0;
+    while filled < head.len() {
+        match file.read(&mut head[filled..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => filled += n,
+        }
+    }
+    let head = &head[..filled];
+    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
+    if crate::looks_like_qcow2(head) {
+        Some("qcow2")
+    } else if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") {
+        Some("vmdk")
+    } else if at(64, &[0x7f, 0x10, 0xda, 0xbe]) {
+        Some("vdi")
+    } else if at(0, b"vhdxfile") {
+        Some("vhdx")
+    } else if at(0, b"conectix") {
+        Some("vpc")
+    } else if at(0, b"LUKS\xba\xbe") {
+        Some("luks")
+    } else {
+        None
+    }
+}
+
+/// Warn when a raw image looks like another format: the spec may have forgotten `qcow2:`.
+fn warn_if_not_raw(path: &Path) {
+    if let Some(format) = detect_format(path) {
+        let advice = if format == "qcow2" {
+            format!("if it is a qcow2 image, write qcow2:{}", path.display())
+        } else {
+            format!("virtiod does not serve {format}: convert it with qemu-img convert -O qcow2")
+        };
+        tracing::warn!(
+            image = %path.display(),
+            "the image starts like a {format} image but is served raw (formats are never probed): the driver sees the {format} file as it is; {advice}"
+        );
+    }
+}
+
 /// Open the backend an image spec names.
 pub fn open(spec: &str, opts: OpenOptions) -> Result<Arc<dyn Backend>> {
     Ok(match ImageSpec::parse(spec)? {
-        ImageSpec::Path(path) => Arc::new(FileBackend::open(
+        ImageSpec::Path(path) => {
+            let backend = FileBackend::open(
+                &path,
+                FileOptions {
+                    read_only: opts.read_only,
+                    direct: !opts.buffered,
+                },
+            )
+            .map_err(|e| match (e, detect_format(&path)) {
+                // A qcow2 file is seldom a multiple of 512 bytes: say what it is.
+                (Error::BadSize { size, .. }, Some("qcow2")) => Error::InvalidSpec {
+                    spec: spec.to_string(),
+                    reason: format!(
+                        "the file is {size} bytes (not a multiple of 512) and starts like a qcow2 image; formats are never probed: write qcow2:{} to serve it as qcow2",
+                        path.display()
+                    ),
+                },
+                (e, _) => e,
+            })?;
+            warn_if_not_raw(&path);
+            Arc::new(backend)
+        }
+        ImageSpec::Qcow2(path) => Arc::new(Qcow2Backend::open(
             &path,
-            FileOptions {
+            Qcow2Options {
                 read_only: opts.read_only,
                 direct: !opts.buffered,
             },

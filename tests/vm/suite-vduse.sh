@@ -13,10 +13,13 @@ for b in virtiod virtiod-blkcheck; do
 done
 # The guest skips a check only without VIRTIOD_NO_SKIP=1; its "SKIPPED:" lines go to
 # VIRTIOD_SKIP_LOG (scripts/test.sh counts them).
-out=$(mktemp); trap 'rm -f "$out"' EXIT
+out=$(mktemp); q=$(mktemp -d); trap 'rm -rf "$out" "$q"' EXIT
+# qcow2 images for the guest (it has no qemu-img): a qcow2 overlay on a raw backing file.
+head -c 8M /dev/urandom >"$q/base.raw"
+qemu-img create -q -f qcow2 -b base.raw -F raw "$q/over.qcow2" 32M
 set +e
 bash "$here/run-in-vm.sh" --timeout "${VM_TIMEOUT:-600}" --env "VIRTIOD_NO_SKIP=${VIRTIOD_NO_SKIP:-0}" \
-  --bin "$bin/virtiod" --bin "$bin/virtiod-blkcheck" "$here/guest/vduse-e2e.sh" | tee "$out"
+  --bin "$bin/virtiod" --bin "$bin/virtiod-blkcheck" --file "$q:/qimg" "$here/guest/vduse-e2e.sh" | tee "$out"
 rc=${PIPESTATUS[0]}
 if [ "$rc" = 0 ]; then
   # VDUSE net: two interfaces on one in-process switch, one netns each; a tap; vhost-vdpa.

@@ -74,7 +74,8 @@ pub enum Command {
         virtiod serve --vduse vnet0 --mac 52:54:00:12:34:56 net:switch=sw0   # the host gets a network interface\n  \
         virtiod serve --vhost-user /tmp/net0.sock --mtu 9000 net:switch=sw0\n  \
         virtiod serve --vhost-user /run/virtiod/n0.sock net:tap=tap0   # QEMU -netdev vhost-user; then: ip link set tap0 up\n\n\
-        IMAGE is a raw image file or block device, mem:SIZE (RAM), null:SIZE (discards writes),\n\
+        IMAGE is a raw image file or block device (PATH or raw:PATH; formats are never probed),\n\
+        a qcow2 image (qcow2:PATH, backing chain read-only), mem:SIZE (RAM), null:SIZE (discards writes),\n\
         an NBD export (nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT),\n\
         or net:switch=NAME: a virtio-net device on the in-process switch NAME,\n\
         or net:tap=NAME: a virtio-net device on the tap interface NAME (created, or attached to).")]
@@ -83,6 +84,7 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         virtiod doctor                         # one line per check: OK, WARN or FAIL, and the fix\n  \
         virtiod doctor --json | jq '.[] | select(.status != \"OK\")'\n  \
+        virtiod doctor --image qcow2:/var/lib/images/vm.qcow2   # does it open, in that format?\n  \
         virtiod doctor --state-dir /var/lib/virtiod\n\n\
         Exit status: 0 when VDUSE serving is possible, 1 when a FAIL line makes it impossible.")]
     Doctor(DoctorArgs),
@@ -93,7 +95,7 @@ pub enum Command {
         devices.toml (keys in kebab-case; exactly one of vduse / vhost-user per device):\n\n  \
         [[device]]\n  \
         name = \"a\"\n  \
-        image = \"/var/lib/images/a.img\"   # or null:SIZE / mem:SIZE; or net = \"switch:NAME\"\n  \
+        image = \"/var/lib/images/a.img\"   # or qcow2:PATH, null:SIZE, mem:SIZE; or net = \"switch:NAME\"\n  \
         vduse = \"vd-a\"                    # or: vhost-user = \"/run/virtiod/a.sock\"\n  \
         queues = 2\n  \
         queue-size = 256\n  \
@@ -182,6 +184,11 @@ pub struct DoctorArgs {
     /// The state directory whose filesystem is probed for O_DIRECT.
     #[arg(long, value_name = "DIR", default_value = "/run/virtiod")]
     pub state_dir: std::path::PathBuf,
+    /// Also check that this image spec opens (read-only) in the format it names, and warn when
+    /// a file served raw looks like qcow2 or another format; repeatable. Does not change the
+    /// exit status.
+    #[arg(long = "image", value_name = "SPEC")]
+    pub images: Vec<String>,
 }
 
 /// `virtiod serve`.
@@ -234,7 +241,8 @@ pub struct ServeArgs {
     /// Net devices only: the MTU (default 1500).
     #[arg(long, value_name = "BYTES", value_parser = parse_mtu)]
     pub mtu: Option<u16>,
-    /// The image: a file or block device path, mem:SIZE or null:SIZE; or net:switch=NAME for
+    /// The image: a file or block device path (or raw:PATH), qcow2:PATH, mem:SIZE, null:SIZE, an
+    /// nbd:// or nbd+unix:// URI; or net:switch=NAME for
     /// a virtio-net device on the in-process switch NAME, net:tap=NAME on the tap NAME.
     #[arg(value_name = "IMAGE")]
     pub image: String,

@@ -4,6 +4,7 @@
 //! so each verdict is tested on made-up hosts. A check FAILs only when it makes VDUSE serving
 //! impossible; everything that merely limits it is a WARN.
 
+mod image;
 pub mod probe;
 
 use std::path::Path;
@@ -389,8 +390,10 @@ fn hugepages(f: &Facts) -> Check {
 /// `virtiod doctor`: print the report; Ok(false) when VDUSE serving is impossible.
 pub fn run(args: crate::cli::DoctorArgs) -> anyhow::Result<bool> {
     let facts = Facts::gather(Path::new("/"), &args.state_dir);
-    let report = checks(&facts);
+    let mut report = checks(&facts);
     let possible = report.iter().all(|c| c.status != Status::Fail);
+    // Image checks say whether an image can be served; they do not decide the exit status.
+    report.extend(args.images.iter().map(|spec| image::image(spec)));
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -401,7 +404,10 @@ pub fn run(args: crate::cli::DoctorArgs) -> anyhow::Result<bool> {
             }
             println!();
         }
-        let fails = report.iter().filter(|c| c.status == Status::Fail).count();
+        let fails = report
+            .iter()
+            .filter(|c| c.status == Status::Fail && !c.check.starts_with("image "))
+            .count();
         if possible {
             println!("VDUSE serving: possible");
         } else {
