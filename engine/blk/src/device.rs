@@ -6,13 +6,14 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtiod_backend::Backend;
 use virtiod_core::{Device, DeviceError, QueueHandler};
 
-use crate::{BlkConfig, BlkQueue, Stats};
+use crate::{BlkConfig, BlkQueue, Qos, Stats};
 
 /// A virtio-blk device over a storage backend.
 pub struct BlkDevice {
     cfg: Arc<BlkConfig>,
     backend: Arc<dyn Backend>,
     stats: Arc<Stats>,
+    qos: Arc<Qos>,
 }
 
 impl BlkDevice {
@@ -23,7 +24,13 @@ impl BlkDevice {
             cfg: Arc::new(cfg),
             backend,
             stats,
+            qos: Arc::new(Qos::unlimited()),
         }
+    }
+
+    /// The QoS limits shared by its queues (none at first; [`Qos::set`] changes them live).
+    pub fn qos(&self) -> &Arc<Qos> {
+        &self.qos
     }
 
     /// Request counters (per queue).
@@ -70,7 +77,7 @@ impl Device for BlkDevice {
             self.stats.clone(),
             usize::from(index),
         )
-        .map(|q| Box::new(q) as Box<dyn QueueHandler>)
+        .map(|q| Box::new(q.with_qos(self.qos.clone())) as Box<dyn QueueHandler>)
         .map_err(|e| DeviceError::Queue {
             queue: index,
             reason: e.to_string(),

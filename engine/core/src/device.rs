@@ -2,6 +2,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::{Chain, GuestMem};
 
@@ -137,5 +138,14 @@ pub trait QueueHandler: Send {
     /// Requests started and not yet reaped.
     fn in_flight(&self) -> usize {
         0
+    }
+    /// When the handler holds work back for a reason that passes with time (a rate limit:
+    /// [`Self::can_start`] is false or a started request waits for its turn), how long until
+    /// it should be served again. The transport then wakes the queue with
+    /// [`crate::Event::Timer`] even if nothing else happens ([`crate::QueueService::wake_after`]);
+    /// the handler sends what may go in [`Self::submit`]. `None` (the default): nothing waits
+    /// for time.
+    fn retry_after(&self) -> Option<Duration> {
+        None
     }
 }

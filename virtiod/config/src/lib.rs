@@ -13,6 +13,11 @@
 //! buffered = false                  # page cache instead of O_DIRECT
 //! poll-us = 32                      # largest adaptive busy-poll window (0: never poll)
 //!
+//! [device.qos]                      # optional limits (blk devices; names in [`QOS_KEYS`])
+//! iops = 2000                       # requests per second; read-iops, write-iops
+//! bps = "100M"                      # bytes per second; read-bps, write-bps
+//! iops-burst = 200                  # any limit + "-burst"
+//!
 //! [[device]]
 //! name = "n"
 //! net = "switch:sw0"                # virtio-net on the in-process switch sw0 (instead of image)
@@ -36,11 +41,14 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod net;
+mod qos;
 
 pub use net::{
     check_mtu, format_mac, parse_cli_net, parse_mac, parse_net_backend, DeviceKind, Mac,
     NetBackendSpec, NetSpec, MIN_MTU,
 };
+pub use qos::{qos_from_pairs, qos_pairs, QOS_KEYS};
+pub use virtiod_blk::{QosLimits, Rate};
 
 /// Largest number of queues per device.
 pub const MAX_QUEUES: u16 = 64;
@@ -101,6 +109,8 @@ pub struct DeviceSpec {
     pub serial: String,
     /// Busy-poll each queue this long (µs) after its last request (0: never).
     pub poll_us: u64,
+    /// IOPS and bandwidth limits (blk devices).
+    pub qos: QosLimits,
 }
 
 /// An error at a place in the text.
@@ -174,6 +184,15 @@ struct RawDevice {
     serial: Option<Spanned<String>>,
     attach: Option<Spanned<Attach>>,
     poll_us: Option<Spanned<u64>>,
+    qos: Option<Spanned<std::collections::BTreeMap<String, QosValue>>>,
+}
+
+/// A QoS value: a number, or a size in a string (`"100M"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum QosValue {
+    Number(u64),
+    Text(String),
 }
 
 /// Maps byte offsets to line:column.
@@ -307,6 +326,7 @@ fn validate(
     let queue_size = queue_size(raw.queue_size.as_ref(), &mut problems);
     let poll_us = poll_us(raw.poll_us.as_ref(), &mut problems);
     let serial = serial(raw.serial.as_ref(), &name, &mut problems);
+    let qos = qos(raw.qos.as_ref(), kind.as_ref(), &mut problems);
     match (transport, kind) {
         (Some(transport), Some(kind)) if problems.errors.is_empty() => Ok(DeviceSpec {
             name,
@@ -319,6 +339,7 @@ fn validate(
             buffered: raw.buffered,
             serial,
             poll_us,
+            qos,
         }),
         _ => Err(problems.errors),
     }
@@ -393,6 +414,35 @@ fn kind(
             }))
         }
     }
+}
+
+/// The `[device.qos]` table (blk devices only).
+fn qos(
+    raw: Option<&Spanned<std::collections::BTreeMap<String, QosValue>>>,
+    kind: Option<&DeviceKind>,
+    problems: &mut Problems<'_>,
+) -> QosLimits {
+    let Some(raw) = raw else {
+        return QosLimits::default();
+    };
+    if matches!(kind, Some(DeviceKind::Net(_))) {
+        problems.bad(
+            raw.span(),
+            "qos limits are for blk devices: remove [device.qos] from this net device".into(),
+        );
+        return QosLimits::default();
+    }
+    let pairs = raw.get_ref().iter().map(|(k, v)| {
+        let text = match v {
+            QosValue::Number(n) => n.to_string(),
+            QosValue::Text(t) => t.clone(),
+        };
+        (k.as_str(), text)
+    });
+    qos_from_pairs(pairs).unwrap_or_else(|e| {
+        problems.bad(raw.span(), format!("qos: {e}"));
+        QosLimits::default()
+    })
 }
 
 /// A device name: letters, digits, '.', '_' or '-', not empty.
