@@ -103,7 +103,7 @@ pub enum Command {
         a device that fails to start is logged and the others are served. Prints one line per\n\
         started device: NAME ENDPOINT. SIGTERM stops every device cleanly.")]
     Run(RunArgs),
-    /// Talk to a running daemon's control socket: list, add, remove, stats, qos.
+    /// Talk to a running daemon's control socket: list, add, remove, stats, qos, resize.
     #[command(after_help = "Examples:\n  \
         virtiod ctl --control /run/virtiod/ctl.sock list\n  \
         virtiod ctl --control /run/virtiod/ctl.sock add 'name = \"c\"\n\
@@ -114,7 +114,8 @@ pub enum Command {
         virtiod ctl --control /run/virtiod/ctl.sock remove c\n  \
         virtiod ctl --control /run/virtiod/ctl.sock stats c\n  \
         virtiod ctl --control /run/virtiod/ctl.sock --json stats\n  \
-        virtiod ctl --control /run/virtiod/ctl.sock qos c --iops 2000\n\n\
+        virtiod ctl --control /run/virtiod/ctl.sock qos c --iops 2000\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock resize c 2G\n\n\
         The daemon must run with --control PATH (serve or run).")]
     Ctl(CtlArgs),
 }
@@ -152,6 +153,23 @@ pub enum CtlCommand {
     Stats {
         /// Its name (all devices when left out).
         name: Option<String>,
+    },
+    /// Resize a blk device while it serves: the image grows (or, with --shrink, shrinks) and
+    /// the driver is told (a config-change interrupt), so /dev/vdX or the guest's disk
+    /// changes size without a detach.
+    #[command(after_help = "Examples:\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock resize a 20G\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock resize a 512M --shrink   # data past 512M is lost\n\n\
+        A file image is truncated to the new size; a block device must already have it (grow\n\
+        the volume first); mem: and null: take any size. Then grow the filesystem (resize2fs).")]
+    Resize {
+        /// The device's name.
+        name: String,
+        /// The new size in bytes or with a unit (K, M, G, T; binary), a multiple of 512.
+        size: String,
+        /// Allow a smaller size (everything past the new end is lost).
+        #[arg(long)]
+        shrink: bool,
     },
     /// Show or change a blk device's QoS limits while it serves: the limits given replace
     /// all of its limits (a limit not given is lifted); none given shows them.

@@ -8,6 +8,7 @@
 //! {"cmd":"stats"} / {"cmd":"stats","name":"a"} -> {"ok":true,"result":[{"name":"a","requests":{...},...}]}
 //! {"cmd":"qos","name":"a"}                    -> {"ok":true,"result":{"iops":2000}}  (the limits)
 //! {"cmd":"qos","name":"a","set":{"iops":4000,"read-bps":"100M"}}  -> the new limits ({} lifts all)
+//! {"cmd":"resize","name":"a","size":2147483648} -> {"ok":true,"result":{"old":..,"capacity":..,"notified":true}}
 //! anything wrong                              -> {"ok":false,"error":"one line: what to do"}
 //! ```
 //!
@@ -54,6 +55,13 @@ pub enum Request {
     },
     Stats {
         name: Option<String>,
+    },
+    Resize {
+        name: String,
+        /// Bytes.
+        size: u64,
+        #[serde(default)]
+        shrink: bool,
     },
     Qos {
         name: String,
@@ -192,6 +200,17 @@ fn handle(req: Request, registry: &Registry) -> Response {
             .stats(name.as_deref())
             .and_then(|s| serde_json::to_value(s).map_err(anyhow::Error::from)),
         Request::Qos { name, set } => qos_request(registry, &name, set.as_ref()),
+        Request::Resize { name, size, shrink } => {
+            tracing::info!(device = %name, size, shrink, "control: resize");
+            registry.resize(&name, size, shrink).map(|r| {
+                serde_json::json!({
+                    "old": r.old,
+                    "capacity": r.new,
+                    "notified": r.notified.is_ok(),
+                    "note": r.notified.err(),
+                })
+            })
+        }
     };
     match result {
         Ok(v) => success(v),
@@ -266,6 +285,10 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         }
         CtlCommand::Remove { name } => Request::Remove { name },
         CtlCommand::Stats { name } => Request::Stats { name },
+        CtlCommand::Resize { name, size, shrink } => {
+            let size = virtiod_backend::parse_size(&size).map_err(Usage)?;
+            Request::Resize { name, size, shrink }
+        }
         CtlCommand::Qos {
             name,
             clear,
@@ -289,6 +312,7 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         Request::Remove { .. } => "remove",
         Request::Stats { .. } => "stats",
         Request::Qos { .. } => "qos",
+        Request::Resize { .. } => "resize",
     };
     let result = call(&args.control, &req)?;
     if args.json {
@@ -300,6 +324,16 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         "stats" => print_stats(&result),
         "add" => println!("{}", result["endpoint"].as_str().unwrap_or("")),
         "qos" => print_qos(&result),
+        "resize" => match result["note"].as_str() {
+            None => println!(
+                "{} -> {} bytes; driver notified",
+                result["old"], result["capacity"]
+            ),
+            Some(note) => println!(
+                "{} -> {} bytes; driver NOT notified: {note}",
+                result["old"], result["capacity"]
+            ),
+        },
         _ => {}
     }
     Ok(())

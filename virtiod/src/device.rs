@@ -46,6 +46,8 @@ pub struct Device {
     stats: Option<Arc<Stats>>,
     /// The QoS limits of a blk device.
     qos: Option<Arc<Qos>>,
+    /// A blk device (for resizing).
+    blk: Option<Arc<BlkDevice>>,
     /// The port of a net device, which counts its frames.
     port: Option<Arc<dyn NetBackend>>,
     /// The MAC address of a net device (the one given, or the random one chosen).
@@ -63,11 +65,13 @@ impl Device {
         events: Sender<Event>,
     ) -> anyhow::Result<Self> {
         let mut qos = None;
+        let mut blk_dev = None;
         let (device, stats, port, mac, what): (Arc<dyn CoreDevice>, _, _, _, _) = match &spec.kind {
             DeviceKind::Blk => {
                 let blk = open_blk(&spec)?;
                 let stats = blk.stats();
                 qos = Some(blk.qos().clone());
+                blk_dev = Some(blk.clone());
                 (blk, Some(stats), None, None, "virtio-blk")
             }
             DeviceKind::Net(net) => {
@@ -134,6 +138,7 @@ impl Device {
             spec,
             stats,
             qos,
+            blk: blk_dev,
             port,
             mac,
             endpoint,
@@ -154,6 +159,11 @@ impl Device {
     /// A blk device's QoS limits and throttling counters (`None` for a net device).
     pub fn qos(&self) -> Option<&Arc<Qos>> {
         self.qos.as_ref()
+    }
+
+    /// The virtio-blk device (`None` for a net device).
+    pub fn blk(&self) -> Option<&Arc<BlkDevice>> {
+        self.blk.as_ref()
     }
 
     /// Replace a blk device's QoS limits while it serves.

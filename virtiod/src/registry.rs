@@ -328,6 +328,37 @@ impl Registry {
         running.chain(failed).collect()
     }
 
+    /// Resize a running blk device (see [`virtiod_blk::BlkDevice::resize`]).
+    pub fn resize(
+        &self,
+        name: &str,
+        bytes: u64,
+        shrink: bool,
+    ) -> anyhow::Result<virtiod_blk::Resized> {
+        let blk = {
+            let inner = self.lock();
+            let Some(dev) = inner.devices.get(name) else {
+                anyhow::bail!("no running device named {name}: see `virtiod ctl list`");
+            };
+            dev.blk().cloned().ok_or_else(|| {
+                anyhow::anyhow!("device {name} is a net device: only blk devices can be resized")
+            })?
+        };
+        // Not under the registry's lock: the frontend may take a moment to acknowledge.
+        let resized = blk
+            .resize(bytes, shrink)
+            .map_err(|e| anyhow::anyhow!("device {name}: {e}"))?;
+        match &resized.notified {
+            Ok(()) => {
+                tracing::info!(device = %name, old = resized.old, new = resized.new, "resized; driver notified")
+            }
+            Err(why) => {
+                tracing::warn!(device = %name, old = resized.old, new = resized.new, why = %why, "resized; driver not notified")
+            }
+        }
+        Ok(resized)
+    }
+
     /// A running blk device's QoS limits, replaced first by `set` if given.
     pub fn qos(&self, name: &str, set: Option<QosLimits>) -> anyhow::Result<QosLimits> {
         let mut inner = self.lock();

@@ -21,7 +21,7 @@ pub mod request;
 mod stats;
 
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
-pub use device::BlkDevice;
+pub use device::{BlkDevice, ResizeError, Resized};
 pub use qos::{Qos, QosLimits, Rate};
 pub use queue::BlkQueue;
 pub use request::{Request, RequestError, RequestType};

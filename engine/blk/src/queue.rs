@@ -66,6 +66,8 @@ pub struct BlkQueue {
     held_req: Request,
     /// A held request that was answered without the backend when it was let go.
     answered: Option<Completed>,
+    /// The device's capacity in sectors, when it can change while serving.
+    capacity: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl BlkQueue {
@@ -103,7 +105,26 @@ impl BlkQueue {
             held: None,
             held_req: Request::default(),
             answered: None,
+            capacity: None,
         })
+    }
+
+    /// Follow the device's capacity (sectors) as it changes (an online resize): requests
+    /// are checked against the capacity at the time they are parsed.
+    pub fn with_capacity(mut self, capacity: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+
+    /// Take a new capacity into the queue's copy of the configuration (only when it changed:
+    /// one atomic load per request otherwise).
+    fn follow_capacity(&mut self) {
+        if let Some(capacity) = &self.capacity {
+            let sectors = capacity.load(std::sync::atomic::Ordering::Acquire);
+            if sectors != self.cfg.capacity_sectors {
+                Arc::make_mut(&mut self.cfg).capacity_sectors = sectors;
+            }
+        }
     }
 
     /// Count this queue's requests against `qos` (the device's limits).
@@ -300,6 +321,7 @@ impl QueueHandler for BlkQueue {
     }
 
     fn start(&mut self, chain: &Chain, mem: &Arc<GuestMem>) -> Outcome {
+        self.follow_capacity();
         let parsed = request::parse(chain, mem.as_ref(), &self.cfg, &mut self.req);
         let kind = match parsed {
             Ok(kind) => kind,

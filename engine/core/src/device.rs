@@ -28,6 +28,18 @@ pub enum DeviceError {
     Stop(#[source] std::io::Error),
 }
 
+/// Tells a driver that the device's configuration space changed (a config-change
+/// interrupt). The transport serving a device registers one with it
+/// ([`Device::set_config_notifier`]); the device calls it after changing what
+/// [`Device::config_space`] returns (e.g. virtio-blk's capacity after a resize).
+pub trait ConfigNotifier: Send + Sync {
+    /// Deliver the notification; `config` is the new configuration space (a transport whose
+    /// kernel keeps a copy of it, VDUSE, updates that copy first). An error says why the
+    /// driver could not be told (e.g. no driver connected, or one that cannot hear it) and
+    /// what to do.
+    fn config_changed(&self, config: &[u8]) -> Result<(), String>;
+}
+
 /// Errors of a queue handler that stop the queue (not a refused request: those are answered
 /// in the used ring).
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +87,10 @@ pub trait Device: Send + Sync {
     fn stop(&self) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// The transport serving the device registers how to tell the driver that the
+    /// configuration space changed (and `None` when it stops serving). The default ignores
+    /// it: a device whose configuration never changes needs none.
+    fn set_config_notifier(&self, _notifier: Option<Arc<dyn ConfigNotifier>>) {}
 }
 
 /// What [`QueueHandler::start`] did with a request.

@@ -59,6 +59,8 @@ pub struct Wire {
     handler: UnixStream,
     epoll: Epoll,
     wake: Arc<EventFd>,
+    /// A duplicate of the socket a `SET_BACKEND_REQ_FD` carried (`backend_channel.rs`).
+    backend_channel: Option<UnixStream>,
 }
 
 fn sys(e: vmm_sys_util::errno::Error) -> io::Error {
@@ -86,6 +88,7 @@ impl Wire {
             handler,
             epoll,
             wake,
+            backend_channel: None,
         };
         Ok((wire, theirs))
     }
@@ -113,6 +116,13 @@ impl Wire {
                 want: HEADER + size,
             });
         }
+        let request = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
+        if request == crate::backend_channel::SET_BACKEND_REQ_FD && files.len() == 1 {
+            self.backend_channel = files[0]
+                .try_clone()
+                .ok()
+                .map(|f| UnixStream::from(std::os::fd::OwnedFd::from(f)));
+        }
         let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
         // One sendmsg of at most a page and a header to an empty socket pair: one piece.
         let sent = self.handler.send_with_fds(&[&msg[..]], &fds).map_err(sys)?;
@@ -120,6 +130,11 @@ impl Wire {
             return Err(io::Error::other("short write to the request handler").into());
         }
         Ok(())
+    }
+
+    /// The backend channel the last message handed over, if it was `SET_BACKEND_REQ_FD`.
+    pub fn take_backend_channel(&mut self) -> Option<UnixStream> {
+        self.backend_channel.take()
     }
 
     /// Pass whatever the handler wrote (its replies) to the frontend.
