@@ -14,7 +14,8 @@ done
 out=$(mktemp); trap 'rm -f "$out"' EXIT
 set +e
 bash "$here/run-in-vm.sh" --timeout "${VM_TIMEOUT:-600}" --env "VIRTIOD_NO_SKIP=${VIRTIOD_NO_SKIP:-0}" \
-  --bin "$bin/virtiod" --bin "$bin/virtiod-blkcheck" "$here/guest/vduse-e2e.sh" | tee "$out"
+  --bin "$bin/virtiod" --bin "$bin/virtiod-blkcheck" --bin "$(command -v resize2fs)" \
+  "$here/guest/vduse-e2e.sh" | tee "$out"
 rc=${PIPESTATUS[0]}
 if [ "$rc" = 0 ]; then
   # VDUSE net: two interfaces on one in-process switch, one netns each, ping both ways.
