@@ -91,6 +91,7 @@ impl ConfigNotifier for ConfigIrq {
             .dev
             .set_config(0, config)
             .map_err(|e| format!("updating the kernel's copy of the config space: {e}"))?;
+        shared.log.set_config_hash(state::config_hash(config));
         shared.dev.inject_config_irq().map_err(|e| {
             format!("{e} (the kernel only delivers it while a driver runs the device: attach it)")
         })
