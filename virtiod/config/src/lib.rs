@@ -47,6 +47,7 @@ pub use net::{
     check_mtu, format_mac, parse_cli_net, parse_mac, parse_net_backend, DeviceKind, Mac,
     NetBackendSpec, NetSpec, MIN_MTU,
 };
+use qos::QosValue;
 pub use qos::{qos_from_pairs, qos_pairs, QOS_KEYS};
 pub use virtiod_blk::{QosLimits, Rate};
 
@@ -187,14 +188,6 @@ struct RawDevice {
     qos: Option<Spanned<std::collections::BTreeMap<String, QosValue>>>,
 }
 
-/// A QoS value: a number, or a size in a string (`"100M"`).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum QosValue {
-    Number(u64),
-    Text(String),
-}
-
 /// Maps byte offsets to line:column.
 struct Positions<'a> {
     text: &'a str,
@@ -326,7 +319,7 @@ fn validate(
     let queue_size = queue_size(raw.queue_size.as_ref(), &mut problems);
     let poll_us = poll_us(raw.poll_us.as_ref(), &mut problems);
     let serial = serial(raw.serial.as_ref(), &name, &mut problems);
-    let qos = qos(raw.qos.as_ref(), kind.as_ref(), &mut problems);
+    let qos = qos::validate(raw.qos.as_ref(), kind.as_ref(), &mut problems);
     match (transport, kind) {
         (Some(transport), Some(kind)) if problems.errors.is_empty() => Ok(DeviceSpec {
             name,
@@ -414,35 +407,6 @@ fn kind(
             }))
         }
     }
-}
-
-/// The `[device.qos]` table (blk devices only).
-fn qos(
-    raw: Option<&Spanned<std::collections::BTreeMap<String, QosValue>>>,
-    kind: Option<&DeviceKind>,
-    problems: &mut Problems<'_>,
-) -> QosLimits {
-    let Some(raw) = raw else {
-        return QosLimits::default();
-    };
-    if matches!(kind, Some(DeviceKind::Net(_))) {
-        problems.bad(
-            raw.span(),
-            "qos limits are for blk devices: remove [device.qos] from this net device".into(),
-        );
-        return QosLimits::default();
-    }
-    let pairs = raw.get_ref().iter().map(|(k, v)| {
-        let text = match v {
-            QosValue::Number(n) => n.to_string(),
-            QosValue::Text(t) => t.clone(),
-        };
-        (k.as_str(), text)
-    });
-    qos_from_pairs(pairs).unwrap_or_else(|e| {
-        problems.bad(raw.span(), format!("qos: {e}"));
-        QosLimits::default()
-    })
 }
 
 /// A device name: letters, digits, '.', '_' or '-', not empty.

@@ -9,7 +9,19 @@
 //!
 //! A limit of 0 is no limit; a burst needs its limit.
 
+use serde::Deserialize;
+use toml::Spanned;
 use virtiod_blk::{QosLimits, Rate};
+
+use crate::{DeviceKind, Problems};
+
+/// A QoS value: a number, or a size in a string (`"100M"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(crate) enum QosValue {
+    Number(u64),
+    Text(String),
+}
 
 /// Every QoS name, limits first, then their bursts.
 pub const QOS_KEYS: [&str; 12] = [
@@ -104,6 +116,35 @@ pub fn qos_pairs(limits: &QosLimits) -> Vec<(&'static str, u64)> {
         }
     }
     out
+}
+
+/// The `[device.qos]` table (blk devices only).
+pub(crate) fn validate(
+    raw: Option<&Spanned<std::collections::BTreeMap<String, QosValue>>>,
+    kind: Option<&DeviceKind>,
+    problems: &mut Problems<'_>,
+) -> QosLimits {
+    let Some(raw) = raw else {
+        return QosLimits::default();
+    };
+    if matches!(kind, Some(DeviceKind::Net(_))) {
+        problems.bad(
+            raw.span(),
+            "qos limits are for blk devices: remove [device.qos] from this net device".into(),
+        );
+        return QosLimits::default();
+    }
+    let pairs = raw.get_ref().iter().map(|(k, v)| {
+        let text = match v {
+            QosValue::Number(n) => n.to_string(),
+            QosValue::Text(t) => t.clone(),
+        };
+        (k.as_str(), text)
+    });
+    qos_from_pairs(pairs).unwrap_or_else(|e| {
+        problems.bad(raw.span(), format!("qos: {e}"));
+        QosLimits::default()
+    })
 }
 
 #[cfg(test)]
