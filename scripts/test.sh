@@ -46,6 +46,8 @@ BENCH_QUICK=1 bash scripts/bench.sh
 if [ "${QUICK:-0}" != 1 ]; then
   step "QEMU guest on virtiod's vhost-user-blk socket"
   SERVER=virtiod VIRTIOD="$PWD/target/release/virtiod" bash tests/vm/qemu-vhost-user-blk.sh
+  step "QEMU guest: online resize over vhost-user (ctl resize, CONFIG_CHANGE_MSG, resize2fs on a mounted ext4)"
+  VIRTIOD="$PWD/target/release/virtiod" bash tests/vm/qemu-vhost-user-resize.sh
   step "QEMU guest reads /dev/hwrng from the example virtio-rng device (examples/virtio-rng, vhost-user)"
   VIRTIOD_RNG="$PWD/target/release/virtiod-rng" bash tests/vm/qemu-vhost-user-rng.sh
   step "QEMU guest: SIGKILL + restart of virtiod under its write stream (vhost-user in-flight region)"

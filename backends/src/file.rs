@@ -5,7 +5,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
@@ -31,7 +31,8 @@ pub struct FileOptions {
 #[derive(Debug)]
 pub struct FileBackend {
     file: Arc<File>,
-    size: u64,
+    /// Capacity in bytes (changed by [`Backend::resize`]).
+    size: AtomicU64,
     opts: FileOptions,
     block_device: bool,
     /// Set once a FLUSH failed: Linux reports a write-back error to one fsync only, so every
@@ -87,7 +88,7 @@ impl FileBackend {
         }
         Ok(Self {
             file: Arc::new(file),
-            size,
+            size: AtomicU64::new(size),
             opts,
             block_device,
             flush_failed: Arc::new(AtomicBool::new(false)),
@@ -98,12 +99,44 @@ impl FileBackend {
 impl Backend for FileBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            capacity: self.size,
+            capacity: self.size.load(Ordering::Acquire),
             read_only: self.opts.read_only,
             block_size: 512,
             discard: true,
             write_zeroes: true,
         }
+    }
+
+    /// A file grows or shrinks (`ftruncate`; growing allocates nothing). A block device has
+    /// the size it has: it is refused unless it already has the size asked for (grow the
+    /// volume first, e.g. `lvextend`, then resize the device).
+    fn resize(&self, capacity: u64) -> Result<()> {
+        let shown = |n: u64| format!("{n} bytes");
+        if self.opts.read_only {
+            return Err(Error::Resize("the image is served read-only".into()));
+        }
+        if self.block_device {
+            let mut file = &*self.file;
+            let actual = file
+                .seek(SeekFrom::End(0))
+                .map_err(|e| Error::Resize(format!("cannot read the block device's size: {e}")))?;
+            if actual != capacity {
+                return Err(Error::Resize(format!(
+                    "the block device is {}, not {}: resize the volume itself first (e.g. lvextend), then resize the device to its size",
+                    shown(actual),
+                    shown(capacity)
+                )));
+            }
+        } else {
+            self.file.set_len(capacity).map_err(|e| {
+                Error::Resize(format!(
+                    "cannot set the image file to {}: {e}",
+                    shown(capacity)
+                ))
+            })?;
+        }
+        self.size.store(capacity, Ordering::Release);
+        Ok(())
     }
 
     fn queue(&self, depth: u32) -> Result<Box<dyn BackendQueue>> {

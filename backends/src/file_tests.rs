@@ -206,3 +206,29 @@ fn direct_with_unaligned_buffers_bounces() {
     let on_disk = std::fs::read(img.path()).unwrap();
     assert_eq!(&on_disk[4096..8192], &expected[..]);
 }
+
+#[test]
+fn resize_grows_and_shrinks_the_file_and_a_read_only_image_refuses() {
+    let img = image(1 << 20);
+    let opts = FileOptions {
+        read_only: false,
+        direct: false,
+    };
+    let b = FileBackend::open(img.path(), opts).unwrap();
+    b.resize(4 << 20).unwrap();
+    assert_eq!(b.info().capacity, 4 << 20);
+    assert_eq!(img.as_file().metadata().unwrap().len(), 4 << 20);
+    b.resize(2 << 20).unwrap();
+    assert_eq!(img.as_file().metadata().unwrap().len(), 2 << 20);
+    let ro = FileBackend::open(
+        img.path(),
+        FileOptions {
+            read_only: true,
+            direct: false,
+        },
+    )
+    .unwrap();
+    let e = ro.resize(8 << 20).unwrap_err();
+    assert!(e.to_string().contains("read-only"), "{e}");
+    assert_eq!(ro.info().capacity, 2 << 20);
+}

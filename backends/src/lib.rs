@@ -157,6 +157,9 @@ pub enum Error {
     /// An NBD export could not be opened.
     #[error(transparent)]
     Nbd(#[from] NbdError),
+    /// The image cannot take the size asked for ([`Backend::resize`]).
+    #[error("cannot resize: {0}")]
+    Resize(String),
 }
 
 /// Result type of this crate.
@@ -246,6 +249,16 @@ pub trait Backend: Send + Sync {
     fn queue(&self, depth: u32) -> Result<Box<dyn BackendQueue>>;
     /// Flush everything to stable storage (used at shutdown).
     fn flush(&self) -> std::io::Result<()>;
+    /// Change the capacity to `capacity` bytes (a multiple of 512) while serving; after it,
+    /// [`Self::info`] reports it. Whether a smaller size is allowed is the caller's decision
+    /// (virtio-blk asks for one only when told to shrink). The default refuses: this kind of
+    /// image cannot be resized.
+    fn resize(&self, capacity: u64) -> Result<()> {
+        let _ = capacity;
+        Err(Error::Resize(
+            "this kind of image cannot be resized while served: stop the device, resize the image, start it again".into(),
+        ))
+    }
 }
 
 /// The per-queue I/O context of a backend.

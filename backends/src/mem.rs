@@ -49,6 +49,18 @@ impl Backend for MemBackend {
     fn flush(&self) -> std::io::Result<()> {
         Ok(())
     }
+
+    /// Grows (zero-filled) or shrinks the RAM disk.
+    fn resize(&self, capacity: u64) -> Result<()> {
+        let len = usize::try_from(capacity)
+            .map_err(|_| crate::Error::Resize(format!("{capacity} bytes do not fit in memory")))?;
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let more = len.saturating_sub(data.len());
+        data.try_reserve(more)
+            .map_err(|e| crate::Error::Resize(format!("cannot allocate {capacity} bytes: {e}")))?;
+        data.resize(len, 0);
+        Ok(())
+    }
 }
 
 struct MemQueue {

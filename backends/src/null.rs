@@ -1,27 +1,31 @@
 //! `null:SIZE`: reads return zeroes, writes are dropped.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{Backend, BackendInfo, BackendQueue, Completion, IoRequest, Op, Result};
 
 /// A backend that stores nothing: the benchmark backend.
 #[derive(Debug)]
 pub struct NullBackend {
-    size: u64,
+    size: AtomicU64,
     read_only: bool,
 }
 
 impl NullBackend {
     /// A null device of `size` bytes.
     pub fn new(size: u64, read_only: bool) -> Self {
-        Self { size, read_only }
+        Self {
+            size: AtomicU64::new(size),
+            read_only,
+        }
     }
 }
 
 impl Backend for NullBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            capacity: self.size,
+            capacity: self.size.load(Ordering::Acquire),
             read_only: self.read_only,
             block_size: 512,
             discard: true,
@@ -36,6 +40,12 @@ impl Backend for NullBackend {
     }
 
     fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    /// Any size: nothing is stored.
+    fn resize(&self, capacity: u64) -> Result<()> {
+        self.size.store(capacity, Ordering::Release);
         Ok(())
     }
 }

@@ -19,7 +19,8 @@ head -c 8M /dev/urandom >"$q/base.raw"
 qemu-img create -q -f qcow2 -b base.raw -F raw "$q/over.qcow2" 32M
 set +e
 bash "$here/run-in-vm.sh" --timeout "${VM_TIMEOUT:-600}" --env "VIRTIOD_NO_SKIP=${VIRTIOD_NO_SKIP:-0}" \
-  --bin "$bin/virtiod" --bin "$bin/virtiod-blkcheck" --file "$q:/qimg" "$here/guest/vduse-e2e.sh" | tee "$out"
+  --bin "$bin/virtiod" --bin "$bin/virtiod-blkcheck" --bin "$(command -v resize2fs)" \
+  --file "$q:/qimg" "$here/guest/vduse-e2e.sh" | tee "$out"
 rc=${PIPESTATUS[0]}
 if [ "$rc" = 0 ]; then
   # VDUSE net: two interfaces on one in-process switch, one netns each; a tap; vhost-vdpa.

@@ -70,6 +70,7 @@ pub enum Command {
         virtiod serve --vhost-user /tmp/vu.sock --queues 4 --serial vol-7 /dev/nvme0n1p3\n  \
         virtiod serve --vhost-user /tmp/vu.sock --read-only base.img\n  \
         virtiod serve --vhost-user /tmp/vu.sock mem:256M\n  \
+        virtiod serve --vhost-user /tmp/vu.sock --iops 2000 --write-bps 50M disk.img   # QoS limits\n  \
         virtiod serve --vduse vd0 --metrics 127.0.0.1:9810 --control /run/virtiod/ctl.sock disk.img\n  \
         virtiod serve --vduse vnet0 --mac 52:54:00:12:34:56 net:switch=sw0   # the host gets a network interface\n  \
         virtiod serve --vhost-user /tmp/net0.sock --mtu 9000 net:switch=sw0\n  \
@@ -101,12 +102,15 @@ pub enum Command {
         queue-size = 256\n  \
         read-only = false\n  \
         serial = \"a\"\n  \
-        attach = \"virtio\"                 # VDUSE only: virtio | vhost | none\n\n\
+        attach = \"virtio\"                 # VDUSE only: virtio | vhost | none\n  \
+        [device.qos]                      # optional: iops, read-iops, write-iops, bps, ... (+ -burst)\n  \
+        iops = 2000\n  \
+        write-bps = \"50M\"\n\n\
         Every error in the file is reported with its line and column before anything starts;\n\
         a device that fails to start is logged and the others are served. Prints one line per\n\
         started device: NAME ENDPOINT. SIGTERM stops every device cleanly.")]
     Run(RunArgs),
-    /// Talk to a running daemon's control socket: list, add, remove, stats.
+    /// Talk to a running daemon's control socket: list, add, remove, stats, qos, resize.
     #[command(after_help = "Examples:\n  \
         virtiod ctl --control /run/virtiod/ctl.sock list\n  \
         virtiod ctl --control /run/virtiod/ctl.sock add 'name = \"c\"\n\
@@ -116,7 +120,9 @@ pub enum Command {
         virtiod ctl --control /run/virtiod/ctl.sock add device-c.toml\n  \
         virtiod ctl --control /run/virtiod/ctl.sock remove c\n  \
         virtiod ctl --control /run/virtiod/ctl.sock stats c\n  \
-        virtiod ctl --control /run/virtiod/ctl.sock --json stats\n\n\
+        virtiod ctl --control /run/virtiod/ctl.sock --json stats\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock qos c --iops 2000\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock resize c 2G\n\n\
         The daemon must run with --control PATH (serve or run).")]
     Ctl(CtlArgs),
 }
@@ -155,6 +161,123 @@ pub enum CtlCommand {
         /// Its name (all devices when left out).
         name: Option<String>,
     },
+    /// Resize a blk device while it serves: the image grows (or, with --shrink, shrinks) and
+    /// the driver is told (a config-change interrupt), so /dev/vdX or the guest's disk
+    /// changes size without a detach.
+    #[command(after_help = "Examples:\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock resize a 20G\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock resize a 512M --shrink   # data past 512M is lost\n\n\
+        A file image is truncated to the new size; a block device must already have it (grow\n\
+        the volume first); mem: and null: take any size. Then grow the filesystem (resize2fs).")]
+    Resize {
+        /// The device's name.
+        name: String,
+        /// The new size in bytes or with a unit (K, M, G, T; binary), a multiple of 512.
+        size: String,
+        /// Allow a smaller size (everything past the new end is lost).
+        #[arg(long)]
+        shrink: bool,
+    },
+    /// Show or change a blk device's QoS limits while it serves: the limits given replace
+    /// all of its limits (a limit not given is lifted); none given shows them.
+    #[command(after_help = "Examples:\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock qos a                     # show\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock qos a --iops 2000\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock qos a --read-bps 100M --write-iops 500 --write-iops-burst 50\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock qos a --clear             # no limits")]
+    Qos {
+        /// The device's name.
+        name: String,
+        /// Lift every limit.
+        #[arg(long, conflicts_with_all = QOS_ARG_IDS)]
+        clear: bool,
+        #[command(flatten)]
+        limits: Box<QosArgs>,
+    },
+}
+
+/// The ids of the [`QosArgs`] options (for `conflicts_with_all`).
+const QOS_ARG_IDS: [&str; 12] = [
+    "iops",
+    "read_iops",
+    "write_iops",
+    "bps",
+    "read_bps",
+    "write_bps",
+    "iops_burst",
+    "read_iops_burst",
+    "write_iops_burst",
+    "bps_burst",
+    "read_bps_burst",
+    "write_bps_burst",
+];
+
+/// QoS limits of a blk device (`serve`, `ctl qos`); the same names as `[device.qos]` in
+/// devices.toml. Requests over a limit wait, they never fail.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "QoS (blk devices; 0: no limit)")]
+pub struct QosArgs {
+    /// Requests per second, reads and writes together.
+    #[arg(long, value_name = "N")]
+    pub iops: Option<String>,
+    /// Read requests per second.
+    #[arg(long, value_name = "N")]
+    pub read_iops: Option<String>,
+    /// Write requests per second (writes, discards, write-zeroes).
+    #[arg(long, value_name = "N")]
+    pub write_iops: Option<String>,
+    /// Bytes per second, reads and writes together (e.g. 100M).
+    #[arg(long, value_name = "SIZE")]
+    pub bps: Option<String>,
+    /// Bytes read per second.
+    #[arg(long, value_name = "SIZE")]
+    pub read_bps: Option<String>,
+    /// Bytes written per second.
+    #[arg(long, value_name = "SIZE")]
+    pub write_bps: Option<String>,
+    /// Requests that may go at once after an idle time (default: --iops / 10).
+    #[arg(long, value_name = "N", requires = "iops")]
+    pub iops_burst: Option<String>,
+    /// Burst of --read-iops.
+    #[arg(long, value_name = "N", requires = "read_iops")]
+    pub read_iops_burst: Option<String>,
+    /// Burst of --write-iops.
+    #[arg(long, value_name = "N", requires = "write_iops")]
+    pub write_iops_burst: Option<String>,
+    /// Burst of --bps (bytes).
+    #[arg(long, value_name = "SIZE", requires = "bps")]
+    pub bps_burst: Option<String>,
+    /// Burst of --read-bps (bytes).
+    #[arg(long, value_name = "SIZE", requires = "read_bps")]
+    pub read_bps_burst: Option<String>,
+    /// Burst of --write-bps (bytes).
+    #[arg(long, value_name = "SIZE", requires = "write_bps")]
+    pub write_bps_burst: Option<String>,
+}
+
+impl QosArgs {
+    /// The options given, as `(name, value)` pairs in devices.toml's names.
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        let values = [
+            &self.iops,
+            &self.read_iops,
+            &self.write_iops,
+            &self.bps,
+            &self.read_bps,
+            &self.write_bps,
+            &self.iops_burst,
+            &self.read_iops_burst,
+            &self.write_iops_burst,
+            &self.bps_burst,
+            &self.read_bps_burst,
+            &self.write_bps_burst,
+        ];
+        virtiod_config::QOS_KEYS
+            .iter()
+            .zip(values)
+            .filter_map(|(k, v)| v.clone().map(|v| (*k, v)))
+            .collect()
+    }
 }
 
 /// `virtiod run`.
@@ -241,6 +364,8 @@ pub struct ServeArgs {
     /// Net devices only: the MTU (default 1500).
     #[arg(long, value_name = "BYTES", value_parser = parse_mtu)]
     pub mtu: Option<u16>,
+    #[command(flatten)]
+    pub qos: Box<QosArgs>,
     /// The image: a file or block device path (or raw:PATH), qcow2:PATH, mem:SIZE, null:SIZE, an
     /// nbd:// or nbd+unix:// URI; or net:switch=NAME for
     /// a virtio-net device on the in-process switch NAME, net:tap=NAME on the tap NAME.

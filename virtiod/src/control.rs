@@ -6,6 +6,9 @@
 //! {"cmd":"add","device":"<TOML or JSON>"}     -> {"ok":true,"result":{"endpoint":"/run/a.sock"}}
 //! {"cmd":"remove","name":"a"}                 -> {"ok":true,"result":null}
 //! {"cmd":"stats"} / {"cmd":"stats","name":"a"} -> {"ok":true,"result":[{"name":"a","requests":{...},...}]}
+//! {"cmd":"qos","name":"a"}                    -> {"ok":true,"result":{"iops":2000}}  (the limits)
+//! {"cmd":"qos","name":"a","set":{"iops":4000,"read-bps":"100M"}}  -> the new limits ({} lifts all)
+//! {"cmd":"resize","name":"a","size":2147483648} -> {"ok":true,"result":{"old":..,"capacity":..,"notified":true}}
 //! anything wrong                              -> {"ok":false,"error":"one line: what to do"}
 //! ```
 //!
@@ -44,9 +47,28 @@ pub const LIMITS: Limits = Limits {
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     List,
-    Add { device: String },
-    Remove { name: String },
-    Stats { name: Option<String> },
+    Add {
+        device: String,
+    },
+    Remove {
+        name: String,
+    },
+    Stats {
+        name: Option<String>,
+    },
+    Resize {
+        name: String,
+        /// Bytes.
+        size: u64,
+        #[serde(default)]
+        shrink: bool,
+    },
+    Qos {
+        name: String,
+        /// Replace every limit with these (devices.toml's names); absent: only show them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        set: Option<serde_json::Map<String, Value>>,
+    },
 }
 
 /// An answer line.
@@ -177,11 +199,50 @@ fn handle(req: Request, registry: &Registry) -> Response {
         Request::Stats { name } => registry
             .stats(name.as_deref())
             .and_then(|s| serde_json::to_value(s).map_err(anyhow::Error::from)),
+        Request::Qos { name, set } => qos_request(registry, &name, set.as_ref()),
+        Request::Resize { name, size, shrink } => {
+            tracing::info!(device = %name, size, shrink, "control: resize");
+            registry.resize(&name, size, shrink).map(|r| {
+                serde_json::json!({
+                    "old": r.old,
+                    "capacity": r.new,
+                    "notified": r.notified.is_ok(),
+                    "note": r.notified.err(),
+                })
+            })
+        }
     };
     match result {
         Ok(v) => success(v),
         Err(e) => failure(format!("{e:#}")),
     }
+}
+
+/// `qos`: parse the new limits (if any), apply them, answer the limits in effect.
+fn qos_request(
+    registry: &Registry,
+    name: &str,
+    set: Option<&serde_json::Map<String, Value>>,
+) -> anyhow::Result<Value> {
+    let limits = match set {
+        None => None,
+        Some(map) => {
+            let pairs = map.iter().map(|(k, v)| {
+                let text = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.as_str(), text)
+            });
+            Some(virtiod_config::qos_from_pairs(pairs).map_err(|e| anyhow::anyhow!("qos: {e}"))?)
+        }
+    };
+    let now = registry.qos(name, limits)?;
+    let map: serde_json::Map<String, Value> = virtiod_config::qos_pairs(&now)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Value::from(v)))
+        .collect();
+    Ok(Value::Object(map))
 }
 
 /// Send one request and read its answer.
@@ -224,12 +285,34 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         }
         CtlCommand::Remove { name } => Request::Remove { name },
         CtlCommand::Stats { name } => Request::Stats { name },
+        CtlCommand::Resize { name, size, shrink } => {
+            let size = virtiod_backend::parse_size(&size).map_err(Usage)?;
+            Request::Resize { name, size, shrink }
+        }
+        CtlCommand::Qos {
+            name,
+            clear,
+            limits,
+        } => {
+            let pairs = limits.pairs();
+            // Check here too: a mistake is shown before any round trip.
+            virtiod_config::qos_from_pairs(pairs.clone()).map_err(Usage)?;
+            let set = (clear || !pairs.is_empty()).then(|| {
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), Value::String(v)))
+                    .collect()
+            });
+            Request::Qos { name, set }
+        }
     };
     let kind = match &req {
         Request::List => "list",
         Request::Add { .. } => "add",
         Request::Remove { .. } => "remove",
         Request::Stats { .. } => "stats",
+        Request::Qos { .. } => "qos",
+        Request::Resize { .. } => "resize",
     };
     let result = call(&args.control, &req)?;
     if args.json {
@@ -240,6 +323,17 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         "list" => print_list(&result),
         "stats" => print_stats(&result),
         "add" => println!("{}", result["endpoint"].as_str().unwrap_or("")),
+        "qos" => print_qos(&result),
+        "resize" => match result["note"].as_str() {
+            None => println!(
+                "{} -> {} bytes; driver notified",
+                result["old"], result["capacity"]
+            ),
+            Some(note) => println!(
+                "{} -> {} bytes; driver NOT notified: {note}",
+                result["old"], result["capacity"]
+            ),
+        },
         _ => {}
     }
     Ok(())
@@ -279,6 +373,21 @@ fn print_list(result: &Value) {
     }
 }
 
+/// `name=value ...` in devices.toml's names, or `none`.
+fn print_qos(result: &Value) {
+    let pairs: Vec<String> = result
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if pairs.is_empty() {
+        println!("none");
+    } else {
+        println!("{}", pairs.join(" "));
+    }
+}
+
 fn print_stats(result: &Value) {
     for d in result.as_array().into_iter().flatten() {
         let name = d["name"].as_str().unwrap_or("");
@@ -292,10 +401,12 @@ fn print_stats(result: &Value) {
             .map(|op| format!("{op}={}/{}B", d["requests"][op], d["bytes"][op]))
             .collect();
         println!(
-            "{name} {} errors={} in_flight={}",
+            "{name} {} errors={} in_flight={} throttled={}/{:.3}s",
             counts.join(" "),
             d["errors"],
-            d["in_flight"]
+            d["in_flight"],
+            d["throttled_requests"],
+            d["throttled_seconds"].as_f64().unwrap_or(0.0)
         );
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use virtiod_backend::OpenOptions;
-use virtiod_blk::{BlkConfig, BlkDevice, Stats};
+use virtiod_blk::{BlkConfig, BlkDevice, Qos, QosLimits, Stats};
 use virtiod_config::{
     Attach as AttachSpec, DeviceKind, DeviceSpec, Mac, NetBackendSpec, NetSpec, Transport,
 };
@@ -44,6 +44,10 @@ pub struct Device {
     spec: DeviceSpec,
     /// Request counters of a blk device.
     stats: Option<Arc<Stats>>,
+    /// The QoS limits of a blk device.
+    qos: Option<Arc<Qos>>,
+    /// A blk device (for resizing).
+    blk: Option<Arc<BlkDevice>>,
     /// The port of a net device, which counts its frames.
     port: Option<Arc<dyn NetBackend>>,
     /// The MAC address of a net device (the one given, or the random one chosen).
@@ -60,9 +64,14 @@ impl Device {
         state_dir: &Path,
         events: Sender<Event>,
     ) -> anyhow::Result<Self> {
+        let mut qos = None;
+        let mut blk_dev = None;
         let (device, stats, port, mac, what): (Arc<dyn CoreDevice>, _, _, _, _) = match &spec.kind {
             DeviceKind::Blk => {
-                let (blk, stats) = open_blk(&spec)?;
+                let blk = open_blk(&spec)?;
+                let stats = blk.stats();
+                qos = Some(blk.qos().clone());
+                blk_dev = Some(blk.clone());
                 (blk, Some(stats), None, None, "virtio-blk")
             }
             DeviceKind::Net(net) => {
@@ -136,6 +145,8 @@ impl Device {
         Ok(Self {
             spec,
             stats,
+            qos,
+            blk: blk_dev,
             port,
             mac,
             endpoint,
@@ -151,6 +162,29 @@ impl Device {
     /// Its request counters (`None` for a net device: see [`Self::net_counters`]).
     pub fn stats(&self) -> Option<&Arc<Stats>> {
         self.stats.as_ref()
+    }
+
+    /// A blk device's QoS limits and throttling counters (`None` for a net device).
+    pub fn qos(&self) -> Option<&Arc<Qos>> {
+        self.qos.as_ref()
+    }
+
+    /// The virtio-blk device (`None` for a net device).
+    pub fn blk(&self) -> Option<&Arc<BlkDevice>> {
+        self.blk.as_ref()
+    }
+
+    /// Replace a blk device's QoS limits while it serves.
+    pub fn set_qos(&mut self, limits: QosLimits) -> anyhow::Result<()> {
+        let Some(qos) = self.qos.as_ref() else {
+            anyhow::bail!(
+                "device {} is a net device: QoS limits are for blk devices",
+                self.spec.name
+            );
+        };
+        qos.set(limits, std::time::Instant::now());
+        self.spec.qos = limits;
+        Ok(())
     }
 
     /// A net device's frame counters now (`None` for a blk device).
@@ -198,7 +232,7 @@ impl Device {
 }
 
 /// Open a virtio-blk device's image.
-fn open_blk(spec: &DeviceSpec) -> anyhow::Result<(Arc<BlkDevice>, Arc<Stats>)> {
+fn open_blk(spec: &DeviceSpec) -> anyhow::Result<Arc<BlkDevice>> {
     let backend = virtiod_backend::open(
         &spec.image,
         OpenOptions {
@@ -218,8 +252,21 @@ fn open_blk(spec: &DeviceSpec) -> anyhow::Result<(Arc<BlkDevice>, Arc<Stats>)> {
         "opened image"
     );
     let blk = Arc::new(BlkDevice::new(cfg, backend));
-    let stats = blk.stats();
-    Ok((blk, stats))
+    if !spec.qos.is_unlimited() {
+        blk.qos().set(spec.qos, std::time::Instant::now());
+        tracing::info!(device = %spec.name, limits = %qos_text(&spec.qos), "QoS limits");
+    }
+    Ok(blk)
+}
+
+/// Limits as `name=value ...` (devices.toml's names), or `none`.
+pub fn qos_text(limits: &QosLimits) -> String {
+    let pairs = virtiod_config::qos_pairs(limits);
+    if pairs.is_empty() {
+        return "none".into();
+    }
+    let text: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    text.join(" ")
 }
 
 /// A virtio-net device on its port (of a switch, or a tap), with the MAC given or a random one.

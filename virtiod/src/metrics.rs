@@ -2,7 +2,9 @@
 //!
 //! Series (all labelled `device`): `virtiod_requests_total` and `virtiod_bytes_total` by `op`,
 //! `virtiod_errors_total`, `virtiod_in_flight`, `virtiod_queues`, `virtiod_device_up`, and the
-//! `virtiod_request_latency_seconds` histogram (backend submit to completion); for net
+//! `virtiod_request_latency_seconds` histogram (backend submit to completion),
+//! `virtiod_throttled_requests_total` and `virtiod_throttled_seconds_total` (requests that
+//! waited for a QoS limit, and how long they waited in all); for net
 //! devices `virtiod_net_{rx,tx}_{packets,bytes}_total` and `virtiod_net_drops_total` by
 //! `direction` and `reason`. Values are read from the devices' own counters at each scrape;
 //! nothing is kept here.
@@ -101,6 +103,30 @@ impl Collector for DeviceCollector {
         for (name, stats) in &live {
             let v = i64::try_from(stats.in_flight()).unwrap_or(i64::MAX);
             ConstGauge::new(v).encode(e.encode_family(&[("device", *name)])?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "throttled_requests",
+            "Requests that waited for a QoS limit",
+            None,
+            MetricType::Counter,
+        )?;
+        let limited: Vec<_> = devices
+            .iter()
+            .filter_map(|d| d.qos.as_ref().map(|q| (d.name.as_str(), q)))
+            .collect();
+        for (name, qos) in &limited {
+            ConstCounter::new(qos.throttled_requests())
+                .encode(e.encode_family(&[("device", *name)])?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "throttled_seconds",
+            "Time requests waited for a QoS limit, summed over requests",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, qos) in &limited {
+            ConstCounter::new(qos.throttled_time().as_secs_f64())
+                .encode(e.encode_family(&[("device", *name)])?)?;
         }
         let mut e =
             encoder.encode_descriptor("queues", "Request queues", None, MetricType::Gauge)?;

@@ -7,7 +7,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
-use virtiod_blk::{OpKind, Stats};
+use virtiod_blk::{OpKind, Qos, QosLimits, Stats};
 use virtiod_config::{DeviceKind, DeviceSpec, Transport};
 use virtiod_net::PortCounters;
 
@@ -61,15 +61,18 @@ pub struct BlkStats {
     pub bytes: BTreeMap<&'static str, u64>,
     pub errors: u64,
     pub in_flight: u64,
+    /// Requests that waited for a QoS limit, and how long they waited in all.
+    pub throttled_requests: u64,
+    pub throttled_seconds: f64,
 }
 
 impl DeviceStats {
     /// A blk device's counters.
-    pub fn blk(name: &str, stats: &Stats) -> Self {
+    pub fn blk(name: &str, stats: &Stats, qos: Option<&Arc<Qos>>) -> Self {
         Self {
             name: name.to_string(),
             kind: "blk",
-            counters: Counters::Blk(BlkStats::of(stats)),
+            counters: Counters::Blk(BlkStats::of(stats, qos)),
         }
     }
 
@@ -84,7 +87,7 @@ impl DeviceStats {
 }
 
 impl BlkStats {
-    fn of(stats: &Stats) -> Self {
+    fn of(stats: &Stats, qos: Option<&Arc<Qos>>) -> Self {
         Self {
             requests: OpKind::ALL
                 .iter()
@@ -96,6 +99,8 @@ impl BlkStats {
                 .collect(),
             errors: stats.errors(),
             in_flight: stats.in_flight(),
+            throttled_requests: qos.map_or(0, |q| q.throttled_requests()),
+            throttled_seconds: qos.map_or(0.0, |q| q.throttled_time().as_secs_f64()),
         }
     }
 }
@@ -153,6 +158,8 @@ pub struct MetricsView {
     pub stats: Option<Arc<Stats>>,
     /// A net device's frame counters, read when the view was taken.
     pub net: Option<PortCounters>,
+    /// A blk device's QoS (throttling counters).
+    pub qos: Option<Arc<Qos>>,
 }
 
 #[derive(Default)]
@@ -289,7 +296,7 @@ impl Registry {
     pub fn stats(&self, name: Option<&str>) -> anyhow::Result<Vec<DeviceStats>> {
         let inner = self.lock();
         let of = |n: &str, d: &Device| match (d.stats(), d.net_counters()) {
-            (Some(stats), _) => Some(DeviceStats::blk(n, stats)),
+            (Some(stats), _) => Some(DeviceStats::blk(n, stats, d.qos())),
             (None, Some(port)) => Some(DeviceStats::net(n, &port)),
             (None, None) => None,
         };
@@ -311,6 +318,7 @@ impl Registry {
             up: d.is_up(),
             stats: d.stats().cloned(),
             net: d.net_counters(),
+            qos: d.qos().cloned(),
         });
         let failed = inner.failed.values().map(|(spec, _)| MetricsView {
             name: spec.name.clone(),
@@ -318,8 +326,56 @@ impl Registry {
             up: false,
             stats: None,
             net: None,
+            qos: None,
         });
         running.chain(failed).collect()
+    }
+
+    /// Resize a running blk device (see [`virtiod_blk::BlkDevice::resize`]).
+    pub fn resize(
+        &self,
+        name: &str,
+        bytes: u64,
+        shrink: bool,
+    ) -> anyhow::Result<virtiod_blk::Resized> {
+        let blk = {
+            let inner = self.lock();
+            let Some(dev) = inner.devices.get(name) else {
+                anyhow::bail!("no running device named {name}: see `virtiod ctl list`");
+            };
+            dev.blk().cloned().ok_or_else(|| {
+                anyhow::anyhow!("device {name} is a net device: only blk devices can be resized")
+            })?
+        };
+        // Not under the registry's lock: the frontend may take a moment to acknowledge.
+        let resized = blk
+            .resize(bytes, shrink)
+            .map_err(|e| anyhow::anyhow!("device {name}: {e}"))?;
+        match &resized.notified {
+            Ok(()) => {
+                tracing::info!(device = %name, old = resized.old, new = resized.new, "resized; driver notified")
+            }
+            Err(why) => {
+                tracing::warn!(device = %name, old = resized.old, new = resized.new, why = %why, "resized; driver not notified")
+            }
+        }
+        Ok(resized)
+    }
+
+    /// A running blk device's QoS limits, replaced first by `set` if given.
+    pub fn qos(&self, name: &str, set: Option<QosLimits>) -> anyhow::Result<QosLimits> {
+        let mut inner = self.lock();
+        let Some(dev) = inner.devices.get_mut(name) else {
+            anyhow::bail!("no running device named {name}: see `virtiod ctl list`");
+        };
+        if let Some(limits) = set {
+            dev.set_qos(limits)?;
+            tracing::info!(device = %name, limits = %crate::device::qos_text(&limits), "QoS limits changed");
+        }
+        match dev.qos() {
+            Some(qos) => Ok(qos.limits()),
+            None => anyhow::bail!("device {name} is a net device: QoS limits are for blk devices"),
+        }
     }
 
     /// How many devices serve now.

@@ -51,6 +51,14 @@ fn spec_of(args: &ServeArgs) -> anyhow::Result<DeviceSpec> {
             (args.image.clone(), DeviceKind::Blk)
         }
     };
+    let qos = virtiod_config::qos_from_pairs(args.qos.pairs()).map_err(crate::usage::Usage)?;
+    if !qos.is_unlimited() && matches!(kind, DeviceKind::Net(_)) {
+        return Err(crate::usage::Usage(
+            "QoS limits (--iops, --bps, ...) are for blk devices: remove them for a net device"
+                .into(),
+        )
+        .into());
+    }
     Ok(DeviceSpec {
         name,
         image,
@@ -62,6 +70,7 @@ fn spec_of(args: &ServeArgs) -> anyhow::Result<DeviceSpec> {
         buffered: args.buffered,
         serial: args.serial.clone(),
         poll_us: args.poll_us,
+        qos,
     })
 }
 

@@ -141,6 +141,11 @@ impl Harness {
 
     /// A harness over a disk that is read-only if `read_only`.
     pub fn with_disk(read_only: bool) -> Self {
+        Self::with_options(read_only, None)
+    }
+
+    /// A harness whose queue counts its requests against `qos` (if given).
+    pub fn with_options(read_only: bool, qos: Option<Arc<crate::Qos>>) -> Self {
         let mem = Arc::new(Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap());
         let mock = MockSplitQueue::create(mem.as_ref(), GuestAddress(0), QSIZE);
         let mut queue: Queue = mock.create_queue().unwrap();
@@ -153,7 +158,10 @@ impl Harness {
         let backend = MemBackend::new(DISK_SIZE, read_only);
         let cfg = Arc::new(BlkConfig::new(&backend.info(), 1, QSIZE, SERIAL));
         let stats = Arc::new(Stats::new(1));
-        let handler = BlkQueue::new(cfg.clone(), &backend, stats.clone(), 0).unwrap();
+        let mut handler = BlkQueue::new(cfg.clone(), &backend, stats.clone(), 0).unwrap();
+        if let Some(qos) = qos {
+            handler = handler.with_qos(qos);
+        }
         let mut svc =
             QueueService::new(0, Box::new(handler), QSIZE, std::time::Duration::ZERO).unwrap();
         *svc.queue_mut() = queue;

@@ -15,12 +15,14 @@
 
 mod config;
 mod device;
+pub mod qos;
 mod queue;
 pub mod request;
 mod stats;
 
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
-pub use device::BlkDevice;
+pub use device::{BlkDevice, ResizeError, Resized};
+pub use qos::{Qos, QosLimits, Rate};
 pub use queue::BlkQueue;
 pub use request::{Request, RequestError, RequestType};
 pub use stats::{OpKind, QueueStats, Stats, LATENCY_BOUNDS_US};

@@ -3,12 +3,13 @@
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use virtiod_backend::{Backend, BackendQueue, Completion, Direction, IoBuffers, IoRequest, Op};
 use virtiod_core::{Chain, Completed, GuestMem, HandlerError, Outcome, QueueHandler};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::qos::{Admit, Class, Qos};
 use crate::request::{self, Request, RequestError, RequestType, ID_LEN};
 use crate::stats::{OpKind, QueueStats};
 use crate::{BlkConfig, Stats, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
@@ -30,8 +31,27 @@ struct Slot {
     started: Instant,
 }
 
+/// Longest a held request waits before its limit is looked at again (a limit changed live
+/// applies within this).
+const MAX_RECHECK: Duration = Duration::from_millis(50);
+
+/// A request held back by a QoS limit (its parsed form is in `BlkQueue::held_req`).
+struct Held {
+    op: Op,
+    kind: OpKind,
+    class: Class,
+    bytes: u64,
+    mem: Arc<GuestMem>,
+    since: Instant,
+    next_try: Instant,
+}
+
 /// Executes the virtio-blk requests of one queue on its own backend I/O context (for the
 /// file backend: its own `io_uring`).
+///
+/// Under a QoS limit ([`Qos`], shared by the device's queues) a request that may not go yet
+/// is held (at most one per queue): the queue takes nothing more from the ring until it has
+/// gone, and asks the core to be woken when it may ([`QueueHandler::retry_after`]).
 pub struct BlkQueue {
     cfg: Arc<BlkConfig>,
     io: Box<dyn BackendQueue>,
@@ -41,6 +61,13 @@ pub struct BlkQueue {
     free: Vec<u32>,
     req: Request,
     done: Vec<Completion>,
+    qos: Arc<Qos>,
+    held: Option<Held>,
+    held_req: Request,
+    /// A held request that was answered without the backend when it was let go.
+    answered: Option<Completed>,
+    /// The device's capacity in sectors, when it can change while serving.
+    capacity: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl BlkQueue {
@@ -74,7 +101,95 @@ impl BlkQueue {
             free: (0..depth).rev().collect(),
             req: Request::default(),
             done: Vec::with_capacity(depth as usize),
+            qos: Arc::new(Qos::unlimited()),
+            held: None,
+            held_req: Request::default(),
+            answered: None,
+            capacity: None,
         })
+    }
+
+    /// Follow the device's capacity (sectors) as it changes (an online resize): requests
+    /// are checked against the capacity at the time they are parsed.
+    pub fn with_capacity(mut self, capacity: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+
+    /// Take a new capacity into the queue's copy of the configuration (only when it changed:
+    /// one atomic load per request otherwise).
+    fn follow_capacity(&mut self) {
+        if let Some(capacity) = &self.capacity {
+            let sectors = capacity.load(std::sync::atomic::Ordering::Acquire);
+            if sectors != self.cfg.capacity_sectors {
+                Arc::make_mut(&mut self.cfg).capacity_sectors = sectors;
+            }
+        }
+    }
+
+    /// Count this queue's requests against `qos` (the device's limits).
+    pub fn with_qos(mut self, qos: Arc<Qos>) -> Self {
+        self.qos = qos;
+        self
+    }
+
+    /// Hold the parsed request if a limit says it must wait. Returns whether it was held.
+    fn hold_if_limited(&mut self, mem: &Arc<GuestMem>, op: Op, kind: OpKind) -> bool {
+        let Some(class) = Class::of(kind) else {
+            return false;
+        };
+        if !self.qos.is_active() {
+            return false;
+        }
+        let bytes = match op {
+            Op::Read | Op::Write => self.req.data_len,
+            _ => 0,
+        };
+        let now = Instant::now();
+        let Admit::Wait(wait) = self.qos.admit(class, bytes, now) else {
+            return false;
+        };
+        std::mem::swap(&mut self.req, &mut self.held_req);
+        self.held = Some(Held {
+            op,
+            kind,
+            class,
+            bytes,
+            mem: mem.clone(),
+            since: now,
+            next_try: now + wait.min(MAX_RECHECK),
+        });
+        true
+    }
+
+    /// Send the held request to the backend if its limit lets it go now (or at once with
+    /// `force`, when the queue is being drained).
+    fn release_held(&mut self, force: bool) {
+        let Some(held) = self.held.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if !force {
+            match self.qos.admit(held.class, held.bytes, now) {
+                Admit::Go => {}
+                Admit::Wait(wait) => {
+                    held.next_try = now + wait.min(MAX_RECHECK);
+                    return;
+                }
+            }
+        }
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        self.qos
+            .record_throttled(now.saturating_duration_since(held.since));
+        std::mem::swap(&mut self.req, &mut self.held_req);
+        if let Outcome::Done { used_len } = self.submit_to_backend(&held.mem, held.op, held.kind) {
+            self.answered = Some(Completed {
+                head: self.req.head,
+                used_len,
+            });
+        }
     }
 
     fn queue_stats(&self) -> &QueueStats {
@@ -202,10 +317,11 @@ impl BlkQueue {
 
 impl QueueHandler for BlkQueue {
     fn can_start(&self) -> bool {
-        !self.free.is_empty()
+        !self.free.is_empty() && self.held.is_none()
     }
 
     fn start(&mut self, chain: &Chain, mem: &Arc<GuestMem>) -> Outcome {
+        self.follow_capacity();
         let parsed = request::parse(chain, mem.as_ref(), &self.cfg, &mut self.req);
         let kind = match parsed {
             Ok(kind) => kind,
@@ -227,10 +343,14 @@ impl QueueHandler for BlkQueue {
             RequestType::Discard => (Op::Discard, OpKind::Discard),
             RequestType::WriteZeroes { unmap } => (Op::WriteZeroes { unmap }, OpKind::WriteZeroes),
         };
+        if self.hold_if_limited(mem, op, op_kind) {
+            return Outcome::Started;
+        }
         self.submit_to_backend(mem, op, op_kind)
     }
 
     fn submit(&mut self) -> Result<(), HandlerError> {
+        self.release_held(false);
         self.io
             .commit()
             .map_err(|e| HandlerError(format!("storage backend: {e}")))
@@ -245,6 +365,7 @@ impl QueueHandler for BlkQueue {
     }
 
     fn reap(&mut self, out: &mut Vec<Completed>) {
+        out.extend(self.answered.take());
         self.io.reap(&mut self.done);
         let mut done = std::mem::take(&mut self.done);
         for c in done.drain(..) {
@@ -254,6 +375,14 @@ impl QueueHandler for BlkQueue {
     }
 
     fn wait(&mut self) -> Result<(), HandlerError> {
+        if self.held.is_some() {
+            // Draining (reset, stop): what is held goes now, whatever the limit.
+            self.release_held(true);
+            self.submit()?;
+        }
+        if self.answered.is_some() {
+            return Ok(());
+        }
         self.io
             .wait()
             .map_err(|e| HandlerError(format!("storage backend: {e}")))
@@ -261,6 +390,13 @@ impl QueueHandler for BlkQueue {
 
     fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
+            + usize::from(self.held.is_some())
+            + usize::from(self.answered.is_some())
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        let held = self.held.as_ref()?;
+        Some(held.next_try.saturating_duration_since(Instant::now()))
     }
 }
 

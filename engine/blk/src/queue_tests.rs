@@ -389,3 +389,38 @@ fn requests_in_flight_at_a_kill_are_executed_again_through_the_in_flight_record(
     assert_eq!(h.used_idx(), next_used.wrapping_add(1));
     assert_eq!(h.take_used(), vec![(u32::from(last), 0)]);
 }
+
+#[test]
+fn a_request_over_the_qos_limit_waits_and_a_drain_sends_it() {
+    use crate::{Qos, QosLimits, Rate};
+    // One request per second, a burst of two: the third waits (about a second; the test
+    // does not wait for it, it drains).
+    let limits = QosLimits {
+        iops: Some(Rate {
+            per_sec: 1,
+            burst: Some(2),
+        }),
+        ..QosLimits::default()
+    };
+    let qos = std::sync::Arc::new(Qos::new(limits, std::time::Instant::now()));
+    let mut h = Harness::with_options(false, Some(qos.clone()));
+    let chains: Vec<_> = (0..3).map(|i| h.in_chain(i, 512)).collect();
+    for c in &chains {
+        h.add_chain(c);
+    }
+    h.process().unwrap();
+    let used = h.take_used();
+    assert_eq!(used.len(), 2, "the burst goes at once: {used:?}");
+    assert_eq!(h.svc.in_flight(), 1, "the third is held, not failed");
+    assert!(h.svc.wake_after().is_some(), "the queue asks to be woken");
+    assert_eq!(h.status(chains[2][2]), FILL, "no status written yet");
+    // Draining (reset, disconnect, stop) sends what is held, whatever the limit.
+    h.svc.drain(&h.mem.clone()).unwrap();
+    let used = h.take_used();
+    assert_eq!(used.len(), 1, "{used:?}");
+    assert_eq!(h.status(chains[2][2]), OK);
+    assert_eq!(h.svc.in_flight(), 0);
+    assert_eq!(h.svc.wake_after(), None);
+    assert_eq!(qos.throttled_requests(), 1);
+    h.check_untouched();
+}

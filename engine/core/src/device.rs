@@ -2,6 +2,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::{Chain, GuestMem};
 
@@ -25,6 +26,18 @@ pub enum DeviceError {
     /// Making the device's state durable at stop failed (e.g. the final flush).
     #[error("stopping the device: {0}")]
     Stop(#[source] std::io::Error),
+}
+
+/// Tells a driver that the device's configuration space changed (a config-change
+/// interrupt). The transport serving a device registers one with it
+/// ([`Device::set_config_notifier`]); the device calls it after changing what
+/// [`Device::config_space`] returns (e.g. virtio-blk's capacity after a resize).
+pub trait ConfigNotifier: Send + Sync {
+    /// Deliver the notification; `config` is the new configuration space (a transport whose
+    /// kernel keeps a copy of it, VDUSE, updates that copy first). An error says why the
+    /// driver could not be told (e.g. no driver connected, or one that cannot hear it) and
+    /// what to do.
+    fn config_changed(&self, config: &[u8]) -> Result<(), String>;
 }
 
 /// Errors of a queue handler that stop the queue (not a refused request: those are answered
@@ -74,6 +87,10 @@ pub trait Device: Send + Sync {
     fn stop(&self) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// The transport serving the device registers how to tell the driver that the
+    /// configuration space changed (and `None` when it stops serving). The default ignores
+    /// it: a device whose configuration never changes needs none.
+    fn set_config_notifier(&self, _notifier: Option<Arc<dyn ConfigNotifier>>) {}
 }
 
 /// What [`QueueHandler::start`] did with a request.
@@ -137,5 +154,14 @@ pub trait QueueHandler: Send {
     /// Requests started and not yet reaped.
     fn in_flight(&self) -> usize {
         0
+    }
+    /// When the handler holds work back for a reason that passes with time (a rate limit:
+    /// [`Self::can_start`] is false or a started request waits for its turn), how long until
+    /// it should be served again. The transport then wakes the queue with
+    /// [`crate::Event::Timer`] even if nothing else happens ([`crate::QueueService::wake_after`]);
+    /// the handler sends what may go in [`Self::submit`]. `None` (the default): nothing waits
+    /// for time.
+    fn retry_after(&self) -> Option<Duration> {
+        None
     }
 }

@@ -27,7 +27,9 @@ mod poll;
 mod service;
 
 pub use chain::{Chain, ChainDesc};
-pub use device::{Completed, Device, DeviceError, HandlerError, Outcome, QueueHandler};
+pub use device::{
+    Completed, ConfigNotifier, Device, DeviceError, HandlerError, Outcome, QueueHandler,
+};
 pub use poll::AdaptivePoll;
 pub use service::{Event, QueueService, ServiceError};
 

@@ -29,6 +29,9 @@ pub enum Event {
     Kick,
     /// The handler's completion fd became readable.
     Completion,
+    /// The time [`QueueService::wake_after`] asked for has passed (e.g. a rate limit lets the
+    /// next request go).
+    Timer,
 }
 
 /// Requests started per handler submission while a long batch is being taken off the ring,
@@ -120,6 +123,29 @@ impl QueueService {
     /// Requests started and not completed.
     pub fn in_flight(&self) -> usize {
         self.handler.in_flight()
+    }
+
+    /// How long the transport may sleep before serving the queue again with [`Event::Timer`]
+    /// even without a kick or a completion: `Some` while the handler holds work back until a
+    /// time ([`QueueHandler::retry_after`], e.g. a rate limit), `None` otherwise (sleep until
+    /// an fd is readable). A broken queue never asks.
+    pub fn wake_after(&self) -> Option<Duration> {
+        if self.broken {
+            return None;
+        }
+        self.handler.retry_after()
+    }
+
+    /// [`Self::wake_after`] as an `epoll_wait` timeout: -1 for none, else milliseconds
+    /// rounded up (at least 1, so the thread never spins).
+    pub fn wake_timeout_ms(&self) -> i32 {
+        match self.wake_after() {
+            None => -1,
+            Some(d) => {
+                let ms = d.as_nanos().div_ceil(1_000_000).max(1);
+                i32::try_from(ms).unwrap_or(i32::MAX)
+            }
+        }
     }
 
     /// Whether the driver broke this ring (it is not served until [`Self::reset`]).
@@ -252,6 +278,7 @@ impl QueueService {
         match event {
             Event::Kick => self.poll.woken(),
             Event::Completion => self.handler.ack_completion_event(),
+            Event::Timer => {}
         }
         let mut served = self.serve_once(mem, remap, notify);
         if served.is_err() {

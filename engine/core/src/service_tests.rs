@@ -301,3 +301,63 @@ fn requests_in_flight_at_a_kill_are_executed_again_by_the_next_service() {
     assert!(svc2.drain(&mem).unwrap());
     assert_eq!(drv.take_used(), vec![(4, 7)]);
 }
+
+/// A synchronous handler behind a rate limit: it starts one request per token the test
+/// grants, and while it has none it asks to be woken after 5 ms.
+struct Limited {
+    tokens: Arc<Mutex<u32>>,
+}
+
+impl QueueHandler for Limited {
+    fn can_start(&self) -> bool {
+        *self.tokens.lock().unwrap() > 0
+    }
+    fn start(&mut self, _chain: &Chain, _mem: &Arc<GuestMem>) -> Outcome {
+        *self.tokens.lock().unwrap() -= 1;
+        Outcome::Done { used_len: 1 }
+    }
+    fn retry_after(&self) -> Option<Duration> {
+        (*self.tokens.lock().unwrap() == 0).then_some(Duration::from_micros(4_100))
+    }
+}
+
+#[test]
+fn a_rate_limited_handler_asks_for_a_timer_and_the_timer_serves_what_waited() {
+    let mut drv = Driver::new();
+    let tokens = Arc::new(Mutex::new(1));
+    let mut svc = drv.service(Box::new(Limited {
+        tokens: tokens.clone(),
+    }));
+    let mut mem = drv.mem.clone();
+    svc.activate(&mem, None).unwrap();
+    assert_eq!(svc.wake_after(), None);
+    assert_eq!(
+        svc.wake_timeout_ms(),
+        -1,
+        "nothing waits: sleep on fds only"
+    );
+    for head in 0..3 {
+        drv.post(head, BUF, 16);
+    }
+    svc.serve(Event::Kick, &mut mem, &mut no_remap, &mut || {})
+        .unwrap();
+    assert_eq!(drv.take_used(), vec![(0, 1)], "one token: one request");
+    assert_eq!(svc.wake_after(), Some(Duration::from_micros(4_100)));
+    assert_eq!(svc.wake_timeout_ms(), 5, "rounded up to whole milliseconds");
+    // No kick comes (the driver was not asked for one): the timer serves the rest.
+    *tokens.lock().unwrap() = 2;
+    svc.serve(Event::Timer, &mut mem, &mut no_remap, &mut || {})
+        .unwrap();
+    assert_eq!(drv.take_used(), vec![(1, 1), (2, 1)]);
+    assert_eq!(svc.wake_after(), Some(Duration::from_micros(4_100)));
+    // A broken queue asks for no timer.
+    drv.mem
+        .write_obj(100u16.to_le(), GuestAddress(AVAIL + 2))
+        .unwrap();
+    *tokens.lock().unwrap() = 1;
+    assert!(svc
+        .serve(Event::Timer, &mut mem, &mut no_remap, &mut || {})
+        .is_err());
+    *tokens.lock().unwrap() = 0;
+    assert_eq!(svc.wake_after(), None);
+}

@@ -197,6 +197,9 @@ pub struct Options {
     /// Negotiate the in-flight region and get it from the daemon before the rings start
     /// (as QEMU does).
     pub inflight: bool,
+    /// Negotiate `BACKEND_REQ` (the test then hands its end of a backend channel over with
+    /// `fe.set_backend_request_fd`).
+    pub backend_req: bool,
 }
 
 impl Default for Options {
@@ -208,6 +211,7 @@ impl Default for Options {
             queues: 2,
             enabled: 1,
             inflight: false,
+            backend_req: false,
         }
     }
 }
@@ -231,6 +235,12 @@ impl Options {
     /// Negotiate the in-flight region.
     pub fn inflight(mut self, on: bool) -> Self {
         self.inflight = on;
+        self
+    }
+
+    /// Negotiate `BACKEND_REQ`.
+    pub fn backend_req(mut self, on: bool) -> Self {
+        self.backend_req = on;
         self
     }
 }
@@ -291,7 +301,7 @@ impl Driver {
         for (base, bytes) in &shadow {
             mem.write_slice(bytes, GuestAddress(*base)).unwrap();
         }
-        let hs = Self::handshake(socket, opts.features, opts.inflight);
+        let hs = Self::handshake(socket, opts.features, opts.inflight, opts.backend_req);
         let num_queues = hs.num_queues.min(opts.queues);
         let mut d = Self {
             fe: hs.fe,
@@ -323,7 +333,7 @@ impl Driver {
     /// handed over with `SET_INFLIGHT_FD`, and each ring's base set to its used index (the
     /// only position the frontend knows without the dead backend). Queue 0 only.
     pub fn reconnect(mut self, socket: &Path) -> Self {
-        let hs = Self::handshake(socket, Some(self.acked), self.inflight.is_some());
+        let hs = Self::handshake(socket, Some(self.acked), self.inflight.is_some(), false);
         self.fe = hs.fe;
         if let Some((msg, file)) = self.inflight.as_ref() {
             self.fe
@@ -352,7 +362,12 @@ impl Driver {
         self.avail_idx.len()
     }
 
-    fn handshake(socket: &Path, features: Option<u64>, inflight: bool) -> Handshake {
+    fn handshake(
+        socket: &Path,
+        features: Option<u64>,
+        inflight: bool,
+        backend_req: bool,
+    ) -> Handshake {
         let mut fe = Frontend::connect(socket, MAX_QUEUES as u64).expect("connect to the daemon");
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
@@ -378,6 +393,13 @@ impl Driver {
                 "the daemon offers INFLIGHT_SHMFD"
             );
             want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        if backend_req {
+            assert!(
+                proto.contains(VhostUserProtocolFeatures::BACKEND_REQ),
+                "the daemon offers BACKEND_REQ"
+            );
+            want |= VhostUserProtocolFeatures::BACKEND_REQ;
         }
         fe.set_protocol_features(proto & want).unwrap();
         // Every request from here on is acknowledged: set-up is done before the first kick,

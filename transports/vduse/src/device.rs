@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use vduse::vdpa::{self, Driver, VdpaClient};
 use vduse::{DeviceConfig, IotlbMemory, VduseControl, VduseDevice};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ;
-use virtiod_core::{Device, QueueService, F_ACCESS_PLATFORM, F_VERSION_1};
+use virtiod_core::{ConfigNotifier, Device, QueueService, F_ACCESS_PLATFORM, F_VERSION_1};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::shared::{QueueCtx, QueueHandle, Shared};
@@ -77,6 +77,28 @@ fn check_net_features(features: u64) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// Tells the driver that the configuration space changed: the kernel keeps the config space
+/// a VDUSE driver reads, so it is updated first (`VDUSE_DEV_SET_CONFIG`), then the driver is
+/// interrupted (`VDUSE_DEV_INJECT_CONFIG_IRQ`; virtio-blk then re-reads its capacity).
+struct ConfigIrq(Weak<Shared>);
+
+impl ConfigNotifier for ConfigIrq {
+    fn config_changed(&self, config: &[u8]) -> Result<(), String> {
+        let shared = self
+            .0
+            .upgrade()
+            .ok_or("the VDUSE device is being removed")?;
+        shared
+            .dev
+            .set_config(0, config)
+            .map_err(|e| format!("updating the kernel's copy of the config space: {e}"))?;
+        shared.log.set_config_hash(state::config_hash(config));
+        shared.dev.inject_config_irq().map_err(|e| {
+            format!("{e} (the kernel only delivers it while a driver runs the device: attach it)")
+        })
+    }
 }
 
 /// Whether the vDPA bus has a device called `name`.
@@ -191,7 +213,10 @@ impl VduseServer {
             interface_elsewhere: false,
             device: device.clone(),
         };
-        this.start(device, dev, log, exists, opts.poll)?;
+        this.start(device.clone(), dev, log, exists, opts.poll)?;
+        if let Some(shared) = &this.shared {
+            device.set_config_notifier(Some(Arc::new(ConfigIrq(Arc::downgrade(shared)))));
+        }
         if exists && vdpa_has(&opts.name) {
             this.attached = true;
             if opts.attach != Attach::None {
@@ -377,6 +402,7 @@ impl VduseServer {
             }
         }
         if let Some(shared) = self.shared.take() {
+            self.device.set_config_notifier(None);
             shared.stop.store(true, Ordering::Release);
             let _ = shared.stop_evt.write(1);
             for q in &shared.queues {

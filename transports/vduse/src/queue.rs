@@ -39,13 +39,20 @@ fn serve(shared: &Arc<Shared>, index: usize) -> std::io::Result<()> {
     let mut events = vec![EpollEvent::default(); 4];
     // Set up: from here on the thread reads the driver's rings.
     virtiod_core::confine::enter(virtiod_core::confine::ThreadRole::Queue);
+    // A handler that holds requests back (a rate limit) asks to be served again after a
+    // while even if no fd becomes readable.
+    let mut timeout_ms = -1;
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        let n = match epoll.wait(timeout_ms, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        let mut event = Event::Completion;
+        let mut event = if n == 0 {
+            Event::Timer
+        } else {
+            Event::Completion
+        };
         for ev in &events[..n] {
             match ev.data() {
                 TOKEN_KICK => {
@@ -62,13 +69,15 @@ fn serve(shared: &Arc<Shared>, index: usize) -> std::io::Result<()> {
         if shared.stop.load(Ordering::Acquire) {
             return Ok(());
         }
-        service(shared, index, event);
+        timeout_ms = service(shared, index, event);
     }
 }
 
 /// Serve the queue after `event`: the core completes what the handler finished and starts
 /// what the driver queued, re-mapping the IOTLB when a chain or the ring is not mapped.
-pub(crate) fn service(shared: &Arc<Shared>, index: usize, event: Event) {
+/// Returns how long the thread may sleep without an event (`epoll_wait` timeout, -1: until
+/// an fd is readable).
+pub(crate) fn service(shared: &Arc<Shared>, index: usize, event: Event) -> i32 {
     let handle = &shared.queues[index];
     let mut guard = lock(handle);
     let QueueCtx { svc, mem } = &mut *guard;
@@ -76,7 +85,7 @@ pub(crate) fn service(shared: &Arc<Shared>, index: usize, event: Event) {
         if event == Event::Completion {
             svc.ack_completion_event(); // level-triggered: clear it or the thread spins
         }
-        return;
+        return -1;
     };
     // Another queue may already have mapped what this one misses: hand out the newest
     // snapshot whenever it differs from the one this queue is using.
@@ -100,4 +109,5 @@ pub(crate) fn service(shared: &Arc<Shared>, index: usize, event: Event) {
     };
     // A broken ring is logged once by the core and stays quiet until the driver resets it.
     let _ = svc.serve(event, mem, &mut remap, &mut irq);
+    svc.wake_timeout_ms()
 }

@@ -168,6 +168,15 @@ impl StateLog {
             .store(status, OFF_STATUS, Ordering::Release);
     }
 
+    /// The config space changed (an online resize): a restarted process, which opens the
+    /// image at its new size, must find the same identity.
+    pub fn set_config_hash(&self, hash: u64) {
+        let _ = self
+            .region
+            .as_volatile_slice()
+            .write_obj(hash.to_le(), OFF_CONFIG_HASH);
+    }
+
     /// The in-flight block of queue `index`.
     pub fn queue(&self, index: usize) -> Option<InflightQueue> {
         self.blocks.queue(index)
@@ -214,6 +223,13 @@ mod tests {
             ..id()
         };
         assert!(StateLog::open_existing(&dir, "vd0", other).is_err());
+        // After an online resize the log names the new config space.
+        again.set_config_hash(other.config_hash);
+        drop(again);
+        let again = StateLog::open_existing(&dir, "vd0", other)
+            .unwrap()
+            .unwrap();
+        assert!(StateLog::open_existing(&dir, "vd0", id()).is_err());
         assert!(StateLog::open_existing(&dir, "vd9", id())
             .unwrap()
             .is_none());

@@ -57,6 +57,7 @@ fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::BACKEND_REQ
 }
 
 fn io_err(e: impl std::fmt::Display) -> VuError {
@@ -64,6 +65,11 @@ fn io_err(e: impl std::fmt::Display) -> VuError {
 }
 
 impl Connection {
+    /// The protocol features the frontend acknowledged.
+    pub fn acked_protocol(&self) -> u64 {
+        self.acked_protocol
+    }
+
     pub fn new(dev: Arc<VhostUserDevice>, poison_wake: Arc<EventFd>) -> Self {
         Self {
             dev,

@@ -18,6 +18,7 @@
 
 #![deny(missing_docs)]
 
+mod backend_channel;
 mod fault;
 mod handler;
 pub mod inflight;
@@ -37,6 +38,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use virtiod_core::{Device, DeviceError, QueueService};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::backend_channel::{BackendChannel, ConfigChange};
 use crate::fault::FrontendMemory;
 use crate::handler::Connection;
 use crate::queue::{lock, QueueState, QueueThread};
@@ -72,6 +74,8 @@ pub struct VhostUserDevice {
     connection: Mutex<Option<UnixStream>>,
     /// The frontend's memory regions mapped by this device (unmapped once unused).
     frontend_memory: Mutex<FrontendMemory>,
+    /// The current frontend's backend channel, if it gave one (`SET_BACKEND_REQ_FD`).
+    backend_channel: Mutex<Option<BackendChannel>>,
 }
 
 impl VhostUserDevice {
@@ -90,12 +94,22 @@ impl VhostUserDevice {
                 ))))
             })
             .collect::<Result<_, Error>>()?;
-        Ok(Arc::new(Self {
+        let this = Arc::new(Self {
             device,
             queues,
             connection: Mutex::new(None),
             frontend_memory: Mutex::new(FrontendMemory::default()),
-        }))
+            backend_channel: Mutex::new(None),
+        });
+        this.device
+            .set_config_notifier(Some(Arc::new(ConfigChange(Arc::downgrade(&this)))));
+        Ok(this)
+    }
+
+    fn backend_channel(&self) -> MutexGuard<'_, Option<BackendChannel>> {
+        self.backend_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn frontend_memory(&self) -> MutexGuard<'_, FrontendMemory> {
@@ -177,6 +191,7 @@ impl VhostUserDevice {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        self.backend_channel().take();
         for q in &self.queues {
             let mut st = lock(q);
             st.drain();
@@ -219,6 +234,20 @@ impl VhostUserDevice {
             }
             let handled = requests.handle_request();
             let replied = wire.forward_replies();
+            if let Some(sock) = wire.take_backend_channel() {
+                if handled.is_ok() {
+                    let acked = conn
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .acked_protocol();
+                    match BackendChannel::new(sock, acked) {
+                        Ok(channel) => *self.backend_channel() = Some(channel),
+                        Err(err) => {
+                            tracing::warn!(%err, "cannot use the frontend's backend channel")
+                        }
+                    }
+                }
+            }
             match handled {
                 Ok(()) => {}
                 Err(VuError::Disconnected | VuError::PartialMessage) => return Ok(()),

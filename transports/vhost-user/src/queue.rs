@@ -170,6 +170,14 @@ impl QueueState {
         }
         self.update_registration();
         self.service(Event::Kick);
+        if self.wake_timeout_ms() >= 0 {
+            // Served from the message thread: the queue thread sleeps without a timeout and
+            // the handler holds requests back (a rate limit) with notifications off. A kick
+            // brings the thread round to set its timer.
+            if let Some(kick) = self.kick.as_ref() {
+                let _ = (&*kick).write(&1u64.to_ne_bytes());
+            }
+        }
     }
 
     /// Stop the ring (`GET_VRING_BASE`): complete everything in flight, stop listening, and
@@ -210,6 +218,15 @@ impl QueueState {
             let _ = (&*kick).read(&mut buf);
         }
         true
+    }
+
+    /// How long the queue thread may sleep without an event (`epoll_wait` timeout; -1: until
+    /// an fd is readable): only while the ring runs and the handler holds requests back.
+    pub fn wake_timeout_ms(&self) -> i32 {
+        if self.mem.is_none() || !self.running() {
+            return -1;
+        }
+        self.svc.wake_timeout_ms()
     }
 
     /// Serve the queue after `event` (the core busy-polls adaptively and decides when the
@@ -299,8 +316,11 @@ impl QueueThread {
 fn run(cell: &Mutex<QueueState>, epoll: &Epoll) {
     virtiod_core::confine::enter(virtiod_core::confine::ThreadRole::Queue);
     let mut events = vec![EpollEvent::default(); 8];
+    // A handler that holds requests back (a rate limit) asks to be served again after a
+    // while even if no fd becomes readable.
+    let mut timeout_ms = -1;
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        let n = match epoll.wait(timeout_ms, &mut events) {
             Ok(n) => n,
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(err) => {
@@ -308,6 +328,12 @@ fn run(cell: &Mutex<QueueState>, epoll: &Epoll) {
                 return;
             }
         };
+        if n == 0 {
+            let mut st = lock(cell);
+            st.service(Event::Timer);
+            timeout_ms = st.wake_timeout_ms();
+            continue;
+        }
         for ev in &events[..n] {
             let token = ev.data();
             if token == TOKEN_EXIT {
@@ -319,6 +345,7 @@ fn run(cell: &Mutex<QueueState>, epoll: &Epoll) {
             } else if st.consume_kick(token) {
                 st.service(Event::Kick);
             }
+            timeout_ms = st.wake_timeout_ms();
         }
     }
 }

@@ -83,6 +83,8 @@ pub struct Wire {
     early_enables: Vec<[u8; 8]>,
     /// Messages to pass to the handler before reading the frontend again.
     pending: VecDeque<Vec<u8>>,
+    /// A duplicate of the socket a `SET_BACKEND_REQ_FD` carried (`backend_channel.rs`).
+    backend_channel: Option<UnixStream>,
 }
 
 fn sys(e: vmm_sys_util::errno::Error) -> io::Error {
@@ -113,6 +115,7 @@ impl Wire {
             protocol_acked: false,
             early_enables: Vec::new(),
             pending: VecDeque::new(),
+            backend_channel: None,
         };
         Ok((wire, theirs))
     }
@@ -178,6 +181,12 @@ impl Wire {
             }
             return Ok(false);
         }
+        if request == crate::backend_channel::SET_BACKEND_REQ_FD && files.len() == 1 {
+            self.backend_channel = files[0]
+                .try_clone()
+                .ok()
+                .map(|f| UnixStream::from(std::os::fd::OwnedFd::from(f)));
+        }
         let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
         self.send_to_handler(&msg, &fds)?;
         Ok(true)
@@ -191,6 +200,11 @@ impl Wire {
             return Err(io::Error::other("short write to the request handler").into());
         }
         Ok(())
+    }
+
+    /// The backend channel the last message handed over, if it was `SET_BACKEND_REQ_FD`.
+    pub fn take_backend_channel(&mut self) -> Option<UnixStream> {
+        self.backend_channel.take()
     }
 
     /// Pass whatever the handler wrote (its replies) to the frontend.

@@ -13,6 +13,11 @@
 //! buffered = false                  # page cache instead of O_DIRECT
 //! poll-us = 32                      # largest adaptive busy-poll window (0: never poll)
 //!
+//! [device.qos]                      # optional limits (blk devices; names in [`QOS_KEYS`])
+//! iops = 2000                       # requests per second; read-iops, write-iops
+//! bps = "100M"                      # bytes per second; read-bps, write-bps
+//! iops-burst = 200                  # any limit + "-burst"
+//!
 //! [[device]]
 //! name = "n"
 //! net = "switch:sw0"                # virtio-net on the in-process switch sw0 (instead of image)
@@ -36,11 +41,15 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod net;
+mod qos;
 
 pub use net::{
     check_mtu, format_mac, parse_cli_net, parse_mac, parse_net_backend, DeviceKind, Mac,
     NetBackendSpec, NetSpec, MIN_MTU,
 };
+use qos::QosValue;
+pub use qos::{qos_from_pairs, qos_pairs, QOS_KEYS};
+pub use virtiod_blk::{QosLimits, Rate};
 
 /// Largest number of queues per device.
 pub const MAX_QUEUES: u16 = 64;
@@ -101,6 +110,8 @@ pub struct DeviceSpec {
     pub serial: String,
     /// Busy-poll each queue this long (µs) after its last request (0: never).
     pub poll_us: u64,
+    /// IOPS and bandwidth limits (blk devices).
+    pub qos: QosLimits,
 }
 
 /// An error at a place in the text.
@@ -174,6 +185,7 @@ struct RawDevice {
     serial: Option<Spanned<String>>,
     attach: Option<Spanned<Attach>>,
     poll_us: Option<Spanned<u64>>,
+    qos: Option<Spanned<std::collections::BTreeMap<String, QosValue>>>,
 }
 
 /// Maps byte offsets to line:column.
@@ -307,6 +319,7 @@ fn validate(
     let queue_size = queue_size(raw.queue_size.as_ref(), &mut problems);
     let poll_us = poll_us(raw.poll_us.as_ref(), &mut problems);
     let serial = serial(raw.serial.as_ref(), &name, &mut problems);
+    let qos = qos::validate(raw.qos.as_ref(), kind.as_ref(), &mut problems);
     match (transport, kind) {
         (Some(transport), Some(kind)) if problems.errors.is_empty() => Ok(DeviceSpec {
             name,
@@ -319,6 +332,7 @@ fn validate(
             buffered: raw.buffered,
             serial,
             poll_us,
+            qos,
         }),
         _ => Err(problems.errors),
     }

@@ -45,6 +45,7 @@ fn parses_the_documented_example() {
             buffered: false,
             serial: "a".into(),
             poll_us: DEFAULT_POLL_US,
+            qos: QosLimits::default(),
         }
     );
     assert_eq!(
@@ -230,4 +231,28 @@ fn net_errors_are_located() {
     let e = errors(blk_with_mac);
     assert_eq!((e[0].line, e[0].column), (5, 7), "{e:?}");
     assert!(e[0].message.contains("net devices only"), "{}", e[0]);
+}
+
+#[test]
+fn qos_table_sets_limits_and_its_mistakes_are_placed() {
+    let text = "[[device]]\nname = \"a\"\nimage = \"null:1G\"\nvhost-user = \"/a.sock\"\n[device.qos]\niops = 2000\nread-bps = \"100M\"\niops-burst = 20\n";
+    let devs = parse(text).unwrap();
+    assert_eq!(
+        devs[0].qos.iops,
+        Some(Rate {
+            per_sec: 2000,
+            burst: Some(20)
+        })
+    );
+    assert_eq!(devs[0].qos.read_bps, Some(Rate::new(100 << 20)));
+    let bad = text.replace("iops-burst", "iops-brust");
+    let e = errors(&bad);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].message.contains("iops-brust"), "{}", e[0].message);
+    assert_eq!(e[0].line, 5, "{:?}", e[0]);
+    let one = parse_device(
+        r#"{"name":"c","image":"mem:1M","vhost-user":"/c.sock","qos":{"write-iops":50}}"#,
+    )
+    .unwrap();
+    assert_eq!(one.qos.write_iops, Some(Rate::new(50)));
 }
