@@ -11,6 +11,10 @@ use common::*;
 use virtiod_testkit::process::Served;
 
 fn daemon(dir: &Scratch, seccomp: &str, forbidden: bool) -> Served {
+    daemon_env(dir, seccomp, forbidden.then_some("1"))
+}
+
+fn daemon_env(dir: &Scratch, seccomp: &str, forbidden: Option<&str>) -> Served {
     let sock = dir.path("vu.sock");
     let mut cmd = virtiod();
     cmd.args(["serve", "--seccomp", seccomp, "--vhost-user"])
@@ -18,8 +22,8 @@ fn daemon(dir: &Scratch, seccomp: &str, forbidden: bool) -> Served {
         .arg("mem:16M")
         .env_remove("VIRTIOD_SECCOMP")
         .stderr(Stdio::piped());
-    if forbidden {
-        cmd.env("VIRTIOD_DEBUG_FORBIDDEN_SYSCALL", "1");
+    if let Some(value) = forbidden {
+        cmd.env("VIRTIOD_DEBUG_FORBIDDEN_SYSCALL", value);
     }
     Served::start(cmd, &sock)
 }
@@ -126,5 +130,22 @@ fn confined_threads_hold_no_capabilities() {
     assert_ne!(
         main_eff, none,
         "the main thread keeps what adding devices needs"
+    );
+}
+
+#[test]
+fn a_queue_thread_opening_a_file_is_refused_and_goes_on() {
+    let dir = Scratch::new("seccomp-open");
+    let mut served = daemon_env(&dir, "on", Some("open"));
+    let mut client = Client::connect(&served.socket, 1, 4096).unwrap();
+    assert_eq!(client.read(0, 0, 0, 4096), 0, "the queue keeps serving");
+    drop(client);
+    served.signal(libc::SIGTERM);
+    let status = served.wait_timeout(Duration::from_secs(20));
+    assert!(status.success(), "exit status {status}");
+    let err = stderr_of(&mut served);
+    assert!(
+        err.contains("a queue thread opening a file: Err(") && err.contains("PermissionDenied"),
+        "the open is refused with EACCES:\n{err}"
     );
 }

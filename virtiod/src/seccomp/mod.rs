@@ -38,13 +38,18 @@ pub enum Mode {
 /// The compiled filters, one per role.
 struct Filters {
     queue: BpfProgram,
+    /// Queue threads: opening files fails with EACCES instead of ending the process (glibc's
+    /// malloc opens `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread's
+    /// heap, and copes with a refusal).
+    queue_no_open: BpfProgram,
     message: BpfProgram,
 }
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
 
 /// Environment variable that makes every confined queue thread issue a system call outside
-/// its list right after confining itself: the test of the trap (see docs/security.md).
+/// its list right after confining itself: the test of the trap (see docs/security.md). With
+/// the value `open` the thread opens a file instead, which is refused (EACCES) but not fatal.
 pub const FORBIDDEN_CALL_ENV: &str = "VIRTIOD_DEBUG_FORBIDDEN_SYSCALL";
 
 /// Compile the filters for `mode` and set the hook that transport threads call; call once,
@@ -62,8 +67,20 @@ pub fn install(mode: Mode) -> anyhow::Result<()> {
             BpfProgram::try_from(filter)
                 .with_context(|| format!("compiling the seccomp filter of {role} threads"))
         };
+    let no_open = SeccompFilter::new(
+        [libc::SYS_openat, libc::SYS_open]
+            .into_iter()
+            .map(|nr| (nr, Vec::new()))
+            .collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch(),
+    )
+    .context("building the no-open seccomp filter of queue threads")?;
     let filters = Filters {
         queue: compile(queue_rules()?, "queue")?,
+        queue_no_open: BpfProgram::try_from(no_open)
+            .context("compiling the no-open seccomp filter of queue threads")?,
         message: compile(message_rules(), "message")?,
     };
     if mode == Mode::On {
@@ -95,14 +112,31 @@ fn enter(role: ThreadRole) {
         eprintln!("virtiod: error: cannot drop the capabilities of a {role:?} thread: {e}: run with --seccomp off to serve without confinement");
         std::process::exit(1);
     }
-    if let Err(e) = seccompiler::apply_filter(program) {
+    // Filters stack and the strictest answer wins: the queue filter lets openat through to
+    // this one, which refuses it with EACCES (installed first: the queue filter has no seccomp).
+    let no_open = match role {
+        ThreadRole::Queue => Some(&filters.queue_no_open),
+        ThreadRole::Message => None,
+    };
+    if let Err(e) = no_open
+        .map_or(Ok(()), |p| seccompiler::apply_filter(p))
+        .and_then(|()| seccompiler::apply_filter(program))
+    {
         eprintln!("virtiod: error: cannot install the seccomp filter of a {role:?} thread: {e}: run with --seccomp off to serve without it");
         std::process::exit(1);
     }
-    if role == ThreadRole::Queue && std::env::var_os(FORBIDDEN_CALL_ENV).is_some() {
-        // SYSLOG_ACTION_SIZE_BUFFER: harmless where allowed; no virtiod thread may call it.
-        // SAFETY: syslog(10, NULL, 0) only returns the size of the kernel log buffer.
-        unsafe { libc::syscall(libc::SYS_syslog, 10, std::ptr::null_mut::<u8>(), 0) };
+    match std::env::var(FORBIDDEN_CALL_ENV) {
+        Ok(what) if role == ThreadRole::Queue && what == "open" => {
+            // Refused with EACCES, not fatal: the thread goes on serving.
+            let result = std::fs::File::open("/proc/self/status").map(drop);
+            eprintln!("virtiod: debug: a queue thread opening a file: {result:?}");
+        }
+        Ok(_) if role == ThreadRole::Queue => {
+            // SYSLOG_ACTION_SIZE_BUFFER: harmless where allowed; no virtiod thread may call it.
+            // SAFETY: syslog(10, NULL, 0) only returns the size of the kernel log buffer.
+            unsafe { libc::syscall(libc::SYS_syslog, 10, std::ptr::null_mut::<u8>(), 0) };
+        }
+        _ => {}
     }
 }
 
@@ -174,11 +208,15 @@ const COMMON: &[i64] = &[
     libc::SYS_msync,
 ];
 
-/// Queue threads: [`COMMON`], plus only the VDUSE ioctls of a queue (interrupts, re-mapping
-/// the IOTLB, the queue's state).
+/// Queue threads: [`COMMON`], `ftruncate` (a qcow2 image grows as clusters are allocated),
+/// `openat` (refused with EACCES by the no-open filter stacked on this one), plus only the
+/// VDUSE ioctls of a queue (interrupts, re-mapping the IOTLB, the queue's state).
 fn queue_rules() -> anyhow::Result<BTreeMap<i64, Vec<SeccompRule>>> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        COMMON.iter().map(|&nr| (nr, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON
+        .iter()
+        .chain(&[libc::SYS_ftruncate, libc::SYS_openat, libc::SYS_open])
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
     let mut ioctls = Vec::new();
     for cmd in [
         vduse::sys::VDUSE_VQ_INJECT_IRQ,
