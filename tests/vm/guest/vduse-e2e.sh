@@ -220,6 +220,7 @@ virtiod doctor >/tmp/doctor.out 2>&1; rc=$?
 [ $rc -eq 0 ] || fail "virtiod doctor exited $rc: $(grep -E '^(FAIL|WARN)' /tmp/doctor.out)"
 grep -q '^OK   /dev/vduse/control' /tmp/doctor.out || fail "doctor: $(cat /tmp/doctor.out)"
 grep -q '^OK   vdpa management devices' /tmp/doctor.out || fail "doctor: $(cat /tmp/doctor.out)"
+grep -q '^OK   VDUSE net' /tmp/doctor.out || fail "doctor on 6.12 must see VDUSE net: $(cat /tmp/doctor.out)"
 virtiod doctor --json >/tmp/doctor.json || fail "virtiod doctor --json exited non-zero"
 grep -q '"status": "FAIL"' /tmp/doctor.json && fail "doctor --json has a FAIL: $(cat /tmp/doctor.json)"
 ok "virtiod doctor: $(grep -c '^OK' /tmp/doctor.out) checks OK, exit 0"

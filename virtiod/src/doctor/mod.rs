@@ -70,6 +70,7 @@ pub fn checks(f: &Facts) -> Vec<Check> {
     out.extend([
         control(f),
         mgmt_devices(f),
+        vduse_net(f),
         io_uring(f),
         o_direct(f),
         memlock(f),
@@ -220,6 +221,38 @@ fn mgmt_devices(f: &Facts) -> Check {
                 ),
             }
         }
+    }
+}
+
+/// Whether this kernel's VDUSE accepts virtio-net devices (Linux 6.10 and later): optional,
+/// so a warning, not a failure, when it does not.
+fn vduse_net(f: &Facts) -> Check {
+    const NAME: &str = "VDUSE net";
+    const VIRTIO_ID_NET: u32 = 1;
+    let vduse = f
+        .mgmt_devices
+        .as_ref()
+        .ok()
+        .and_then(|devs| devs.iter().find(|d| d.dev_name == "vduse"));
+    match vduse {
+        Some(d) if d.supported_classes & (1 << VIRTIO_ID_NET) != 0 => check(
+            NAME,
+            Status::Ok,
+            "vduse offers net: net:switch=NAME and net:tap=NAME devices can be served through VDUSE",
+            "",
+        ),
+        Some(_) => check(
+            NAME,
+            Status::Warn,
+            "vduse does not offer net devices (it needs Linux 6.10 or later)",
+            "serve net devices over vhost-user, or use a newer kernel",
+        ),
+        None => check(
+            NAME,
+            Status::Warn,
+            "unknown: no vduse management device listed",
+            "see the vdpa management devices check",
+        ),
     }
 }
 

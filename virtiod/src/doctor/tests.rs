@@ -40,7 +40,7 @@ fn find<'a>(report: &'a [Check], name: &str) -> &'a Check {
 fn a_good_host_passes_everything() {
     let root = FakeRoot::new();
     let report = checks(&good_host(&root));
-    assert_eq!(report.len(), 1 + MODULES.len() + 7);
+    assert_eq!(report.len(), 1 + MODULES.len() + 8);
     for c in &report {
         assert_eq!(c.status, Status::Ok, "{c:?}");
         assert!(c.fix.is_empty(), "{c:?}");
@@ -190,4 +190,21 @@ fn json_shape() {
     assert_eq!(first["check"], "kernel");
     assert_eq!(first["status"], "OK");
     assert!(first["detail"].is_string() && first["fix"].is_string());
+}
+
+#[test]
+fn vduse_net_is_reported_from_the_management_device_classes() {
+    let root = FakeRoot::new();
+    let mut f = good_host(&root);
+    assert_eq!(find(&checks(&f), "VDUSE net").status, Status::Ok);
+    f.mgmt_devices = Ok(vec![MgmtDevice {
+        bus_name: None,
+        dev_name: "vduse".into(),
+        supported_classes: 1 << 2,
+    }]);
+    let c = checks(&f);
+    let net = find(&c, "VDUSE net");
+    assert_eq!(net.status, Status::Warn);
+    assert!(net.detail.contains("6.10"), "{}", net.detail);
+    assert_eq!(find(&c, "vdpa management devices").status, Status::Ok);
 }
