@@ -358,7 +358,8 @@ pub struct ServeArgs {
     /// Accept control commands (JSON lines; see `virtiod ctl`) on this unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<std::path::PathBuf>,
-    /// Net devices only: the MAC address (a random locally administered one otherwise).
+    /// Net devices only: the MAC address (otherwise a locally administered one derived from the
+    /// VDUSE name or the socket path: the same on every start).
     #[arg(long, value_name = "MAC", value_parser = virtiod_config::parse_mac)]
     pub mac: Option<virtiod_config::Mac>,
     /// Net devices only: the MTU (default 1500).

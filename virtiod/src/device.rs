@@ -50,7 +50,7 @@ pub struct Device {
     blk: Option<Arc<BlkDevice>>,
     /// The port of a net device, which counts its frames.
     port: Option<Arc<dyn NetBackend>>,
-    /// The MAC address of a net device (the one given, or the random one chosen).
+    /// The MAC address of a net device (the one given, or the one derived from its transport).
     mac: Option<Mac>,
     endpoint: PathBuf,
     kind: Kind,
@@ -269,7 +269,8 @@ pub fn qos_text(limits: &QosLimits) -> String {
     text.join(" ")
 }
 
-/// A virtio-net device on its port (of a switch, or a tap), with the MAC given or a random one.
+/// A virtio-net device on its port (of a switch, or a tap), with the MAC given or one derived
+/// from where it is served.
 fn open_net(spec: &DeviceSpec, net: &NetSpec) -> anyhow::Result<(Arc<NetDevice>, Mac)> {
     // The queue pairs (--queues / queues); the control queue they need only over vhost-user
     // (VDUSE refuses it: NetDevice::new then refuses more than one pair).
@@ -280,10 +281,7 @@ fn open_net(spec: &DeviceSpec, net: &NetSpec) -> anyhow::Result<(Arc<NetDevice>,
             .with_context(|| format!("cannot join switch {switch}"))?,
         NetBackendSpec::Tap(tap) => Arc::new(TapPort::open_with_pairs(tap, pairs)?),
     };
-    let mac = match net.mac {
-        Some(mac) => mac,
-        None => random_mac().context("cannot choose a random MAC address: give one")?,
-    };
+    let mac = net.mac.unwrap_or_else(|| derived_mac(&spec.transport));
     let mut cfg = NetConfig::new(mac);
     cfg.queue_size = spec.queue_size;
     cfg.queue_pairs = pairs;
@@ -297,7 +295,7 @@ fn open_net(spec: &DeviceSpec, net: &NetSpec) -> anyhow::Result<(Arc<NetDevice>,
         port = %net.backend,
         mac = %virtiod_config::format_mac(&mac),
         mtu = cfg.mtu,
-        random_mac = net.mac.is_none(),
+        derived_mac = net.mac.is_none(),
         queue_size = cfg.queue_size,
         queue_pairs = cfg.queue_pairs,
         control_queue = cfg.control_queue,
@@ -306,11 +304,46 @@ fn open_net(spec: &DeviceSpec, net: &NetSpec) -> anyhow::Result<(Arc<NetDevice>,
     Ok((Arc::new(dev), mac))
 }
 
-/// A random locally administered unicast MAC address.
-fn random_mac() -> std::io::Result<Mac> {
-    use std::io::Read;
-    let mut mac = [0u8; 6];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut mac)?;
-    mac[0] = (mac[0] & 0xfc) | 0x02;
-    Ok(mac)
+/// A locally administered unicast MAC address derived from where the device is served (the
+/// VDUSE name or the vhost-user socket path, both unique on a host): the same on every start,
+/// so a restarted daemon re-opens its VDUSE device (whose identity includes the MAC) and the
+/// interface keeps its address. FNV-1a, fixed here so it does not change with the toolchain.
+fn derived_mac(transport: &Transport) -> Mac {
+    let key = match transport {
+        Transport::Vduse { name, .. } => format!("vduse:{name}"),
+        Transport::VhostUser(path) => format!("vhost-user:{}", path.display()),
+    };
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = hash.to_be_bytes();
+    [(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vduse(name: &str) -> Transport {
+        Transport::Vduse {
+            name: name.into(),
+            attach: virtiod_config::Attach::Virtio,
+        }
+    }
+
+    #[test]
+    fn derived_macs_are_stable_local_unicast_and_distinct() {
+        let a = derived_mac(&vduse("vnet0"));
+        assert_eq!(a, derived_mac(&vduse("vnet0")), "the same on every start");
+        assert_eq!(a[0] & 0x03, 0x02, "locally administered, unicast");
+        assert_ne!(a, derived_mac(&vduse("vnet1")));
+        let v = derived_mac(&Transport::VhostUser("/run/vnet0.sock".into()));
+        assert_eq!(v[0] & 0x03, 0x02);
+        assert_ne!(v, a);
+        // Fixed function: a toolchain change must not move every interface's address.
+        // (computed independently: FNV-1a 64 of "vduse:vnet0", first 6 bytes, bit 1 set, bit 0 clear)
+        assert_eq!(virtiod_config::format_mac(&a), "fa:a6:a3:24:12:6d");
+    }
 }

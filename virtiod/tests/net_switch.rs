@@ -132,7 +132,7 @@ fn two_net_devices_on_one_switch_exchange_frames_through_the_daemon() {
     );
     wait_for_port(port);
 
-    // ctl list: both net devices, A with its MAC, B with a random locally administered one.
+    // ctl list: both net devices, A with its MAC, B with one derived from its socket path (locally administered).
     let (code, out, err) = ctl(&control, &["list"]);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();

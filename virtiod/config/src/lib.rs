@@ -22,7 +22,7 @@
 //! name = "n"
 //! net = "switch:sw0"                # virtio-net on the in-process switch sw0 (instead of image)
 //! vhost-user = "/run/virtiod/n.sock"
-//! mac = "52:54:00:12:34:56"         # optional: a random locally administered one otherwise
+//! mac = "52:54:00:12:34:56"         # optional: otherwise derived from the VDUSE name or socket path
 //! mtu = 1500                        # optional
 //! ```
 //!

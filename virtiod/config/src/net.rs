@@ -32,7 +32,7 @@ impl fmt::Display for NetBackendSpec {
 pub struct NetSpec {
     /// Where its frames go.
     pub backend: NetBackendSpec,
-    /// Its MAC address (a random locally administered one when `None`).
+    /// Its MAC address (derived from the VDUSE name or socket path when `None`).
     pub mac: Option<Mac>,
     /// Its MTU (the device's default when `None`).
     pub mtu: Option<u16>,
