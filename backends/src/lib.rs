@@ -4,7 +4,8 @@
 //! - a path: a raw image file or a block device, served with `io_uring`, `O_DIRECT` by default;
 //! - `mem:SIZE`: RAM-backed, for tests;
 //! - `null:SIZE`: reads return zeroes, writes are dropped (the benchmark backend);
-//! - `nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST[:PORT]/EXPORT`: an export of an NBD server.
+//! - `nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST[:PORT]/EXPORT`: an export of an NBD server;
+//! - `rbd:POOL/IMAGE[@SNAP][?conf=PATH&id=CLIENT&keyring=PATH]`: a Ceph RBD image (librbd).
 //!
 //! Each device queue gets its own [`BackendQueue`] (for the file backend: its own `io_uring`),
 //! so queue threads never share a lock on the hot path. I/O is asynchronous: the engine
@@ -89,6 +90,7 @@ mod file;
 mod mem;
 mod nbd;
 mod null;
+mod rbd;
 mod spec;
 
 use std::os::fd::RawFd;
@@ -98,6 +100,7 @@ pub use file::{FileBackend, FileOptions};
 pub use mem::MemBackend;
 pub use nbd::{fuzz as nbd_fuzz, NbdAddress, NbdBackend, NbdError, NbdOptions, NbdTarget};
 pub use null::NullBackend;
+pub use rbd::{RbdAddress, RbdBackend, RbdError};
 pub use spec::{open, parse_size, ImageSpec, OpenOptions};
 
 /// Size of a virtio-blk sector in bytes.
@@ -141,6 +144,9 @@ pub enum Error {
     /// An NBD export could not be opened.
     #[error(transparent)]
     Nbd(#[from] NbdError),
+    /// An RBD image could not be opened.
+    #[error(transparent)]
+    Rbd(#[from] RbdError),
 }
 
 /// Result type of this crate.
