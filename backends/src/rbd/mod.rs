@@ -149,8 +149,9 @@ impl Image {
             image: ptr::null_mut(),
         };
         // SAFETY: the out-pointer is valid; the strings are NUL-terminated and outlive the call.
-        let ret =
-            unsafe { sys::rados_create2(&mut img.cluster, cluster_name.as_ptr(), name.as_ptr(), 0) };
+        let ret = unsafe {
+            sys::rados_create2(&mut img.cluster, cluster_name.as_ptr(), name.as_ptr(), 0)
+        };
         if ret < 0 {
             img.cluster = ptr::null_mut();
             return Err(fail("cannot create the cluster handle", ret, String::new()));
@@ -165,7 +166,10 @@ impl Image {
         if ret < 0 {
             let hint = match &addr.conf {
                 Some(p) => format!(": check conf={} exists and is readable", p.display()),
-                None => ": no /etc/ceph/ceph.conf: give the cluster's configuration with ?conf=PATH".into(),
+                None => {
+                    ": no /etc/ceph/ceph.conf: give the cluster's configuration with ?conf=PATH"
+                        .into()
+                }
             };
             return Err(fail("cannot read the Ceph configuration", ret, hint));
         }
@@ -174,7 +178,12 @@ impl Image {
             img.set("keyring", &value)
                 .map_err(|ret| fail("cannot set the keyring", ret, String::new()))?;
         }
-        if img.get("client_mount_timeout").as_deref().map(str::parse::<f64>) == Some(Ok(300.0)) {
+        if img
+            .get("client_mount_timeout")
+            .as_deref()
+            .map(str::parse::<f64>)
+            == Some(Ok(300.0))
+        {
             let value = cstring(addr, "timeout", MOUNT_TIMEOUT_SECS)?;
             img.set("client_mount_timeout", &value)
                 .map_err(|ret| fail("cannot set client_mount_timeout", ret, String::new()))?;
@@ -200,7 +209,10 @@ impl Image {
         if ret < 0 {
             img.ioctx = ptr::null_mut();
             let hint = if ret == -libc::ENOENT {
-                format!(": no pool {:?}: check the name (ceph osd pool ls)", addr.pool)
+                format!(
+                    ": no pool {:?}: check the name (ceph osd pool ls)",
+                    addr.pool
+                )
             } else {
                 String::new()
             };
@@ -257,7 +269,12 @@ impl Image {
         let mut buf = [0u8; 64];
         // SAFETY: the handle is live; librados writes at most `buf.len()` bytes, NUL included.
         let ret = unsafe {
-            sys::rados_conf_get(self.cluster, option.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            sys::rados_conf_get(
+                self.cluster,
+                option.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
         };
         if ret < 0 {
             return None;
@@ -382,7 +399,10 @@ mod tests {
         assert_eq!((a.snap, a.conf, a.id, a.keyring), (None, None, None, None));
         let a = rbd("rbd:p/d@s1?conf=/c/ceph.conf&id=virtiod&keyring=/k");
         assert_eq!(a.snap.as_deref(), Some("s1"));
-        assert_eq!(a.conf.as_deref(), Some(std::path::Path::new("/c/ceph.conf")));
+        assert_eq!(
+            a.conf.as_deref(),
+            Some(std::path::Path::new("/c/ceph.conf"))
+        );
         assert_eq!(a.id.as_deref(), Some("virtiod"));
         assert_eq!(a.keyring.as_deref(), Some(std::path::Path::new("/k")));
         assert_eq!(a.to_string(), "rbd:p/d@s1");
@@ -409,9 +429,12 @@ mod tests {
     #[test]
     fn a_missing_conf_file_is_one_line_naming_it() {
         let addr = rbd("rbd:p/d?conf=/nonexistent/ceph.conf");
-        let e = super::RbdBackend::open(addr, false).unwrap_err().to_string();
+        let e = super::RbdBackend::open(addr, false)
+            .unwrap_err()
+            .to_string();
         assert!(
-            e.contains("cannot read the Ceph configuration") && e.contains("/nonexistent/ceph.conf"),
+            e.contains("cannot read the Ceph configuration")
+                && e.contains("/nonexistent/ceph.conf"),
             "{e}"
         );
         assert!(!e.contains('\n'), "{e}");

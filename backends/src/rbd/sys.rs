@@ -28,8 +28,7 @@ extern "C" {
         flags: u64,
     ) -> c_int;
     pub fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int;
-    pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char)
-        -> c_int;
+    pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
     pub fn rados_conf_get(
         cluster: rados_t,
         option: *const c_char,
