@@ -3,12 +3,14 @@
 //! libblkio. One test starts the cluster once and runs every case on it.
 
 mod common;
+mod ops_common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blkio::ReqFlags;
 use common::*;
+use ops_common::{ctl, free_port, http_get, sample, vhost_user_device, wait_for_port, RunDaemon};
 
 const MIB: u64 = 1 << 20;
 
@@ -234,6 +236,52 @@ fn errors_are_one_line(cluster: &Cluster, dir: &Scratch) {
     assert!(line.contains("no monitor answered"), "{line}");
 }
 
+/// An RBD device from devices.toml and one added with `ctl add` both serve I/O, and the
+/// metrics count it.
+fn devices_file_ctl_add_and_metrics(cluster: &Cluster, dir: &Scratch) {
+    cluster.rbd(&["create", "rbd/a", "--size", "4M"]);
+    cluster.rbd(&["create", "rbd/b", "--size", "8M"]);
+    let (a, b) = (dir.path("a.sock"), dir.path("b.sock"));
+    let control = dir.path("ctl.sock");
+    let cfg = dir.path("devices.toml");
+    std::fs::write(&cfg, vhost_user_device("a", &cluster.spec("a", ""), &a)).unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = RunDaemon::start(
+        &cfg,
+        &["--control", control.to_str().unwrap(), "--metrics", &addr],
+        &[a.clone(), control.clone()],
+    );
+    wait_for_port(port);
+    let json = format!(
+        r#"{{"name":"b","image":"{}","vhost-user":"{}"}}"#,
+        cluster.spec("b", ""),
+        b.display()
+    );
+    let (code, _, err) = ctl(&control, &["add", &json]);
+    assert_eq!(code, 0, "{err}");
+    for (sock, size, seed) in [(&a, 4 * MIB, 1u64), (&b, 8 * MIB, 2)] {
+        let mut client = Client::connect(sock, 1, MIB as usize).unwrap();
+        assert_eq!(client.capacity(), size);
+        fill_pattern(&mut client.buf()[..MIB as usize], MIB, seed);
+        assert_eq!(client.write(0, MIB, 0, MIB as usize), 0);
+        client.buf()[..MIB as usize].fill(0);
+        assert_eq!(client.read(0, MIB, 0, MIB as usize), 0);
+        check_pattern(&client.buf()[..MIB as usize], MIB, seed).unwrap();
+    }
+    let (_, text) = http_get(port, "/metrics");
+    for dev in ["a", "b"] {
+        let series = format!(r#"virtiod_bytes_total{{device="{dev}",op="write"}}"#);
+        assert_eq!(
+            sample(&text, &series),
+            Some(MIB as f64),
+            "{series} in:\n{text}"
+        );
+    }
+    let (status, _) = daemon.terminate();
+    assert!(status.success(), "exit status {status}");
+}
+
 #[test]
 fn rbd_image_round_trip_snapshot_and_errors_on_a_real_cluster() {
     let dir = Scratch::new("rbd");
@@ -243,4 +291,5 @@ fn rbd_image_round_trip_snapshot_and_errors_on_a_real_cluster() {
     round_trip_flush_discard_write_zeroes(&cluster, &dir);
     snapshot_is_read_only(&cluster, &dir);
     errors_are_one_line(&cluster, &dir);
+    devices_file_ctl_add_and_metrics(&cluster, &dir);
 }
