@@ -76,6 +76,7 @@ pub enum Command {
         virtiod serve --vhost-user /run/virtiod/n0.sock net:tap=tap0   # QEMU -netdev vhost-user; then: ip link set tap0 up\n\n\
         IMAGE is a raw image file or block device, mem:SIZE (RAM), null:SIZE (discards writes),\n\
         an NBD export (nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT),\n\
+        a Ceph RBD image (rbd:POOL/IMAGE[@SNAP][?conf=PATH&id=CLIENT&keyring=PATH]),\n\
         or net:switch=NAME: a virtio-net device on the in-process switch NAME,\n\
         or net:tap=NAME: a virtio-net device on the tap interface NAME (created, or attached to).")]
     Serve(ServeArgs),
