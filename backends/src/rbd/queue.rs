@@ -95,7 +95,7 @@ pub(super) struct RbdQueue {
 
 impl RbdQueue {
     pub(super) fn new(image: Arc<Image>, read_only: bool, depth: u32) -> Result<Self> {
-        let event = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Submit(e.into()))?;
+        let event = EventFd::new(EFD_NONBLOCK).map_err(Error::Submit)?;
         let state = State {
             done: Vec::with_capacity(depth as usize),
             in_flight: 0,
