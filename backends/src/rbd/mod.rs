@@ -1,5 +1,6 @@
 //! `rbd:POOL/IMAGE[@SNAP][?conf=PATH&id=CLIENT&keyring=PATH]`: an image of a Ceph cluster,
-//! through librbd's asynchronous C API.
+//! through librbd's asynchronous C API (`librbd.so.1`, loaded when the first image is opened:
+//! see `sys.rs`).
 //!
 //! The image is opened once (connecting to the cluster, which starts librbd's and librados'
 //! threads) and shared by every queue: librbd handles are thread-safe. A queue submits each
@@ -101,6 +102,7 @@ fn cstring(addr: &RbdAddress, what: &str, text: &str) -> std::result::Result<CSt
 /// The connected cluster, the pool's I/O context and the open image; closed in that
 /// reverse order on drop.
 pub(crate) struct Image {
+    api: &'static sys::Api,
     cluster: sys::rados_t,
     ioctx: sys::rados_ioctx_t,
     image: sys::rbd_image_t,
@@ -114,17 +116,17 @@ unsafe impl Sync for Image {}
 
 impl Drop for Image {
     fn drop(&mut self) {
-        // SAFETY: each handle was created by the matching librados/librbd call and is closed
-        // once, image before pool context before cluster; null ones were never created.
+        // SAFETY: each handle was created by the matching librados/librbd call of `self.api`
+        // (a loaded library) and is closed once, image before pool context before cluster; null ones were never created.
         unsafe {
             if !self.image.is_null() {
-                sys::rbd_close(self.image);
+                (self.api.rbd_close)(self.image);
             }
             if !self.ioctx.is_null() {
-                sys::rados_ioctx_destroy(self.ioctx);
+                (self.api.rados_ioctx_destroy)(self.ioctx);
             }
             if !self.cluster.is_null() {
-                sys::rados_shutdown(self.cluster);
+                (self.api.rados_shutdown)(self.cluster);
             }
         }
     }
@@ -143,14 +145,19 @@ impl Image {
         let client = format!("client.{}", id.to_string_lossy());
         let name = cstring(addr, "client id", &client)?;
         let cluster_name = cstring(addr, "cluster name", "ceph")?;
+        let api = sys::api().map_err(|reason| RbdError::Unusable {
+            addr: addr.to_string(),
+            reason,
+        })?;
         let mut img = Image {
+            api,
             cluster: ptr::null_mut(),
             ioctx: ptr::null_mut(),
             image: ptr::null_mut(),
         };
         // SAFETY: the out-pointer is valid; the strings are NUL-terminated and outlive the call.
         let ret = unsafe {
-            sys::rados_create2(&mut img.cluster, cluster_name.as_ptr(), name.as_ptr(), 0)
+            (img.api.rados_create2)(&mut img.cluster, cluster_name.as_ptr(), name.as_ptr(), 0)
         };
         if ret < 0 {
             img.cluster = ptr::null_mut();
@@ -162,7 +169,7 @@ impl Image {
         };
         let conf_ptr = conf.as_ref().map_or(ptr::null(), |c| c.as_ptr());
         // SAFETY: the handle is live; a null path asks for the default search.
-        let ret = unsafe { sys::rados_conf_read_file(img.cluster, conf_ptr) };
+        let ret = unsafe { (img.api.rados_conf_read_file)(img.cluster, conf_ptr) };
         if ret < 0 {
             let hint = match &addr.conf {
                 Some(p) => format!(": check conf={} exists and is readable", p.display()),
@@ -189,7 +196,7 @@ impl Image {
                 .map_err(|ret| fail("cannot set client_mount_timeout", ret, String::new()))?;
         }
         // SAFETY: the handle is live and configured.
-        let ret = unsafe { sys::rados_connect(img.cluster) };
+        let ret = unsafe { (img.api.rados_connect)(img.cluster) };
         if ret < 0 {
             let hint = match -ret {
                 libc::EACCES | libc::EPERM => format!(
@@ -205,7 +212,8 @@ impl Image {
         }
         let pool = cstring(addr, "pool name", &addr.pool)?;
         // SAFETY: the cluster is connected; the out-pointer is valid.
-        let ret = unsafe { sys::rados_ioctx_create(img.cluster, pool.as_ptr(), &mut img.ioctx) };
+        let ret =
+            unsafe { (img.api.rados_ioctx_create)(img.cluster, pool.as_ptr(), &mut img.ioctx) };
         if ret < 0 {
             img.ioctx = ptr::null_mut();
             let hint = if ret == -libc::ENOENT {
@@ -227,9 +235,9 @@ impl Image {
         // SAFETY: the pool context is live, the names are NUL-terminated, the out-pointer valid.
         let ret = unsafe {
             if read_only || snap.is_some() {
-                sys::rbd_open_read_only(img.ioctx, image.as_ptr(), &mut img.image, snap_ptr)
+                (img.api.rbd_open_read_only)(img.ioctx, image.as_ptr(), &mut img.image, snap_ptr)
             } else {
-                sys::rbd_open(img.ioctx, image.as_ptr(), &mut img.image, snap_ptr)
+                (img.api.rbd_open)(img.ioctx, image.as_ptr(), &mut img.image, snap_ptr)
             }
         };
         if ret < 0 {
@@ -256,7 +264,8 @@ impl Image {
     fn set(&self, option: &str, value: &CString) -> std::result::Result<(), i32> {
         let option = CString::new(option).map_err(|_| -libc::EINVAL)?;
         // SAFETY: the handle is live; both strings are NUL-terminated.
-        let ret = unsafe { sys::rados_conf_set(self.cluster, option.as_ptr(), value.as_ptr()) };
+        let ret =
+            unsafe { (self.api.rados_conf_set)(self.cluster, option.as_ptr(), value.as_ptr()) };
         if ret < 0 {
             Err(ret)
         } else {
@@ -269,7 +278,7 @@ impl Image {
         let mut buf = [0u8; 64];
         // SAFETY: the handle is live; librados writes at most `buf.len()` bytes, NUL included.
         let ret = unsafe {
-            sys::rados_conf_get(
+            (self.api.rados_conf_get)(
                 self.cluster,
                 option.as_ptr(),
                 buf.as_mut_ptr().cast(),
@@ -286,7 +295,7 @@ impl Image {
     fn size(&self) -> std::result::Result<u64, i32> {
         let mut size = 0u64;
         // SAFETY: the image is open; the out-pointer is valid.
-        let ret = unsafe { sys::rbd_get_size(self.image, &mut size) };
+        let ret = unsafe { (self.api.rbd_get_size)(self.image, &mut size) };
         if ret < 0 {
             Err(ret)
         } else {
@@ -296,7 +305,7 @@ impl Image {
 
     fn flush(&self) -> io::Result<()> {
         // SAFETY: the image is open.
-        let ret = unsafe { sys::rbd_flush(self.image) };
+        let ret = unsafe { (self.api.rbd_flush)(self.image) };
         if ret < 0 {
             Err(io::Error::from_raw_os_error(-ret))
         } else {

@@ -50,6 +50,7 @@ impl Shared {
 
 /// A request in librbd: the box given to the completion callback as its argument.
 struct InFlight {
+    api: &'static sys::Api,
     req: IoRequest,
     tag: u32,
     /// Bytes reported on success.
@@ -63,16 +64,17 @@ struct InFlight {
 /// `arg` is the pointer `Box::into_raw` made of an [`InFlight`] in [`RbdQueue::submit`], and
 /// `c` the completion created with it; librbd calls this exactly once per completion.
 unsafe extern "C" fn on_complete(c: sys::rbd_completion_t, arg: *mut c_void) {
-    // SAFETY: `c` is the live completion of this callback; it is released once, here.
-    let ret = unsafe {
-        let ret = sys::rbd_aio_get_return_value(c);
-        sys::rbd_aio_release(c);
-        ret
-    };
     // SAFETY: per this function's contract, `arg` is an `InFlight` box given up by `submit`
     // and not touched since; it is taken back once.
     let op = unsafe { Box::from_raw(arg.cast::<InFlight>()) };
+    // SAFETY: `c` is the live completion of this callback; it is released once, here.
+    let ret = unsafe {
+        let ret = (op.api.rbd_aio_get_return_value)(c);
+        (op.api.rbd_aio_release)(c);
+        ret
+    };
     let InFlight {
+        api: _,
         req,
         tag,
         bytes,
@@ -118,7 +120,7 @@ impl RbdQueue {
 
     /// Hand `op` to librbd; on failure returns the errno (the request was not started).
     fn start(&self, op: Box<InFlight>) -> std::result::Result<(), (Box<InFlight>, i32)> {
-        let image = self.image.image;
+        let (api, image) = (self.image.api, self.image.image);
         let (kind, offset, len) = (op.req.op, op.req.offset, op.req.len);
         let iovecs = op.req.buffers.iovecs();
         let (iov, iovcnt) = (iovecs.as_ptr(), iovecs.len());
@@ -132,7 +134,7 @@ impl RbdQueue {
         let mut c: sys::rbd_completion_t = std::ptr::null_mut();
         // SAFETY: `arg` stays valid until the callback takes it back (or we do, below, when
         // librbd refused the completion or the request and so never calls back).
-        let ret = unsafe { sys::rbd_aio_create_completion(arg.cast(), on_complete, &mut c) };
+        let ret = unsafe { (api.rbd_aio_create_completion)(arg.cast(), on_complete, &mut c) };
         if ret < 0 {
             // SAFETY: librbd did not take `arg`: it is ours again.
             return Err((unsafe { Box::from_raw(arg) }, -ret));
@@ -146,17 +148,17 @@ impl RbdQueue {
         // already be freed by the callback: nothing below touches it then.
         let ret = unsafe {
             match kind {
-                Op::Read => sys::rbd_aio_readv(image, iov, iovcnt, offset, c),
-                Op::Write => sys::rbd_aio_writev(image, iov, iovcnt, offset, c),
-                Op::Flush => sys::rbd_aio_flush(image, c),
-                Op::Discard => sys::rbd_aio_discard(image, offset, len, c),
+                Op::Read => (api.rbd_aio_readv)(image, iov, iovcnt, offset, c),
+                Op::Write => (api.rbd_aio_writev)(image, iov, iovcnt, offset, c),
+                Op::Flush => (api.rbd_aio_flush)(image, c),
+                Op::Discard => (api.rbd_aio_discard)(image, offset, len, c),
                 Op::WriteZeroes { unmap } => {
                     let flags = if unmap {
                         0
                     } else {
                         sys::RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
                     };
-                    sys::rbd_aio_write_zeroes(image, offset, zero_len, c, flags, 0)
+                    (api.rbd_aio_write_zeroes)(image, offset, zero_len, c, flags, 0)
                 }
             }
         };
@@ -165,7 +167,7 @@ impl RbdQueue {
             // SAFETY: librbd refused the request before queueing it, so it never calls
             // back: the completion and `arg` are ours to release.
             let op = unsafe {
-                sys::rbd_aio_release(c);
+                (api.rbd_aio_release)(c);
                 Box::from_raw(arg)
             };
             return Err((op, -ret));
@@ -196,6 +198,7 @@ impl BackendQueue for RbdQueue {
             _ => 0,
         };
         let op = Box::new(InFlight {
+            api: self.image.api,
             req,
             tag,
             bytes,
