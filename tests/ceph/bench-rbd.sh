@@ -4,6 +4,9 @@
 # Prints one row per workload and server (median IOPS over rounds) and the ratio; asserts
 # nothing. Figures on a memstore OSD measure the client side (librbd + the server), not disks.
 #
+# Needs qemu-block-extra from the suite of the installed QEMU (scripts/lib-apt.sh: usually
+# bookworm-backports): apt-get install -t bookworm-backports qemu-block-extra
+#
 # usage: bash tests/ceph/bench-rbd.sh            # ROUNDS=3 SECONDS_PER_RUN=5 by default
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
