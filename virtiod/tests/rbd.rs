@@ -196,6 +196,7 @@ fn snapshot_is_read_only(cluster: &Cluster, dir: &Scratch) {
     assert_eq!(client.capacity(), 16 * MIB);
     assert_eq!(client.read(0, 0, 0, MIB as usize), 0);
     check_pattern(&client.buf()[..MIB as usize], 0, 5).unwrap();
+    assert_eq!(client.flush(0), 0, "FLUSH on a snapshot succeeds");
 }
 
 fn errors_are_one_line(cluster: &Cluster, dir: &Scratch) {

@@ -178,9 +178,14 @@ impl RbdQueue {
 
 impl BackendQueue for RbdQueue {
     fn submit(&mut self, req: IoRequest, tag: u32) -> Result<()> {
-        let writes = !matches!(req.op, Op::Read | Op::Flush);
-        if writes && self.read_only {
-            self.complete_now(req, tag, Err(libc::EROFS));
+        if self.read_only && req.op != Op::Read {
+            // Nothing to make durable on a read-only image; the rest changes it.
+            let result = if req.op == Op::Flush {
+                Ok(0)
+            } else {
+                Err(libc::EROFS)
+            };
+            self.complete_now(req, tag, result);
             return Ok(());
         }
         let bytes = match req.op {
