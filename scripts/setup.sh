@@ -5,7 +5,9 @@
 # usage: scripts/setup.sh            # install what is missing
 #        scripts/setup.sh --check    # only report what is missing; exit 1 if anything is
 #
-# Installs: build deps (build-essential, pkg-config), test tools (fio, e2fsprogs, nbdkit; qemu-nbd for
+# Installs: build deps (build-essential, pkg-config), librbd1 (the RBD backend loads it at run time),
+# Ceph for the RBD tests' single-node cluster (ceph-mon, ceph-osd, ceph-common: tests/ceph/),
+# test tools (fio, e2fsprogs, nbdkit; qemu-nbd for
 # the NBD tests comes with qemu-utils), and the VM harness deps of tests/vm/run-in-vm.sh
 # (qemu-system-x86 from the SAME suite as the installed qemu-utils -- normally
 # bookworm-backports, see scripts/lib-apt.sh -- plus busybox-static, cpio, iproute2 (the vdpa
@@ -22,7 +24,8 @@ case "${1:-}" in
   *) echo "usage: $0 [--check]" >&2; exit 2 ;;
 esac
 
-PKGS=(build-essential pkg-config fio e2fsprogs busybox-static cpio iproute2 xz-utils zstd nbdkit)
+PKGS=(build-essential pkg-config fio e2fsprogs busybox-static cpio iproute2 xz-utils zstd nbdkit
+  librbd1 ceph-mon ceph-osd ceph-common)
 
 mapfile -t missing < <(missing_pkgs qemu-utils qemu-system-x86 "${PKGS[@]}")
 if [ ${#missing[@]} -eq 0 ]; then

@@ -7,7 +7,8 @@
 //!   without `qcow2:` is raw, whatever its first bytes);
 //! - `mem:SIZE`: RAM-backed, for tests;
 //! - `null:SIZE`: reads return zeroes, writes are dropped (the benchmark backend);
-//! - `nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST[:PORT]/EXPORT`: an export of an NBD server.
+//! - `nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST[:PORT]/EXPORT`: an export of an NBD server;
+//! - `rbd:POOL/IMAGE[@SNAP][?conf=PATH&id=CLIENT&keyring=PATH]`: a Ceph RBD image (librbd).
 //!
 //! Each device queue gets its own [`BackendQueue`] (for the file backend: its own `io_uring`),
 //! so queue threads never share a lock on the hot path. I/O is asynchronous: the engine
@@ -93,6 +94,7 @@ mod mem;
 mod nbd;
 mod null;
 mod qcow2;
+mod rbd;
 mod spec;
 
 use std::os::fd::RawFd;
@@ -106,6 +108,7 @@ pub use qcow2::{
     looks_like_qcow2, parse_header as parse_qcow2_header, read_header as read_qcow2_header,
     Backing as Qcow2Backing, BackingFormat, Header as Qcow2Header, Qcow2Backend, Qcow2Options,
 };
+pub use rbd::{RbdAddress, RbdBackend, RbdError};
 pub use spec::{detect_format, open, parse_size, ImageSpec, OpenOptions};
 
 /// Size of a virtio-blk sector in bytes.
@@ -160,6 +163,9 @@ pub enum Error {
     /// The image cannot take the size asked for ([`Backend::resize`]).
     #[error("cannot resize: {0}")]
     Resize(String),
+    /// An RBD image could not be opened.
+    #[error(transparent)]
+    Rbd(#[from] RbdError),
 }
 
 /// Result type of this crate.

@@ -1,5 +1,6 @@
 //! Image specs: `PATH`, `raw:PATH`, `qcow2:PATH`, `mem:SIZE`, `null:SIZE`,
-//! `nbd+unix:///EXPORT?socket=PATH[&reconnect=S]`, `nbd://HOST[:PORT]/EXPORT[?reconnect=S]`.
+//! `nbd+unix:///EXPORT?socket=PATH[&reconnect=S]`, `nbd://HOST[:PORT]/EXPORT[?reconnect=S]`,
+//! `rbd:POOL/IMAGE[@SNAP][?conf=PATH&id=CLIENT&keyring=PATH]`.
 //!
 //! Formats are never probed: a path is a raw image unless the spec says `qcow2:`, whatever its
 //! first bytes (probing untrusted images lets a guest that writes a qcow2 header into its raw
@@ -14,7 +15,7 @@ use std::time::Duration;
 use crate::nbd::{NbdAddress, NbdOptions, NbdTarget, DEFAULT_PORT};
 use crate::{
     Backend, Error, FileBackend, FileOptions, MemBackend, NbdBackend, NullBackend, Qcow2Backend,
-    Qcow2Options, Result, SECTOR_SIZE,
+    Qcow2Options, RbdAddress, RbdBackend, Result, SECTOR_SIZE,
 };
 
 /// A parsed image spec.
@@ -30,6 +31,8 @@ pub enum ImageSpec {
     Null(u64),
     /// An export of an NBD server, and how to talk to it.
     Nbd(NbdAddress, NbdOptions),
+    /// An image of a Ceph cluster.
+    Rbd(RbdAddress),
 }
 
 /// Options that apply when opening an image.
@@ -56,6 +59,9 @@ impl ImageSpec {
             let (addr, options) = parse_nbd_tcp(rest).map_err(bad)?;
             return Ok(Self::Nbd(addr, options));
         }
+        if let Some(rest) = spec.strip_prefix("rbd:") {
+            return parse_rbd(rest).map(Self::Rbd).map_err(bad);
+        }
         for (prefix, qcow2) in [("qcow2:", true), ("raw:", false)] {
             if let Some(path) = spec.strip_prefix(prefix) {
                 if path.is_empty() {
@@ -77,7 +83,7 @@ impl ImageSpec {
                 }
                 _ => {
                     return Err(bad(format!(
-                    "unknown kind {kind:?}: use a file path, raw:PATH, qcow2:PATH, mem:SIZE, null:SIZE (e.g. mem:256M) or an nbd:// URI"
+                    "unknown kind {kind:?}: use a file path, raw:PATH, qcow2:PATH, mem:SIZE, null:SIZE (e.g. mem:256M), an nbd:// URI or rbd:POOL/IMAGE"
                 )))
                 }
             };
@@ -215,6 +221,49 @@ fn parse_nbd_tcp(rest: &str) -> std::result::Result<(NbdAddress, NbdOptions), St
     Ok((addr, options))
 }
 
+const RBD_FORM: &str = "write rbd:POOL/IMAGE[@SNAP][?conf=PATH&id=CLIENT&keyring=PATH]";
+
+/// `POOL/IMAGE[@SNAP][?conf=PATH&id=CLIENT&keyring=PATH]` after `rbd:`.
+fn parse_rbd(rest: &str) -> std::result::Result<RbdAddress, String> {
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (pool, image) = path
+        .split_once('/')
+        .ok_or_else(|| format!("no pool given: {RBD_FORM}"))?;
+    let (image, snap) = match image.split_once('@') {
+        Some((image, snap)) if !snap.is_empty() => (image, Some(snap.to_string())),
+        Some(_) => return Err(format!("empty snapshot name: {RBD_FORM}")),
+        None => (image, None),
+    };
+    if pool.is_empty() || image.is_empty() || image.contains('/') {
+        return Err(format!("bad pool or image name {path:?}: {RBD_FORM}"));
+    }
+    let mut addr = RbdAddress {
+        pool: pool.to_string(),
+        image: image.to_string(),
+        snap,
+        conf: None,
+        id: None,
+        keyring: None,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (slot, value) = match pair.split_once('=') {
+            Some(("conf", v)) if !v.is_empty() => (&mut addr.conf, v),
+            Some(("keyring", v)) if !v.is_empty() => (&mut addr.keyring, v),
+            Some(("id", v)) if !v.is_empty() => {
+                if addr.id.replace(v.to_string()).is_some() {
+                    return Err(format!("id given twice: {RBD_FORM}"));
+                }
+                continue;
+            }
+            _ => return Err(format!("unknown or empty query {pair:?}: {RBD_FORM}")),
+        };
+        if slot.replace(value.into()).is_some() {
+            return Err(format!("{pair:?} given twice: {RBD_FORM}"));
+        }
+    }
+    Ok(addr)
+}
+
 /// Parse a size such as `4096`, `512K`, `256M`, `1G`, `2T` (binary units; an optional `iB`/`B`).
 pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     let t = text.trim();
@@ -327,6 +376,7 @@ pub fn open(spec: &str, opts: OpenOptions) -> Result<Arc<dyn Backend>> {
         ImageSpec::Mem(size) => Arc::new(MemBackend::new(size, opts.read_only)),
         ImageSpec::Null(size) => Arc::new(NullBackend::new(size, opts.read_only)),
         ImageSpec::Nbd(addr, options) => Arc::new(NbdBackend::open(addr, options, opts.read_only)?),
+        ImageSpec::Rbd(addr) => Arc::new(RbdBackend::open(addr, opts.read_only)?),
     })
 }
 

@@ -78,6 +78,7 @@ pub enum Command {
         IMAGE is a raw image file or block device (PATH or raw:PATH; formats are never probed),\n\
         a qcow2 image (qcow2:PATH, backing chain read-only), mem:SIZE (RAM), null:SIZE (discards writes),\n\
         an NBD export (nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT),\n\
+        a Ceph RBD image (rbd:POOL/IMAGE[@SNAP][?conf=PATH&id=CLIENT&keyring=PATH]),\n\
         or net:switch=NAME: a virtio-net device on the in-process switch NAME,\n\
         or net:tap=NAME: a virtio-net device on the tap interface NAME (created, or attached to).")]
     Serve(ServeArgs),

@@ -1,0 +1,296 @@
+//! The RBD backend against a real single-node Ceph cluster (`tests/ceph/start-cluster.sh`:
+//! one monitor, one memstore OSD, cephx, loopback), served over vhost-user and driven by
+//! libblkio. One test starts the cluster once and runs every case on it.
+
+mod common;
+mod ops_common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use blkio::ReqFlags;
+use common::*;
+use ops_common::{ctl, free_port, http_get, sample, vhost_user_device, wait_for_port, RunDaemon};
+
+const MIB: u64 = 1 << 20;
+
+/// The cluster of this test binary, stopped (and its directory removed) at drop.
+struct Cluster {
+    dir: PathBuf,
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/ceph")
+        .join(name)
+}
+
+impl Cluster {
+    /// Start a cluster under `dir`; `None` (after [`skip_or_fail`]) without Ceph installed.
+    fn start(dir: PathBuf) -> Option<Self> {
+        if Command::new("ceph-osd").arg("--version").output().is_err() {
+            skip_or_fail(
+                "Ceph is not installed (scripts/setup.sh installs ceph-mon ceph-osd ceph-common)",
+            );
+            return None;
+        }
+        let cluster = Self { dir };
+        let out = Command::new("bash")
+            .arg(script("start-cluster.sh"))
+            .arg(&cluster.dir)
+            .output()
+            .expect("run start-cluster.sh");
+        assert!(
+            out.status.success(),
+            "start-cluster.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(cluster)
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.join("ceph.conf")
+    }
+
+    /// Run `rbd -c CONF ARGS...` and return its stdout.
+    fn rbd(&self, args: &[&str]) -> Vec<u8> {
+        let out = Command::new("rbd")
+            .arg("-c")
+            .arg(self.conf())
+            .args(args)
+            .output()
+            .expect("run rbd");
+        assert!(
+            out.status.success(),
+            "rbd {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    fn spec(&self, image: &str, query: &str) -> String {
+        format!("rbd:rbd/{image}?conf={}{query}", self.conf().display())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script("stop-cluster.sh"))
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// Submit `count` requests of `chunk` bytes at once on queue `q`, wait for all, and check
+/// the data of reads.
+fn pipelined(client: &mut Client, q: usize, base: u64, chunk: usize, count: usize, write: bool) {
+    for i in 0..count {
+        let off = base + (i * chunk) as u64;
+        if write {
+            fill_pattern(&mut client.buf()[i * chunk..(i + 1) * chunk], off, 5);
+        }
+        let p = client.buf_ptr(i * chunk);
+        if write {
+            client.queues[q].write(off, p, chunk, i, ReqFlags::empty());
+        } else {
+            client.queues[q].read(off, p, chunk, i, ReqFlags::empty());
+        }
+    }
+    for (i, ret) in client.wait(q, count) {
+        assert_eq!(ret, 0, "request {i} on queue {q} failed");
+    }
+    if !write {
+        check_pattern(&client.buf()[..chunk * count], base, 5).unwrap();
+    }
+}
+
+/// `virtiod serve` on `image`, expected to fail: its exit code and stderr.
+fn serve_fails(image: &str, sock: &Path) -> String {
+    let out = virtiod()
+        .args(["serve", "--vhost-user"])
+        .arg(sock)
+        .arg(image)
+        .output()
+        .expect("run virtiod");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "must fail: {stderr}");
+    assert!(!sock.exists(), "no socket left behind");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(lines.len(), 1, "exactly one error line, got:\n{stderr}");
+    lines[0].to_string()
+}
+
+fn round_trip_flush_discard_write_zeroes(cluster: &Cluster, dir: &Scratch) {
+    cluster.rbd(&["create", "rbd/disk", "--size", "16M"]);
+    let sock = dir.path("vu.sock");
+    let daemon = Daemon::start(&sock, &cluster.spec("disk", ""), &["--queues", "2"]);
+    let mut client = Client::connect(&sock, 2, 8 * MIB as usize).unwrap();
+    assert_eq!(client.capacity(), 16 * MIB, "capacity is the image size");
+
+    // 8 MiB per queue, 16 requests of 512 KiB in flight on each; read back crosswise.
+    pipelined(&mut client, 0, 0, 512 << 10, 16, true);
+    pipelined(&mut client, 1, 8 * MIB, 512 << 10, 16, true);
+    assert_eq!(client.flush(0), 0);
+    assert_eq!(client.flush(1), 0);
+    pipelined(&mut client, 1, 0, 8 << 20, 1, false);
+    pipelined(&mut client, 0, 8 * MIB, 256 << 10, 32, false);
+
+    // DISCARD 1 MiB at 1 MiB, WRITE_ZEROES 512 KiB at 3 MiB (no unmap) and at 4 MiB (unmap).
+    assert_eq!(
+        client.sync(0, |q| q.discard(MIB, MIB, 0, ReqFlags::empty())),
+        0
+    );
+    let wz = client.sync(1, |q| {
+        q.write_zeroes(3 * MIB, MIB / 2, 0, ReqFlags::NO_UNMAP)
+    });
+    assert_eq!(wz, 0);
+    let wz = client.sync(0, |q| {
+        q.write_zeroes(4 * MIB, MIB / 2, 0, ReqFlags::empty())
+    });
+    assert_eq!(wz, 0);
+    assert_eq!(client.read(1, MIB, 0, MIB as usize), 0);
+    assert!(client.buf()[..MIB as usize].iter().all(|&b| b == 0));
+    // Past the end: an error for the driver, and the device goes on.
+    assert_ne!(client.read(0, 16 * MIB, 0, 4096), 0);
+    assert_eq!(client.read(0, 0, 0, 4096), 0);
+    check_pattern(&client.buf()[..4096], 0, 5).unwrap();
+
+    // No final FLUSH: SIGTERM flushes the image before the daemon exits.
+    let status = daemon.terminate();
+    assert!(status.success(), "exit status {status}");
+    drop(client);
+
+    // What the cluster holds, read with the rbd tool.
+    let export = dir.path("disk.raw");
+    cluster.rbd(&["export", "rbd/disk", export.to_str().unwrap()]);
+    let data = std::fs::read(&export).unwrap();
+    assert_eq!(data.len() as u64, 16 * MIB);
+    let zeroes = [
+        MIB..2 * MIB,
+        3 * MIB..3 * MIB + MIB / 2,
+        4 * MIB..4 * MIB + MIB / 2,
+    ];
+    let mut at = 0u64;
+    for z in zeroes.iter().chain(std::iter::once(&(16 * MIB..16 * MIB))) {
+        check_pattern(&data[at as usize..z.start as usize], at, 5).unwrap();
+        assert!(
+            data[z.start as usize..z.end as usize]
+                .iter()
+                .all(|&b| b == 0),
+            "{z:?} reads as zeroes in the image"
+        );
+        at = z.end;
+    }
+}
+
+fn snapshot_is_read_only(cluster: &Cluster, dir: &Scratch) {
+    cluster.rbd(&["snap", "create", "rbd/disk@s1"]);
+    let sock = dir.path("vu-snap.sock");
+    let _daemon = Daemon::start(&sock, &cluster.spec("disk@s1", ""), &[]);
+    let e = Client::connect(&sock, 1, MIB as usize)
+        .err()
+        .expect("a read-write start on a snapshot must fail");
+    assert_eq!(e.errno().raw_os_error(), libc::EROFS, "{e:?}");
+    let mut client = Client::connect_with(&sock, 1, MIB as usize, true).unwrap();
+    assert_eq!(client.capacity(), 16 * MIB);
+    assert_eq!(client.read(0, 0, 0, MIB as usize), 0);
+    check_pattern(&client.buf()[..MIB as usize], 0, 5).unwrap();
+    assert_eq!(client.flush(0), 0, "FLUSH on a snapshot succeeds");
+}
+
+fn errors_are_one_line(cluster: &Cluster, dir: &Scratch) {
+    let sock = dir.path("vu-err.sock");
+    let line = serve_fails(&cluster.spec("nope", ""), &sock);
+    assert!(
+        line.contains("rbd:rbd/nope: cannot open the image")
+            && line.contains("no image \"nope\" in pool \"rbd\""),
+        "{line}"
+    );
+
+    // client.admin with a key the cluster does not know.
+    let keyring = dir.path("wrong.keyring");
+    let status = Command::new("ceph-authtool")
+        .arg("--create-keyring")
+        .arg(&keyring)
+        .args(["--gen-key", "-n", "client.admin"])
+        .output()
+        .expect("run ceph-authtool")
+        .status;
+    assert!(status.success());
+    let query = format!("&keyring={}", keyring.display());
+    let line = serve_fails(&cluster.spec("disk", &query), &sock);
+    assert!(
+        line.contains("cannot connect to the cluster") && line.contains("check its key"),
+        "{line}"
+    );
+
+    // No monitor on the configured address: fails within its client_mount_timeout.
+    let conf = dir.path("unreachable.conf");
+    std::fs::write(
+        &conf,
+        "[global]\nmon host = [v2:127.0.0.1:9]\nclient mount timeout = 2\n",
+    )
+    .unwrap();
+    let spec = format!("rbd:rbd/disk?conf={}", conf.display());
+    let line = serve_fails(&spec, &sock);
+    assert!(line.contains("no monitor answered"), "{line}");
+}
+
+/// An RBD device from devices.toml and one added with `ctl add` both serve I/O, and the
+/// metrics count it.
+fn devices_file_ctl_add_and_metrics(cluster: &Cluster, dir: &Scratch) {
+    cluster.rbd(&["create", "rbd/a", "--size", "4M"]);
+    cluster.rbd(&["create", "rbd/b", "--size", "8M"]);
+    let (a, b) = (dir.path("a.sock"), dir.path("b.sock"));
+    let control = dir.path("ctl.sock");
+    let cfg = dir.path("devices.toml");
+    std::fs::write(&cfg, vhost_user_device("a", &cluster.spec("a", ""), &a)).unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = RunDaemon::start(
+        &cfg,
+        &["--control", control.to_str().unwrap(), "--metrics", &addr],
+        &[a.clone(), control.clone()],
+    );
+    wait_for_port(port);
+    let json = format!(
+        r#"{{"name":"b","image":"{}","vhost-user":"{}"}}"#,
+        cluster.spec("b", ""),
+        b.display()
+    );
+    let (code, _, err) = ctl(&control, &["add", &json]);
+    assert_eq!(code, 0, "{err}");
+    for (sock, size, seed) in [(&a, 4 * MIB, 1u64), (&b, 8 * MIB, 2)] {
+        let mut client = Client::connect(sock, 1, MIB as usize).unwrap();
+        assert_eq!(client.capacity(), size);
+        fill_pattern(&mut client.buf()[..MIB as usize], MIB, seed);
+        assert_eq!(client.write(0, MIB, 0, MIB as usize), 0);
+        client.buf()[..MIB as usize].fill(0);
+        assert_eq!(client.read(0, MIB, 0, MIB as usize), 0);
+        check_pattern(&client.buf()[..MIB as usize], MIB, seed).unwrap();
+    }
+    let (_, text) = http_get(port, "/metrics");
+    for dev in ["a", "b"] {
+        let series = format!(r#"virtiod_bytes_total{{device="{dev}",op="write"}}"#);
+        assert_eq!(
+            sample(&text, &series),
+            Some(MIB as f64),
+            "{series} in:\n{text}"
+        );
+    }
+    let (status, _) = daemon.terminate();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn rbd_image_round_trip_snapshot_and_errors_on_a_real_cluster() {
+    let dir = Scratch::new("rbd");
+    let Some(cluster) = Cluster::start(dir.path("cluster")) else {
+        return;
+    };
+    round_trip_flush_discard_write_zeroes(&cluster, &dir);
+    snapshot_is_read_only(&cluster, &dir);
+    errors_are_one_line(&cluster, &dir);
+    devices_file_ctl_add_and_metrics(&cluster, &dir);
+}
