@@ -381,9 +381,10 @@ mod tests {
     #[test]
     fn the_filters_compile_and_queue_threads_get_no_process_or_file_creation() {
         let q = queue_rules().unwrap();
+        // openat is let through here and refused with EACCES by the stacked no-open filter.
+        assert!(q.contains_key(&libc::SYS_openat));
         for nr in [
             libc::SYS_execve,
-            libc::SYS_openat,
             libc::SYS_socket,
             libc::SYS_connect,
             libc::SYS_clone,
