@@ -61,6 +61,8 @@ pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 /// Transmission flag: `NBD_CMD_WRITE_ZEROES` is supported.
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// Transmission flag: `NBD_CMD_FLAG_DF` is supported.
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
 /// Transmission flag: a FLUSH on one connection covers writes completed on all of them.
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
@@ -78,6 +80,8 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 /// Command flag of WRITE_ZEROES: do not deallocate.
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Command flag of READ: answer in one data chunk (do not look for holes).
+pub const CMD_FLAG_DF: u16 = 1 << 2;
 
 /// Size of a request header.
 pub const REQUEST_LEN: usize = 28;

@@ -444,6 +444,12 @@ impl NbdQueue {
         }
         let has = |flag| self.info.has(flag);
         Ok(Some(match op {
+            // Don't fragment: a server that splits a READ into data and holes looks up the
+            // allocation of the range first (an lseek per READ for qemu-nbd on a raw file),
+            // which costs more at QD1 than the zeroes it saves on the wire.
+            Op::Read if self.info.structured && has(proto::TFLAG_SEND_DF) => {
+                (proto::CMD_READ, proto::CMD_FLAG_DF)
+            }
             Op::Read => (proto::CMD_READ, 0),
             Op::Write => (proto::CMD_WRITE, 0),
             // Without SEND_FLUSH the server gives no way to ask: durability is the server's.
