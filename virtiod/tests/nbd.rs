@@ -40,31 +40,6 @@ fn uri(socket: &Path, export: &str) -> String {
     format!("nbd+unix:///{export}?socket={}", socket.display())
 }
 
-/// Submit `count` requests of `chunk` bytes at once on queue `q` (pipelined on the NBD
-/// connection), wait for all, and check the data of reads.
-fn pipelined(client: &mut Client, q: usize, base: u64, chunk: usize, count: usize, write: bool) {
-    assert!(chunk * count <= client.region.len);
-    for i in 0..count {
-        let off = base + (i * chunk) as u64;
-        let buf_off = i * chunk;
-        if write {
-            fill_pattern(&mut client.buf()[buf_off..buf_off + chunk], off, 9);
-        }
-        let p = client.buf_ptr(buf_off);
-        if write {
-            client.queues[q].write(off, p, chunk, i, ReqFlags::empty());
-        } else {
-            client.queues[q].read(off, p, chunk, i, ReqFlags::empty());
-        }
-    }
-    for (i, ret) in client.wait(q, count) {
-        assert_eq!(ret, 0, "request {i} on queue {q} failed");
-    }
-    if !write {
-        check_pattern(&client.buf()[..chunk * count], base, 9).unwrap();
-    }
-}
-
 #[test]
 fn two_queues_round_trip_flush_discard_write_zeroes_reach_the_image() {
     let dir = Scratch::new("nbd-rt");
@@ -80,13 +55,13 @@ fn two_queues_round_trip_flush_discard_write_zeroes_reach_the_image() {
     assert_eq!(client.capacity(), 16 * MIB);
 
     // 16 MiB of pattern: 8 MiB per queue, 16 requests of 512 KiB in flight on each.
-    pipelined(&mut client, 0, 0, 512 << 10, 16, true);
-    pipelined(&mut client, 1, 8 * MIB, 512 << 10, 16, true);
+    pipelined(&mut client, 0, (0, 512 << 10, 16), true, 9);
+    pipelined(&mut client, 1, (8 * MIB, 512 << 10, 16), true, 9);
     assert_eq!(client.flush(0), 0);
     assert_eq!(client.flush(1), 0);
     // Read back crosswise, in one large request per queue and in pipelined ones.
-    pipelined(&mut client, 1, 0, 8 << 20, 1, false);
-    pipelined(&mut client, 0, 8 * MIB, 256 << 10, 32, false);
+    pipelined(&mut client, 1, (0, 8 << 20, 1), false, 9);
+    pipelined(&mut client, 0, (8 * MIB, 256 << 10, 32), false, 9);
 
     // DISCARD 1 MiB at 1 MiB (qemu-nbd --discard=unmap punches a hole), WRITE_ZEROES 512 KiB
     // at 3 MiB without unmap (NO_HOLE) and 512 KiB at 4 MiB with unmap allowed.
@@ -121,17 +96,7 @@ fn two_queues_round_trip_flush_discard_write_zeroes_reach_the_image() {
         3 * MIB..3 * MIB + MIB / 2,
         4 * MIB..4 * MIB + MIB / 2,
     ];
-    let mut at = 0u64;
-    for z in zeroes.iter().chain(std::iter::once(&(16 * MIB..16 * MIB))) {
-        check_pattern(&file[at as usize..z.start as usize], at, 9).unwrap();
-        assert!(
-            file[z.start as usize..z.end as usize]
-                .iter()
-                .all(|&b| b == 0),
-            "{z:?} reads as zeroes in the image"
-        );
-        at = z.end;
-    }
+    check_zeroed_ranges(&file, &zeroes, 9);
 }
 
 #[test]

@@ -82,29 +82,6 @@ impl Drop for Cluster {
     }
 }
 
-/// Submit `count` requests of `chunk` bytes at once on queue `q`, wait for all, and check
-/// the data of reads.
-fn pipelined(client: &mut Client, q: usize, base: u64, chunk: usize, count: usize, write: bool) {
-    for i in 0..count {
-        let off = base + (i * chunk) as u64;
-        if write {
-            fill_pattern(&mut client.buf()[i * chunk..(i + 1) * chunk], off, 5);
-        }
-        let p = client.buf_ptr(i * chunk);
-        if write {
-            client.queues[q].write(off, p, chunk, i, ReqFlags::empty());
-        } else {
-            client.queues[q].read(off, p, chunk, i, ReqFlags::empty());
-        }
-    }
-    for (i, ret) in client.wait(q, count) {
-        assert_eq!(ret, 0, "request {i} on queue {q} failed");
-    }
-    if !write {
-        check_pattern(&client.buf()[..chunk * count], base, 5).unwrap();
-    }
-}
-
 /// `virtiod serve` on `image`, expected to fail: its exit code and stderr.
 fn serve_fails(image: &str, sock: &Path) -> String {
     let out = virtiod()
@@ -129,12 +106,12 @@ fn round_trip_flush_discard_write_zeroes(cluster: &Cluster, dir: &Scratch) {
     assert_eq!(client.capacity(), 16 * MIB, "capacity is the image size");
 
     // 8 MiB per queue, 16 requests of 512 KiB in flight on each; read back crosswise.
-    pipelined(&mut client, 0, 0, 512 << 10, 16, true);
-    pipelined(&mut client, 1, 8 * MIB, 512 << 10, 16, true);
+    pipelined(&mut client, 0, (0, 512 << 10, 16), true, 5);
+    pipelined(&mut client, 1, (8 * MIB, 512 << 10, 16), true, 5);
     assert_eq!(client.flush(0), 0);
     assert_eq!(client.flush(1), 0);
-    pipelined(&mut client, 1, 0, 8 << 20, 1, false);
-    pipelined(&mut client, 0, 8 * MIB, 256 << 10, 32, false);
+    pipelined(&mut client, 1, (0, 8 << 20, 1), false, 5);
+    pipelined(&mut client, 0, (8 * MIB, 256 << 10, 32), false, 5);
 
     // DISCARD 1 MiB at 1 MiB, WRITE_ZEROES 512 KiB at 3 MiB (no unmap) and at 4 MiB (unmap).
     assert_eq!(
@@ -171,17 +148,7 @@ fn round_trip_flush_discard_write_zeroes(cluster: &Cluster, dir: &Scratch) {
         3 * MIB..3 * MIB + MIB / 2,
         4 * MIB..4 * MIB + MIB / 2,
     ];
-    let mut at = 0u64;
-    for z in zeroes.iter().chain(std::iter::once(&(16 * MIB..16 * MIB))) {
-        check_pattern(&data[at as usize..z.start as usize], at, 5).unwrap();
-        assert!(
-            data[z.start as usize..z.end as usize]
-                .iter()
-                .all(|&b| b == 0),
-            "{z:?} reads as zeroes in the image"
-        );
-        at = z.end;
-    }
+    check_zeroed_ranges(&data, &zeroes, 5);
 }
 
 fn snapshot_is_read_only(cluster: &Cluster, dir: &Scratch) {

@@ -236,3 +236,50 @@ pub fn check_pattern(buf: &[u8], disk_offset: u64, seed: u64) -> Result<(), Stri
     }
     Ok(())
 }
+
+/// Submit `count` requests of `chunk` bytes at once on queue `q` (pipelined), wait for all,
+/// and check the data of reads against the pattern of `seed`; writes write that pattern.
+pub fn pipelined(
+    client: &mut Client,
+    q: usize,
+    (base, chunk, count): (u64, usize, usize),
+    write: bool,
+    seed: u64,
+) {
+    assert!(chunk * count <= client.region.len);
+    for i in 0..count {
+        let off = base + (i * chunk) as u64;
+        if write {
+            fill_pattern(&mut client.buf()[i * chunk..(i + 1) * chunk], off, seed);
+        }
+        let p = client.buf_ptr(i * chunk);
+        if write {
+            client.queues[q].write(off, p, chunk, i, ReqFlags::empty());
+        } else {
+            client.queues[q].read(off, p, chunk, i, ReqFlags::empty());
+        }
+    }
+    for (i, ret) in client.wait(q, count) {
+        assert_eq!(ret, 0, "request {i} on queue {q} failed");
+    }
+    if !write {
+        check_pattern(&client.buf()[..chunk * count], base, seed).unwrap();
+    }
+}
+
+/// `image` (a whole disk's bytes) holds zeroes in `zeroes` (sorted) and the pattern of `seed`
+/// everywhere else.
+pub fn check_zeroed_ranges(image: &[u8], zeroes: &[std::ops::Range<u64>], seed: u64) {
+    let mut at = 0u64;
+    let end = image.len() as u64;
+    for z in zeroes.iter().chain(std::iter::once(&(end..end))) {
+        check_pattern(&image[at as usize..z.start as usize], at, seed).unwrap();
+        assert!(
+            image[z.start as usize..z.end as usize]
+                .iter()
+                .all(|&b| b == 0),
+            "{z:?} reads as zeroes in the image"
+        );
+        at = z.end;
+    }
+}
