@@ -220,12 +220,14 @@ impl Node for NodeService {
                     }),
                     None => mounts::mkfs(&node, &fs_type)?,
                     Some(found) if found == fs_type => {}
-                    Some(found) => return Err(NodeError {
-                        what: format!("staging {}", node.display()),
-                        detail: format!(
+                    Some(found) => {
+                        return Err(NodeError {
+                            what: format!("staging {}", node.display()),
+                            detail: format!(
                             "it holds {found}, not the {fs_type} asked for: nothing was changed"
                         ),
-                    }),
+                        })
+                    }
                 }
                 std::fs::create_dir_all(&staging).map_err(|e| NodeError {
                     what: format!("cannot create {}", staging.display()),
