@@ -1,5 +1,4 @@
-//! The CSI Controller service: creating, growing and deleting volumes of a
-//! [`VolumeSource`](crate::source::VolumeSource).
+//! The CSI Controller service: creating, growing and deleting volumes of a [`VolumeSource`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
