@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const PACKAGE: &str = "k8s-csi";
+/// The version pinned in Cargo.toml.
+const VERSION: &str = "0.4.0";
 const PROTO: &str = "proto/csi/v1.3.0/api.proto";
 
 fn main() {
@@ -13,7 +15,10 @@ fn main() {
     println!("cargo:rerun-if-env-changed=VIRTIOD_CSI_PROTO");
     let proto = match std::env::var_os("VIRTIOD_CSI_PROTO") {
         Some(path) => PathBuf::from(path),
-        None => locate_proto().unwrap_or_else(|e| panic!("{e}")),
+        None => match in_registry() {
+            Some(path) => path,
+            None => locate_proto().unwrap_or_else(|e| panic!("{e}")),
+        },
     };
     let proto_dir = proto.parent().expect("the proto file is in a directory");
     let protoc = protoc_bin_vendored::protoc_bin_path()
@@ -36,6 +41,21 @@ fn main() {
         .field_attribute("csi.v1.Snapshot.creation_time", "#[serde(skip)]")
         .compile_protos(&[proto.as_path()], &[proto_dir, well_known.as_path()])
         .unwrap_or_else(|e| panic!("cannot compile {}: {e}", proto.display()));
+}
+
+/// The `api.proto` of the `k8s-csi` package already unpacked in the local registry
+/// (`$CARGO_HOME/registry/src/*/k8s-csi-VERSION/`): no cargo call, no lock, no network.
+fn in_registry() -> Option<PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
+    let registries = std::fs::read_dir(home.join("registry/src")).ok()?;
+    let found = registries
+        .flatten()
+        .map(|r| r.path().join(format!("{PACKAGE}-{VERSION}")).join(PROTO))
+        .find(|p| p.is_file())?;
+    println!("cargo:rerun-if-changed={}", found.display());
+    Some(found)
 }
 
 /// The `api.proto` inside the `k8s-csi` package, found through `cargo metadata` (which
