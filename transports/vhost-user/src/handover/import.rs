@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryMmap, GuestMemoryRegion};
 
 use super::{ConnectionState, HandoverError, HandoverState, HANDOVER_VERSION};
 use crate::backend_channel::BackendChannel;
@@ -230,6 +230,8 @@ impl VhostUserDevice {
             regions.push(mapped);
             mappings.push(mapping);
         }
+        // vm-memory wants the regions in address order; the table keeps the frontend's.
+        regions.sort_by_key(|r| r.start_addr());
         let mem = GuestMemoryMmap::from_arc_regions(regions).map_err(|e| HandoverError::Region {
             index: 0,
             reason: format!("the regions do not form a memory table: {e}"),
