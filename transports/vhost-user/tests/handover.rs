@@ -33,8 +33,10 @@ fn byte(sock: &mut UnixStream) -> u8 {
 /// serves when told to; it answers `Q` with the frontends it accepted and stops on `X`.
 #[test]
 fn handover_child_process() {
-    let (Some(image), Some(socket)) = (std::env::var_os(CHILD_IMAGE), std::env::var_os(CHILD_SOCKET))
-    else {
+    let (Some(image), Some(socket)) = (
+        std::env::var_os(CHILD_IMAGE),
+        std::env::var_os(CHILD_SOCKET),
+    ) else {
         return; // run by the parent test only
     };
     let (image, socket) = (PathBuf::from(image), PathBuf::from(socket));
@@ -51,7 +53,9 @@ fn handover_child_process() {
     sock.write_all(b"I").unwrap();
     assert_eq!(byte(&mut sock), b'C', "the parent commits");
     let server = dev
-        .spawn_imported(imported, &socket, "vu-child", |r| panic!("serving ended: {r:?}"))
+        .spawn_imported(imported, &socket, "vu-child", |r| {
+            panic!("serving ended: {r:?}")
+        })
         .unwrap();
     sock.write_all(b"S").unwrap();
     loop {
@@ -111,7 +115,10 @@ fn a_child_process_takes_over_the_connection_mid_stream() {
             // The first device goes away entirely: the child serves on.
             wait_for(&done, at_handover + 100);
             a.stop(TIMEOUT).unwrap();
-            assert!(sock.exists(), "the socket is the child's now: left in place");
+            assert!(
+                sock.exists(),
+                "the socket is the child's now: left in place"
+            );
             wait_for(&done, at_handover + 200);
             handed.store(true, Ordering::Release);
             (a_dev.connections_accepted(), at_handover)
@@ -124,10 +131,17 @@ fn a_child_process_takes_over_the_connection_mid_stream() {
         let (accepted_by_a, at_handover) = control.join().unwrap();
         let total = done.load(Ordering::Acquire);
         println!("requests: {at_handover} before the handover, {total} in all");
-        assert_eq!(accepted_by_a, 1, "the first device accepted the client once");
+        assert_eq!(
+            accepted_by_a, 1,
+            "the first device accepted the client once"
+        );
     });
     stream.verify(&mut client);
-    assert_eq!(accepted_by_child(&mut parent), 0, "the client never reconnected");
+    assert_eq!(
+        accepted_by_child(&mut parent),
+        0,
+        "the client never reconnected"
+    );
     drop(client);
     // The child falls back to its accept loop: a new client is served.
     let mut second = Client::connect(&sock, 64 * 1024);
@@ -135,7 +149,10 @@ fn a_child_process_takes_over_the_connection_mid_stream() {
     assert_eq!(second.read(0, 4096), 0);
     let mut want = vec![0u8; 4096];
     fill_pattern(&mut want, 0, 99);
-    assert!(second.buf()[..4096] == want[..], "read back what was written");
+    assert!(
+        second.buf()[..4096] == want[..],
+        "read back what was written"
+    );
     assert_eq!(accepted_by_child(&mut parent), 1);
     drop(second);
     parent.write_all(b"X").unwrap();
@@ -166,7 +183,11 @@ fn an_abandoned_export_serves_on_and_an_in_process_import_takes_over() {
             // Imported by a second device that then gives up: the first serves on.
             let mut export = a_dev.export(TIMEOUT).expect("export");
             let b = device(&img);
-            let imported = { let fds = export.take_fds(); b.import(export.state(), fds) }.expect("import");
+            let imported = {
+                let fds = export.take_fds();
+                b.import(export.state(), fds)
+            }
+            .expect("import");
             assert!(imported.has_connection());
             drop(imported);
             export.resume();
@@ -175,7 +196,11 @@ fn an_abandoned_export_serves_on_and_an_in_process_import_takes_over() {
             // Now for real, in this process.
             let mut export = a_dev.export(TIMEOUT).expect("export");
             let b = device(&img);
-            let imported = { let fds = export.take_fds(); b.import(export.state(), fds) }.expect("import");
+            let imported = {
+                let fds = export.take_fds();
+                b.import(export.state(), fds)
+            }
+            .expect("import");
             export.commit(TIMEOUT).expect("commit");
             let b_server = b
                 .spawn_imported(imported, &sock, "vu-b", |r| panic!("serving ended: {r:?}"))
@@ -194,7 +219,11 @@ fn an_abandoned_export_serves_on_and_an_in_process_import_takes_over() {
         let (a_dev, b_server) = control.join().unwrap();
         stream.verify(&mut client);
         assert_eq!(a_dev.connections_accepted(), 1);
-        assert_eq!(b_server.device().connections_accepted(), 0, "no reconnection");
+        assert_eq!(
+            b_server.device().connections_accepted(),
+            0,
+            "no reconnection"
+        );
         drop(client);
         b_server.stop(TIMEOUT).unwrap();
     });
@@ -210,7 +239,11 @@ fn a_device_without_a_frontend_hands_its_socket_over() {
     assert!(export.state().connection.is_none());
     assert_eq!(export.fds().len(), 1, "the listening socket only");
     let b = device(&img);
-    let imported = { let fds = export.take_fds(); b.import(export.state(), fds) }.unwrap();
+    let imported = {
+        let fds = export.take_fds();
+        b.import(export.state(), fds)
+    }
+    .unwrap();
     assert!(!imported.has_connection());
     export.commit(TIMEOUT).unwrap();
     assert!(matches!(
