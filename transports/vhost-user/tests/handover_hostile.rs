@@ -55,6 +55,13 @@ fn an_export_waits_for_a_memory_table_half_received() {
     raw.write_all(&header(SET_MEM_TABLE, payload.len() as u32))
         .unwrap();
     raw.write_all(&payload[..10]).unwrap();
+    // Once accepted, the device reads the first part and waits for the rest. (A connection
+    // still in the listening socket's backlog would simply go along with the listener.)
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while a.device().connections_accepted() == 0 {
+        assert!(std::time::Instant::now() < deadline, "never accepted");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let refused = a.device().export(Duration::from_millis(300));
     assert!(
         matches!(refused, Err(HandoverError::Timeout(_))),

@@ -223,7 +223,7 @@ impl VhostUserDevice {
                     .map_err(|e| HandoverError::Region {
                         index,
                         reason: format!(
-                            "{e} (offset {:#x} + size {:#x} must lie in its file)",
+                            "cannot be mapped again ({e}): offset {:#x} + size {:#x} must lie in its file",
                             r.mmap_offset, r.size
                         ),
                     })?;
