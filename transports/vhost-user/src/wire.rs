@@ -467,4 +467,36 @@ mod tests {
         assert!(wire.forward_request().unwrap());
         assert_eq!(read_exact(&mut handler, late.len()), late);
     }
+
+    #[test]
+    fn early_enables_are_handed_over_with_the_relay_state() {
+        let (mut qemu, ours) = UnixStream::pair().unwrap();
+        let (mut wire, _handler) =
+            Wire::new(ours, Arc::new(EventFd::new(0).unwrap()), None).unwrap();
+        qemu.write_all(&message(SET_VRING_ENABLE, VERSION_1, &enable(1, 1)))
+            .unwrap();
+        assert!(!wire.forward_request().unwrap());
+        let state = wire.state();
+        assert_eq!(
+            state,
+            WireState {
+                protocol_acked: false,
+                early_enables: vec![(1, 1)],
+            }
+        );
+        // Another process's relay (here over a fresh pair) passes the kept enable on after
+        // the SET_FEATURES that acks the protocol features.
+        let (mut qemu, ours) = UnixStream::pair().unwrap();
+        let (mut wire, mut handler) =
+            Wire::new(ours, Arc::new(EventFd::new(0).unwrap()), None).unwrap();
+        wire.restore(&state);
+        assert_eq!(wire.state(), state);
+        let features = message(SET_FEATURES, VERSION_1, &F_PROTOCOL_FEATURES.to_le_bytes());
+        qemu.write_all(&features).unwrap();
+        assert!(wire.forward_request().unwrap());
+        assert_eq!(read_exact(&mut handler, features.len()), features);
+        assert!(wire.forward_request().unwrap());
+        let want = message(SET_VRING_ENABLE, VERSION_1, &enable(1, 1));
+        assert_eq!(read_exact(&mut handler, want.len()), want);
+    }
 }

@@ -238,7 +238,7 @@ fn an_import_that_does_not_fit_is_refused_and_both_devices_carry_on() {
 }
 
 #[test]
-fn the_in_flight_region_goes_along_and_the_new_device_accepts_later_frontends() {
+fn the_in_flight_region_goes_along_twice_and_the_last_device_accepts_later_frontends() {
     let dir = Scratch::new("inflight");
     let img = dir.image("disk.img", 4 * MIB);
     let sock = dir.path("vu.sock");
@@ -258,6 +258,28 @@ fn the_in_flight_region_goes_along_and_the_new_device_accepts_later_frontends() 
     for i in 0..8u8 {
         d.round_trip(u64::from(i) * 8, &[i; 4096]);
     }
+    assert_eq!(b_server.device().connections_accepted(), 0);
+    // And on to a third device: a connection taken over can be handed over again.
+    let mut export = b_server.device().export(TIMEOUT).expect("second export");
+    assert!(export
+        .state()
+        .connection
+        .as_ref()
+        .unwrap()
+        .inflight
+        .is_some());
+    let c = device(&img);
+    let fds = export.take_fds();
+    let imported = c.import(export.state(), fds).expect("second import");
+    export.commit(TIMEOUT).unwrap();
+    let c_server = c
+        .spawn_imported(imported, &sock, "vu-c", |r| panic!("serving ended: {r:?}"))
+        .unwrap();
+    b_server.stop(TIMEOUT).unwrap();
+    for i in 0..4u8 {
+        d.round_trip(u64::from(i) * 8 + 128, &[i ^ 0x55; 4096]);
+    }
+    let b_server = c_server;
     assert_eq!(b_server.device().connections_accepted(), 0);
     drop(d);
     let mut d = Driver::connect_opts(&sock, &Options::queues(1).inflight(true));
