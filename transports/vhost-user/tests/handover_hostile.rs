@@ -12,6 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::*;
+use vhost::vhost_user::VhostUserFrontend;
 use virtiod_testkit::frontend::{memfd, Driver, Options};
 use virtiod_vhost_user::{ConnectionState, Export, HandoverError, HandoverState, VhostUserDevice};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -258,6 +259,10 @@ fn the_in_flight_region_goes_along_twice_and_the_last_device_accepts_later_front
     for i in 0..8u8 {
         d.round_trip(u64::from(i) * 8, &[i; 4096]);
     }
+    // The negotiation went along too: messages are answered, acknowledged (REPLY_ACK).
+    assert_eq!(d.capacity(), 4 * MIB / 512);
+    d.fe.set_vring_enable(1, false)
+        .expect("acknowledged by the new device");
     assert_eq!(b_server.device().connections_accepted(), 0);
     // And on to a third device: a connection taken over can be handed over again.
     let mut export = b_server.device().export(TIMEOUT).expect("second export");
