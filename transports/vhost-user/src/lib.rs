@@ -12,6 +12,12 @@
 //! memory the frontend keeps ([`inflight`]); a daemon restarted after a crash finds there what
 //! its predecessor had in flight and executes it again when the ring starts.
 //!
+//! A live connection can be handed over to another process (upgrade in place) without the
+//! frontend noticing: [`VhostUserDevice::export`] freezes it between two messages and gives
+//! its state and descriptors, [`VhostUserDevice::import`] in the new process serves it on,
+//! [`Export::resume`] lets the old process carry on if the new one fails
+//! (docs/architecture.md, "Handing a connection over").
+//!
 //! The frontend is untrusted: messages are read whole however they are split (`wire.rs`),
 //! memory regions must lie in their files, and a frontend that shrinks its memory later is
 //! cut off without harming the process or other devices (`fault.rs`, docs/security.md).

@@ -117,6 +117,9 @@ fn refused(
     }
 }
 
+/// Whether an import error is the one a case expects.
+type Expected = fn(&HandoverError) -> bool;
+
 fn c(s: &mut HandoverState) -> &mut ConnectionState {
     s.connection.as_mut().unwrap()
 }
@@ -144,7 +147,7 @@ fn an_import_that_does_not_fit_is_refused_and_both_devices_carry_on() {
         f(&mut s);
         s
     };
-    let cases: Vec<(&str, HandoverState, fn(&HandoverError) -> bool)> = vec![
+    let cases: Vec<(&str, HandoverState, Expected)> = vec![
         ("another version", with(&|s| s.version = 99), |e| {
             matches!(e, HandoverError::Version { .. })
         }),
