@@ -76,6 +76,9 @@ fn spec_of(args: &ServeArgs) -> anyhow::Result<DeviceSpec> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let spec = spec_of(&args)?;
+    let daemon = virtiod_config::DaemonSettings::default();
+    let (specs, control) = (std::slice::from_ref(&spec), args.control.as_deref());
+    crate::confine::begin(&args.confine, &daemon, specs, &args.state_dir, control)?;
     let vduse = matches!(spec.transport, Transport::Vduse { .. });
     let (tx, rx) = channel();
     forward_signals(tx.clone())?;
@@ -92,6 +95,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => Some(crate::control::start(path, registry.clone())?),
         None => None,
     };
+    crate::confine::started();
     crate::notify::notify("READY=1");
     wait_and_stop(&registry, &rx)
 }

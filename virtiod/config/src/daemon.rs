@@ -42,8 +42,7 @@ struct RawDaemonOnly {
 /// checked here; [`crate::parse`] checks the devices.
 pub fn parse_daemon(text: &str) -> Result<DaemonSettings, ConfigErrors> {
     let pos = Positions { text };
-    let raw: RawDaemonOnly =
-        toml::from_str(text).map_err(|e| ConfigErrors(vec![pos.toml(&e)]))?;
+    let raw: RawDaemonOnly = toml::from_str(text).map_err(|e| ConfigErrors(vec![pos.toml(&e)]))?;
     let Some(raw) = raw.daemon.map(Spanned::into_inner) else {
         return Ok(DaemonSettings::default());
     };
@@ -102,7 +101,11 @@ mod tests {
     #[test]
     fn refuses_relative_dirs_and_unknown_keys() {
         let e = parse_daemon("[daemon]\nallow-dirs = [\"img\"]\n").unwrap_err();
-        assert!(e.to_string().starts_with("2:15: allow-dirs: img is not an absolute path"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("2:15: allow-dirs: img is not an absolute path"),
+            "{e}"
+        );
         let e = parse_daemon("[daemon]\nallow-dir = [\"/img\"]\n").unwrap_err();
         assert!(e.to_string().contains("unknown field `allow-dir`"), "{e}");
         let e = parse_daemon("[daemon]\ncontrol-group = \" \"\n").unwrap_err();
