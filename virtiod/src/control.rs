@@ -258,9 +258,15 @@ pub fn call(path: &Path, req: &Request) -> anyhow::Result<Value> {
     })?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    // A daemon that refuses this user answers one line and closes without reading: read the
+    // answer even when the request could not be written.
+    let sent = stream.write_all(line.as_bytes());
     let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer)?;
+    let _ = BufReader::new(&stream).read_line(&mut answer);
+    if answer.is_empty() {
+        sent?;
+        anyhow::bail!("the daemon closed the control connection without answering");
+    }
     let response: Response = serde_json::from_str(&answer)
         .with_context(|| format!("unexpected answer from the daemon: {answer:?}"))?;
     match response {

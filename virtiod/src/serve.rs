@@ -77,8 +77,13 @@ fn spec_of(args: &ServeArgs) -> anyhow::Result<DeviceSpec> {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let spec = spec_of(&args)?;
     let daemon = virtiod_config::DaemonSettings::default();
-    let (specs, control) = (std::slice::from_ref(&spec), args.control.as_deref());
-    crate::confine::begin(&args.confine, &daemon, specs, &args.state_dir, control)?;
+    let setup = crate::confine::Setup {
+        specs: std::slice::from_ref(&spec),
+        state_dir: &args.state_dir,
+        control: args.control.as_deref(),
+        metrics: args.metrics,
+    };
+    crate::confine::begin(&args.confine, &daemon, &setup)?;
     let vduse = matches!(spec.transport, Transport::Vduse { .. });
     let (tx, rx) = channel();
     forward_signals(tx.clone())?;

@@ -73,30 +73,37 @@ static STATE: OnceLock<State> = OnceLock::new();
 /// result (`virtiod: debug: opening PATH: ...`): the test that Landlock refuses it.
 pub const FORBIDDEN_OPEN_ENV: &str = "VIRTIOD_DEBUG_LANDLOCK_OPEN";
 
+/// What the daemon is about to set up.
+pub struct Setup<'a> {
+    /// The devices configured.
+    pub specs: &'a [DeviceSpec],
+    /// `--state-dir`.
+    pub state_dir: &'a Path,
+    /// `--control`.
+    pub control: Option<&'a Path>,
+    /// `--metrics`.
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
 /// `run`: [`begin`] with the `[daemon]` table of `config`.
-pub fn begin_run(
-    args: &ConfineArgs,
-    config: &Path,
-    specs: &[DeviceSpec],
-    state_dir: &Path,
-    control: Option<&Path>,
-) -> anyhow::Result<()> {
+pub fn begin_run(args: &ConfineArgs, config: &Path, setup: &Setup<'_>) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(config)
         .map_err(|e| Usage(format!("cannot read {}: {e}", config.display())))?;
     let daemon = virtiod_config::parse_daemon(&text)
         .map_err(|e| Usage(format!("{}:{e}", config.display())))?;
-    begin(args, &daemon, specs, state_dir, control)
+    begin(args, &daemon, setup)
 }
 
-/// Resolve the control group, compute the capabilities kept after start-up, and restrict the
-/// process with Landlock (unless off). Call from the main thread before any thread starts.
-pub fn begin(
-    args: &ConfineArgs,
-    daemon: &DaemonSettings,
-    specs: &[DeviceSpec],
-    state_dir: &Path,
-    control: Option<&Path>,
-) -> anyhow::Result<()> {
+/// Resolve the control group, restrict the process with Landlock (unless off), and narrow
+/// the main thread's capabilities to what start-up needs (the threads it starts inherit
+/// them). Call from the main thread before any thread starts.
+pub fn begin(args: &ConfineArgs, daemon: &DaemonSettings, setup: &Setup<'_>) -> anyhow::Result<()> {
+    let Setup {
+        specs,
+        state_dir,
+        control,
+        metrics,
+    } = *setup;
     let group = args
         .control_group
         .as_ref()
@@ -156,12 +163,21 @@ pub fn begin(
             }
         }
     }
+    let running = caps::running_set(work);
+    let mut start_up = running.clone();
+    if control_gid.is_some() {
+        start_up.insert(::caps::Capability::CAP_CHOWN); // the control socket's group
+    }
+    if metrics.is_some_and(|a| (1..1024).contains(&a.port())) {
+        start_up.insert(::caps::Capability::CAP_NET_BIND_SERVICE);
+    }
+    narrow_or_exit(&start_up, "the main");
     let _ = STATE.set(State {
         landlock,
         allow_dirs,
         socket_dirs: needs.socket_dirs,
         images: needs.images.into_iter().map(|(p, _)| p).collect(),
-        running: caps::running_set(work),
+        running,
         control_gid,
     });
     Ok(())
