@@ -147,9 +147,14 @@ pub fn begin(args: &ConfineArgs, daemon: &DaemonSettings, setup: &Setup<'_>) -> 
         needs.socket_dirs.push(parent_of(&absolute(c)));
         needs.ceph = true; // an RBD device may be added
     }
-    // VDUSE devices keep their in-flight logs here: make it now, Landlock allows no mkdir.
+    // VDUSE devices keep their in-flight logs here: make it now (Landlock allows no mkdir),
+    // root's alone (a forged log would be replayed into a device on restart).
     if work.vduse || work.control {
-        let _ = std::fs::create_dir_all(state_dir);
+        use std::os::unix::fs::DirBuilderExt;
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir);
     }
     needs.write_dirs.push(absolute(state_dir));
     needs.write_dirs.extend(allow_dirs.iter().cloned());
