@@ -129,7 +129,10 @@ fn confined_threads_hold_no_capabilities() {
     // Without a control socket nothing can be added later: after start-up the main thread
     // keeps nothing either (least_privilege.rs checks the configurations that keep some).
     let (_, main_eff, _) = threads.iter().find(|(c, _, _)| c == "virtiod").unwrap();
-    assert_eq!(main_eff, none, "the main thread of a vhost-user-only daemon");
+    assert_eq!(
+        main_eff, none,
+        "the main thread of a vhost-user-only daemon"
+    );
 }
 
 #[test]

@@ -194,9 +194,20 @@ fn restrict(needs: &landlock::Needs) -> anyhow::Result<bool> {
     // Without CAP_SYS_ADMIN the kernel wants no_new_privs; with it, leave it unset so that
     // an upgraded binary started by root regains its capabilities.
     let nnp = !caps::has_sys_admin();
-    let outcome = landlock::restrict(&rules, nnp).context(
-        "cannot restrict the daemon's files with Landlock: run with --landlock off to serve without it",
-    )?;
+    let outcome = match landlock::restrict(&rules, nnp) {
+        Ok(outcome) => outcome,
+        // Landlock stacks at most 16 domains: after many upgrades (each new daemon adds its
+        // own on top of the one it inherits), keep the inherited one, as strict as ours.
+        Err(e) if too_many_layers(&e) => {
+            tracing::warn!("landlock: this process already runs in 16 nested domains (upgrades): keeping the inherited one");
+            landlock::Outcome::Full
+        }
+        Err(e) => {
+            return Err(anyhow::Error::from(e).context(
+                "cannot restrict the daemon's files with Landlock: run with --landlock off to serve without it",
+            ))
+        }
+    };
     match outcome {
         landlock::Outcome::Full => tracing::info!(rules = rules.len(), "landlock: enforced"),
         landlock::Outcome::Partial => tracing::info!(
@@ -208,6 +219,18 @@ fn restrict(needs: &landlock::Needs) -> anyhow::Result<bool> {
         ),
     }
     Ok(outcome != landlock::Outcome::None)
+}
+
+/// Whether `restrict_self` failed with E2BIG (the 16-domain limit).
+fn too_many_layers(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error() == Some(libc::E2BIG);
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// What the configured devices use.
@@ -379,6 +402,25 @@ fn normalize(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sixteen_domain_limit_is_recognized() {
+        assert!(
+            landlock::kernel_abi() >= 1,
+            "this test needs a kernel with Landlock"
+        );
+        // Landlock applies to the calling thread: a thread of its own, ended after.
+        std::thread::spawn(|| {
+            let nnp = !caps::has_sys_admin();
+            for _ in 0..16 {
+                landlock::restrict(&[], nnp).unwrap();
+            }
+            let err = landlock::restrict(&[], nnp).unwrap_err();
+            assert!(too_many_layers(&err), "{err}");
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn normalizes_lexically() {

@@ -41,7 +41,7 @@ fn find<'a>(report: &'a [Check], name: &str) -> &'a Check {
 fn a_good_host_passes_everything() {
     let root = FakeRoot::new();
     let report = checks(&good_host(&root));
-    assert_eq!(report.len(), 1 + MODULES.len() + 8);
+    assert_eq!(report.len(), 1 + MODULES.len() + 9);
     for c in &report {
         assert_eq!(c.status, Status::Ok, "{c:?}");
         assert!(c.fix.is_empty(), "{c:?}");
