@@ -42,7 +42,8 @@ pub enum Grant {
     ReadWrite,
     /// A directory: create and remove sockets.
     Sockets,
-    /// A directory tree of sysfs or device files: read and write existing files, ioctl.
+    /// A directory tree of sysfs or device files: read and write (truncate) existing files,
+    /// ioctl.
     Devices,
 }
 
@@ -65,7 +66,8 @@ impl Grant {
                     | IoctlDev
             }
             Grant::Sockets => MakeSock | RemoveFile,
-            Grant::Devices => ReadFile | ReadDir | WriteFile | IoctlDev,
+            // Truncate too: writing a sysfs attribute with std::fs::write opens it O_TRUNC.
+            Grant::Devices => ReadFile | ReadDir | WriteFile | Truncate | IoctlDev,
         }
     }
 }
