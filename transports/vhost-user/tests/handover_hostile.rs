@@ -82,6 +82,8 @@ fn an_export_waits_for_a_memory_table_half_received() {
         (conn.regions[0].guest_addr, conn.regions[0].size),
         (0x10_0000, MIB)
     );
+    // A message sent while the connection is frozen waits in the socket for the next device.
+    raw.write_all(&header(GET_FEATURES, 0)).unwrap();
     let b = device(&img);
     let fds = export.take_fds();
     let imported = b.import(export.state(), fds).expect("import");
@@ -90,8 +92,6 @@ fn an_export_waits_for_a_memory_table_half_received() {
         .spawn_imported(imported, &sock, "vu-b", |r| panic!("serving ended: {r:?}"))
         .unwrap();
     a.stop(TIMEOUT).unwrap();
-    // The same connection goes on with the second device.
-    raw.write_all(&header(GET_FEATURES, 0)).unwrap();
     let mut reply = [0u8; 20];
     raw.read_exact(&mut reply).unwrap();
     assert_eq!(
@@ -100,6 +100,13 @@ fn an_export_waits_for_a_memory_table_half_received() {
     );
     assert_eq!(u32::from_le_bytes(reply[8..12].try_into().unwrap()), 8);
     assert_ne!(u64::from_le_bytes(reply[12..].try_into().unwrap()), 0);
+    // And the connection goes on with the second device.
+    raw.write_all(&header(GET_FEATURES, 0)).unwrap();
+    raw.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(reply[..4].try_into().unwrap()),
+        GET_FEATURES
+    );
     assert_eq!(b_server.device().connections_accepted(), 0);
     drop(raw);
     b_server.stop(TIMEOUT).unwrap();
@@ -229,6 +236,9 @@ fn an_import_that_does_not_fit_is_refused_and_both_devices_carry_on() {
         println!("{case}: {err}");
         assert!(expected(&err), "{case}: unexpected error {err:?}");
     }
+    // A device serving a frontend takes nothing over.
+    let err = refused(a.device(), &export, good.clone());
+    assert!(matches!(err, HandoverError::Mismatch(_)), "{err:?}");
     // The second device is left clean: the real state imports (then it gives up).
     let imported = b
         .import(&good, dups(&export))

@@ -100,7 +100,13 @@ impl VhostUserDevice {
                 found: state.version,
             });
         }
-        if self.handed_over() || self.queues.iter().any(|q| lock(q).fds()[0].is_some()) {
+        let connected = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if connected || self.handed_over() || self.queues.iter().any(|q| lock(q).fds()[0].is_some())
+        {
             return Err(HandoverError::Mismatch(
                 "this device serves a frontend already: import into a new device".into(),
             ));
