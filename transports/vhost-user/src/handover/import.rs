@@ -298,7 +298,9 @@ impl VhostUserDevice {
     }
 
     /// Serve an imported connection first (the frontend notices nothing), then the frontends
-    /// that connect to the listening socket, as [`Self::serve`] does.
+    /// that connect to the listening socket, as [`Self::serve`] does. Call it only once the
+    /// exporting process committed ([`crate::Export::commit`]): from the first request served
+    /// here on, that process can no longer resume.
     pub fn serve_imported(
         self: &Arc<Self>,
         mut imported: Imported,
