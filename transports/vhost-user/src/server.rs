@@ -38,7 +38,8 @@ impl VhostUserDevice {
     }
 
     /// Like [`Self::spawn`], for a connection and listening socket taken over from another
-    /// process ([`Self::import`]): serves it first, then the frontends that connect.
+    /// process ([`Self::import`]): serves it first, then the frontends that connect. Only
+    /// once the exporting process committed (see [`Self::serve_imported`]).
     pub fn spawn_imported(
         self: &Arc<Self>,
         imported: Imported,

@@ -102,15 +102,26 @@ fn a_child_process_takes_over_the_connection_mid_stream() {
         let control = s.spawn(|| {
             wait_for(&done, 200);
             let a_dev = a.device().clone();
+            let paused = std::time::Instant::now();
             let export = a_dev.export(TIMEOUT).expect("export");
+            let frozen = paused.elapsed();
             let state = export.state().clone();
-            assert!(state.connection.is_some(), "a frontend is connected");
+            let conn = state.connection.as_ref().expect("a frontend is connected");
+            let ring = conn.vrings[0].ring;
+            assert!(ring.started && ring.enabled);
+            assert_eq!(ring.next_avail, ring.next_used, "drained: nothing in flight");
+            let export_fds = export.fds().len();
             send_handover(&parent, &state, export.fds()).unwrap();
             assert_eq!(byte(&mut parent), b'I', "the child imported the state");
             export.commit(TIMEOUT).expect("commit");
             assert!(a_dev.handed_over());
             parent.write_all(b"C").unwrap();
             assert_eq!(byte(&mut parent), b'S', "the child serves");
+            println!(
+                "frozen after {frozen:?}; the child serves {:?} after the export began ({} descriptors)",
+                paused.elapsed(),
+                export_fds
+            );
             let at_handover = done.load(Ordering::Acquire);
             // The first device goes away entirely: the child serves on.
             wait_for(&done, at_handover + 100);

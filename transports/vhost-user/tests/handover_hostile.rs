@@ -82,6 +82,8 @@ fn an_export_waits_for_a_memory_table_half_received() {
         (conn.regions[0].guest_addr, conn.regions[0].size),
         (0x10_0000, MIB)
     );
+    // A message sent while the connection is frozen waits in the socket for the next device.
+    raw.write_all(&header(GET_FEATURES, 0)).unwrap();
     let b = device(&img);
     let fds = export.take_fds();
     let imported = b.import(export.state(), fds).expect("import");
@@ -90,8 +92,6 @@ fn an_export_waits_for_a_memory_table_half_received() {
         .spawn_imported(imported, &sock, "vu-b", |r| panic!("serving ended: {r:?}"))
         .unwrap();
     a.stop(TIMEOUT).unwrap();
-    // The same connection goes on with the second device.
-    raw.write_all(&header(GET_FEATURES, 0)).unwrap();
     let mut reply = [0u8; 20];
     raw.read_exact(&mut reply).unwrap();
     assert_eq!(
@@ -100,6 +100,13 @@ fn an_export_waits_for_a_memory_table_half_received() {
     );
     assert_eq!(u32::from_le_bytes(reply[8..12].try_into().unwrap()), 8);
     assert_ne!(u64::from_le_bytes(reply[12..].try_into().unwrap()), 0);
+    // And the connection goes on with the second device.
+    raw.write_all(&header(GET_FEATURES, 0)).unwrap();
+    raw.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(reply[..4].try_into().unwrap()),
+        GET_FEATURES
+    );
     assert_eq!(b_server.device().connections_accepted(), 0);
     drop(raw);
     b_server.stop(TIMEOUT).unwrap();
@@ -229,6 +236,9 @@ fn an_import_that_does_not_fit_is_refused_and_both_devices_carry_on() {
         println!("{case}: {err}");
         assert!(expected(&err), "{case}: unexpected error {err:?}");
     }
+    // A device serving a frontend takes nothing over.
+    let err = refused(a.device(), &export, good.clone());
+    assert!(matches!(err, HandoverError::Mismatch(_)), "{err:?}");
     // The second device is left clean: the real state imports (then it gives up).
     let imported = b
         .import(&good, dups(&export))
@@ -317,4 +327,59 @@ fn one_export_at_a_time_and_none_from_a_device_not_served() {
         dev.export(Duration::from_millis(50)),
         Err(HandoverError::Timeout(_))
     ));
+}
+
+/// Answer one backend request on `channel` (as QEMU does): returns its (request, flags).
+fn answer_one(mut channel: UnixStream) -> std::thread::JoinHandle<(u32, u32)> {
+    std::thread::spawn(move || {
+        let mut hdr = [0u8; 12];
+        channel.read_exact(&mut hdr).expect("a backend request");
+        let word = |at: usize| u32::from_le_bytes(hdr[at..at + 4].try_into().unwrap());
+        let (request, flags) = (word(0), word(4));
+        if flags & 0x8 != 0 {
+            let mut reply = header(request, 8);
+            reply[4..8].copy_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+            reply.extend_from_slice(&0u64.to_le_bytes());
+            channel.write_all(&reply).unwrap();
+        }
+        (request, flags)
+    })
+}
+
+#[test]
+fn the_backend_channel_goes_along_a_resize_after_the_handover_reaches_the_frontend() {
+    let dir = Scratch::new("channel");
+    let img = dir.image("disk.img", 4 * MIB);
+    let sock = dir.path("vu.sock");
+    let a = serve(&img, &sock, "vu-a");
+    let mut d = Driver::connect_opts(&sock, &Options::default().backend_req(true));
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    d.fe.set_backend_request_fd(&theirs)
+        .expect("SET_BACKEND_REQ_FD");
+    d.round_trip(0, &[9; 4096]);
+    let mut export = a.device().export(TIMEOUT).expect("export");
+    let conn = export.state().connection.clone().unwrap();
+    assert!(
+        conn.backend_channel.is_some(),
+        "the backend channel is exported"
+    );
+    let blk_b = blk_device(&img);
+    let b = VhostUserDevice::new(blk_b.clone(), Duration::ZERO).unwrap();
+    let fds = export.take_fds();
+    let imported = b.import(export.state(), fds).expect("import");
+    export.commit(TIMEOUT).unwrap();
+    let b_server = b
+        .spawn_imported(imported, &sock, "vu-b", |r| panic!("serving ended: {r:?}"))
+        .unwrap();
+    a.stop(TIMEOUT).unwrap();
+    let answered = answer_one(ours.try_clone().unwrap());
+    let resized = blk_b.resize(8 * MIB, false).unwrap();
+    assert_eq!(resized.notified, Ok(()), "the new device told the frontend");
+    let (request, flags) = answered.join().unwrap();
+    assert_eq!(request, 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
+    assert_eq!(flags & 0x8, 0x8, "REPLY_ACK still applies to the channel");
+    assert_eq!(d.capacity(), 8 * MIB / 512);
+    d.round_trip(6 * MIB / 512, &[0x42; 4096]);
+    drop(d);
+    b_server.stop(TIMEOUT).unwrap();
 }

@@ -100,7 +100,13 @@ impl VhostUserDevice {
                 found: state.version,
             });
         }
-        if self.handed_over() || self.queues.iter().any(|q| lock(q).fds()[0].is_some()) {
+        let connected = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if connected || self.handed_over() || self.queues.iter().any(|q| lock(q).fds()[0].is_some())
+        {
             return Err(HandoverError::Mismatch(
                 "this device serves a frontend already: import into a new device".into(),
             ));
@@ -292,7 +298,9 @@ impl VhostUserDevice {
     }
 
     /// Serve an imported connection first (the frontend notices nothing), then the frontends
-    /// that connect to the listening socket, as [`Self::serve`] does.
+    /// that connect to the listening socket, as [`Self::serve`] does. Call it only once the
+    /// exporting process committed ([`crate::Export::commit`]): from the first request served
+    /// here on, that process can no longer resume.
     pub fn serve_imported(
         self: &Arc<Self>,
         mut imported: Imported,

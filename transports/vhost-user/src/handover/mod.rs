@@ -195,7 +195,8 @@ pub(crate) struct Request {
 
 /// A frozen connection, exported: nothing is served until [`Self::commit`] (the other
 /// process serves it from now on) or [`Self::resume`] (this one serves on). Dropping it
-/// resumes.
+/// resumes. Settle it before stopping the device's [`crate::Server`]: the serving thread
+/// waits for the decision.
 pub struct Export {
     state: HandoverState,
     fds: Vec<OwnedFd>,

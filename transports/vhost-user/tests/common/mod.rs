@@ -45,6 +45,11 @@ impl Drop for Scratch {
 
 /// A virtio-blk device (two queues of 256) over `image`, as `virtiod` builds it.
 pub fn blk(image: &Path) -> Arc<dyn Device> {
+    blk_device(image)
+}
+
+/// [`blk`], as its own type (to resize it).
+pub fn blk_device(image: &Path) -> Arc<BlkDevice> {
     let backend = virtiod_backend::open(
         image.to_str().unwrap(),
         OpenOptions {
