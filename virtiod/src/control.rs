@@ -184,12 +184,21 @@ fn handle(req: Request, registry: &Registry) -> Response {
                 crate::confine::check_added(&spec)?;
                 let name = spec.name.clone();
                 tracing::info!(device = %name, "control: add");
-                registry.add(spec)
+                let endpoint = registry.add(spec)?;
+                // Recorded, so that a restarted daemon serves it again (crate::persist).
+                if let Err(e) = crate::persist::record(registry.state_dir(), &name, &device) {
+                    let _ = registry.remove(&name);
+                    return Err(e);
+                }
+                Ok(endpoint)
             })
             .map(|endpoint| serde_json::json!({ "endpoint": endpoint })),
         Request::Remove { name } => {
             tracing::info!(device = ?name, "control: remove");
-            registry.remove(&name).map(|()| Value::Null)
+            registry
+                .remove(&name)
+                .and_then(|()| crate::persist::forget(registry.state_dir(), &name))
+                .map(|()| Value::Null)
         }
         Request::Stats { name } => registry
             .stats(name.as_deref())

@@ -9,6 +9,7 @@ mod door;
 mod logging;
 mod metrics;
 mod notify;
+mod persist;
 mod registry;
 mod run;
 mod seccomp;

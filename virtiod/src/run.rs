@@ -48,6 +48,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // Then those added with `ctl add` before a restart.
+    crate::persist::restore(&registry);
     if registry.running() == 0 && args.control.is_none() {
         anyhow::bail!("none of the {total} devices could be started: see the errors above");
     }
