@@ -41,11 +41,11 @@ pub struct ConfineArgs {
     #[arg(long, value_enum, env = "VIRTIOD_LANDLOCK", default_value_t = LandlockMode::On)]
     pub landlock: LandlockMode,
     /// A directory where devices added later (ctl add) may have their images and sockets
-    /// (read and write); repeatable; added to devices.toml's [daemon] allow-dirs.
+    /// (read and write); repeatable; added to devices.toml's `[daemon]` allow-dirs.
     #[arg(long = "allow-dir", value_name = "DIR")]
     pub allow_dirs: Vec<PathBuf>,
     /// The control socket is made mode 0660 with this group, whose members may use it (besides
-    /// root and the daemon's user); overrides devices.toml's [daemon] control-group.
+    /// root and the daemon's user); overrides devices.toml's `[daemon]` control-group.
     #[arg(long, value_name = "GROUP")]
     pub control_group: Option<String>,
 }
