@@ -30,6 +30,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         control: args.control.as_deref(),
         metrics: args.metrics,
     };
+    crate::persist::prepare(&args.state_dir)?;
     crate::confine::begin_run(&args.confine, &args.config, &setup)?;
     let (tx, rx) = channel();
     forward_signals(tx.clone())?;
