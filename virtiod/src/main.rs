@@ -1,6 +1,7 @@
 //! `virtiod`: serve software-defined virtio devices from user space.
 
 mod cli;
+mod confine;
 mod control;
 mod device;
 mod doctor;

@@ -37,6 +37,23 @@ fn record_path(state_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(state_dir.join(DIR).join(format!("{name}.json")))
 }
 
+/// Make the records' directory now, before the process restricts itself (Landlock grants
+/// no directory creation later).
+pub fn prepare(state_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = state_dir.join(DIR);
+    // Root's alone, like the state dir: a forged record would be served at the next start.
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true).mode(0o700);
+    builder.create(&dir).with_context(|| {
+        format!(
+            "cannot create {}, where devices added with ctl add are recorded: check that the \
+             state dir (--state-dir) is writable",
+            dir.display()
+        )
+    })
+}
+
 /// Record `device` (the text given to `ctl add`) under `name`, replacing an earlier record:
 /// written to a temporary file, synced, renamed over the record, and the directory synced.
 pub fn record(state_dir: &Path, name: &str, device: &str) -> anyhow::Result<()> {

@@ -24,6 +24,14 @@ pub fn load(path: &std::path::Path) -> anyhow::Result<Vec<virtiod_config::Device
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // Validate everything before starting anything.
     let specs = load(&args.config)?;
+    let setup = crate::confine::Setup {
+        specs: &specs,
+        state_dir: &args.state_dir,
+        control: args.control.as_deref(),
+        metrics: args.metrics,
+    };
+    crate::persist::prepare(&args.state_dir)?;
+    crate::confine::begin_run(&args.confine, &args.config, &setup)?;
     let (tx, rx) = channel();
     forward_signals(tx.clone())?;
     let registry = Registry::new(&args.state_dir, tx);
@@ -50,6 +58,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => Some(crate::control::start(path, registry.clone())?),
         None => None,
     };
+    crate::confine::started();
     tracing::info!(running = registry.running(), of = total, "serving");
     crate::notify::notify(&format!(
         "READY=1\nSTATUS=serving {} of {total} devices",

@@ -23,6 +23,9 @@ fn start(cfg: &Path, control: &Path, state: &Path, log: &Path, sockets: &[PathBu
         .arg(control)
         .arg("--state-dir")
         .arg(state)
+        // Images added later are opened under Landlock: let it open the test's directory.
+        .arg("--allow-dir")
+        .arg(cfg.parent().unwrap())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())

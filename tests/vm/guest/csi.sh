@@ -36,7 +36,8 @@ image = "mem:1M"
 vhost-user = "/run/virtiod/anchor.sock"
 EOF
 start_daemon() {
-  virtiod run --config /tmp/devices.toml --control $CTL --state-dir /run/virtiod >>/tmp/virtiod.log 2>&1 &
+  # Volumes are images in $LOCAL: Landlock lets the daemon open images added later only there.
+  virtiod run --config /tmp/devices.toml --control $CTL --state-dir /run/virtiod --allow-dir "$LOCAL" >>/tmp/virtiod.log 2>&1 &
   dpid=$!
   i=0
   until virtiod ctl --control $CTL list >/dev/null 2>&1; do
