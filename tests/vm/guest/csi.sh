@@ -158,16 +158,18 @@ while [ ! -e /tmp/stop ]; do
   a=\$(dd if=$target/data bs=4k skip=\$slot count=1 iflag=direct 2>>/tmp/writer.err | md5sum)
   b=\$(dd if=/tmp/pat bs=4k skip=\$src count=1 2>/dev/null | md5sum)
   [ "\$a" = "\$b" ] || { echo "verify \$i failed" >>/tmp/writer.err; exit 1; }
-  i=\$((i + 1)); echo \$i >/tmp/writer.count
+  i=\$((i + 1)); echo \$i >/tmp/writer.count.new; mv /tmp/writer.count.new /tmp/writer.count
 done
 EOF
 : >/tmp/writer.err; echo 0 >/tmp/writer.count; rm -f /tmp/stop
 unshare -m sh /tmp/writer.sh &
 wpid=$!
+# rounds: how many rounds the writer has verified (the file is replaced atomically)
+rounds() { c=$(cat /tmp/writer.count 2>/dev/null); echo "${c:-0}"; }
 # wait_more N: the writer completes N more rounds (a pause is fine, an end is not)
 wait_more() {
-  start=$(cat /tmp/writer.count); i=0
-  while [ $(($(cat /tmp/writer.count) - start)) -lt "$1" ]; do
+  start=$(rounds); i=0
+  while [ $(($(rounds) - start)) -lt "$1" ]; do
     kill -0 $wpid 2>/dev/null || fail "the writer ended: $(cat /tmp/writer.err)"
     i=$((i+1)); [ $i -le 1200 ] || fail "the writer made no progress for 120 s"
     sleep 0.1
@@ -178,20 +180,20 @@ kill -KILL $ppid; wait $ppid 2>/dev/null
 start_plugin
 grep -q "re-discovered a staged volume" /tmp/csi.log || fail "the restarted plugin did not re-discover the volume"
 wait_more 10
-ok "plugin SIGKILLed and restarted under the writer ($(cat /tmp/writer.count) rounds)"
+ok "plugin SIGKILLed and restarted under the writer ($(rounds) rounds)"
 kill -KILL $dpid; wait $dpid 2>/dev/null
 [ -e /dev/vduse/csi-local-promise ] || fail "SIGKILL of the daemon removed the VDUSE device"
-before=$(cat /tmp/writer.count)
+before=$(rounds)
 start_daemon
 grep -q "restored a device added with ctl add" /tmp/virtiod.log || fail "the daemon did not restore the volume's device"
 grep -q "re-opening the existing VDUSE device" /tmp/virtiod.log || fail "the daemon did not re-open the VDUSE device"
 wait_more 10
-ok "daemon SIGKILLed and restarted under the writer ($before -> $(cat /tmp/writer.count) rounds)"
+ok "daemon SIGKILLed and restarted under the writer ($before -> $(rounds) rounds)"
 touch /tmp/stop; wait $wpid || fail "the writer saw an error: $(cat /tmp/writer.err)"
 grep -q failed /tmp/writer.err && fail "writer: $(cat /tmp/writer.err)"
 stats=$(call NodeGetVolumeStats "{\"volume_id\":\"$id\",\"volume_path\":\"$target\"}")
 echo "$stats" | grep -q '"abnormal":false' || fail "after restarts: NodeGetVolumeStats: $stats"
-ok "the writer saw no error across both restarts ($(cat /tmp/writer.count) verified rounds)"
+ok "the writer saw no error across both restarts ($(rounds) verified rounds)"
 
 # --- 4. Online expansion of the mounted ext4 volume: 64 -> 128 MiB ---
 kb_before=$(df -k "$target" | awk 'NR==2 {print $2}')
