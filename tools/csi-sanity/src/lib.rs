@@ -17,6 +17,20 @@
 //! assert_eq!(report.failed(), 0);
 //! # }
 //! ```
+//!
+//! The binary, `csi-sanity`, runs the same checks from a shell, e.g. in the test VM against a
+//! plugin serving VDUSE volumes (every check, node I/O included):
+//!
+//! ```text
+//! csi-sanity --endpoint unix:///run/virtiod-csi/csi.sock --work-dir /tmp/sanity
+//! csi-sanity --endpoint unix:///csi/csi.sock --skip-node-io      # a host without VDUSE
+//! ```
+//!
+//! It prints `PASS`/`FAIL`/`SKIP` and the check's name, one line each, then a count, and
+//! exits 1 when a check failed (2 when the plugin cannot be reached). The checks are those of
+//! csi-test's `pkg/sanity` that apply to a plugin without ControllerPublish; one more is
+//! NodePublishVolume before NodeStageVolume (FAILED_PRECONDITION, as the spec's error table
+//! says for a missing or unstaged staging path).
 #![deny(missing_docs)]
 
 mod controller;
