@@ -24,6 +24,13 @@ pub fn load(path: &std::path::Path) -> anyhow::Result<Vec<virtiod_config::Device
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // Validate everything before starting anything.
     let specs = load(&args.config)?;
+    let setup = crate::confine::Setup {
+        specs: &specs,
+        state_dir: &args.state_dir,
+        control: args.control.as_deref(),
+        metrics: args.metrics,
+    };
+    crate::confine::begin_run(&args.confine, &args.config, &setup)?;
     let (tx, rx) = channel();
     forward_signals(tx.clone())?;
     let registry = Registry::new(&args.state_dir, tx);
@@ -41,6 +48,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // Then those added with `ctl add` before a restart.
+    crate::persist::restore(&registry);
     if registry.running() == 0 && args.control.is_none() {
         anyhow::bail!("none of the {total} devices could be started: see the errors above");
     }
@@ -48,6 +57,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => Some(crate::control::start(path, registry.clone())?),
         None => None,
     };
+    crate::confine::started();
     tracing::info!(running = registry.running(), of = total, "serving");
     crate::notify::notify(&format!(
         "READY=1\nSTATUS=serving {} of {total} devices",

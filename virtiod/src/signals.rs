@@ -14,6 +14,7 @@ pub fn forward_signals(events: Sender<Event>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            crate::confine::enter_service_thread();
             for sig in signals.forever() {
                 if events.send(Event::Signal(sig)).is_err() {
                     break;
