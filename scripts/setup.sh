@@ -11,7 +11,9 @@
 # the NBD tests comes with qemu-utils), and the VM harness deps of tests/vm/run-in-vm.sh
 # (qemu-system-x86 from the SAME suite as the installed qemu-utils -- normally
 # bookworm-backports, see scripts/lib-apt.sh -- plus busybox-static, cpio, iproute2 (the vdpa
-# tool), xz-utils). The Rust toolchain itself is not installed here (rustup).
+# tool), xz-utils), and kubernetes-validate (pinned, PyPI, in a venv under ~/.cache: see
+# tests/deploy/versions.sh) for the deploy/ manifests. The Rust toolchain itself is not
+# installed here (rustup).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/lib-apt.sh
@@ -25,7 +27,7 @@ case "${1:-}" in
 esac
 
 PKGS=(build-essential pkg-config fio e2fsprogs xfsprogs busybox-static cpio iproute2 xz-utils zstd nbdkit
-  librbd1 ceph-mon ceph-osd ceph-common)
+  librbd1 ceph-mon ceph-osd ceph-common python3-venv)
 
 mapfile -t missing < <(missing_pkgs qemu-utils qemu-system-x86 "${PKGS[@]}")
 if [ ${#missing[@]} -eq 0 ]; then
@@ -44,5 +46,15 @@ for c in qemu-system-x86_64 qemu-storage-daemon qemu-img qemu-nbd nbdkit fio mkf
 done
 qu=$(dpkg-query -W -f='${Version}' qemu-utils) qs=$(dpkg-query -W -f='${Version}' qemu-system-x86)
 [ "$qu" = "$qs" ] || echo "setup: warning: qemu-utils $qu != qemu-system-x86 $qs" >&2
+# kubernetes-validate for tests/deploy/validate.sh, in its own venv (Debian's python3).
+# shellcheck source=tests/deploy/versions.sh
+. "$here/../tests/deploy/versions.sh"
+if ! "$KV_VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$KV_VERSION"; then
+  [ "$CHECK" = 0 ] || { echo "setup: missing: kubernetes-validate $KV_VERSION ($KV_VENV)"; exit 1; }
+  rm -rf "$KV_VENV"
+  /usr/bin/python3 -m venv "$KV_VENV"
+  "$KV_VENV/bin/pip" install --quiet --disable-pip-version-check --no-input "kubernetes-validate==$KV_VERSION" ||
+    { rm -rf "$KV_VENV"; echo "setup: cannot install kubernetes-validate $KV_VERSION from PyPI" >&2; exit 1; }
+fi
 command -v cargo >/dev/null 2>&1 || echo "setup: note: no cargo on PATH (install Rust with rustup)" >&2
 echo "setup: ok (qemu $qu)"

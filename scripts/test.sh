@@ -30,6 +30,9 @@ export VIRTIOD_SKIP_LOG="$PWD/target/skips.txt"
 mkdir -p target && : >"$VIRTIOD_SKIP_LOG"
 cargo test --workspace --release 2>&1 | tee target/test-output.txt
 
+step "deploy/ manifests against the Kubernetes API schemas (kubernetes-validate, strict)"
+bash tests/deploy/validate.sh
+
 step "release binaries for the VM suites"
 cargo build --workspace --release
 

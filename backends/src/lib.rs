@@ -108,7 +108,7 @@ pub use qcow2::{
     looks_like_qcow2, parse_header as parse_qcow2_header, read_header as read_qcow2_header,
     Backing as Qcow2Backing, BackingFormat, Header as Qcow2Header, Qcow2Backend, Qcow2Options,
 };
-pub use rbd::{RbdAddress, RbdBackend, RbdError};
+pub use rbd::{admin as rbd_admin, RbdAddress, RbdBackend, RbdError};
 pub use spec::{detect_format, open, parse_size, ImageSpec, OpenOptions};
 
 /// Size of a virtio-blk sector in bytes.

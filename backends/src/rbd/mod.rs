@@ -15,6 +15,7 @@
 //! the configuration, in which case only a FLUSH makes it durable — the daemon flushes at
 //! shutdown either way.
 
+pub mod admin;
 mod queue;
 mod sys;
 

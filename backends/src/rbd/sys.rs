@@ -19,6 +19,33 @@ pub type rbd_completion_t = *mut c_void;
 /// Called on a librbd thread when an asynchronous request completes.
 pub type rbd_callback_t = unsafe extern "C" fn(c: rbd_completion_t, arg: *mut c_void);
 
+/// Image creation options (`rbd_image_options_t`).
+pub type rbd_image_options_t = *mut c_void;
+/// `RBD_IMAGE_OPTION_FEATURES` of `rbd_image_options_set_uint64`.
+pub const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
+
+/// One image of `rbd_list2` (`rbd_image_spec_t`), owned by librbd until
+/// `rbd_image_spec_list_cleanup`.
+#[repr(C)]
+pub struct rbd_image_spec_t {
+    /// The image id.
+    pub id: *mut c_char,
+    /// The image name.
+    pub name: *mut c_char,
+}
+
+/// One snapshot of `rbd_snap_list` (`rbd_snap_info_t`), owned by librbd until
+/// `rbd_snap_list_end`.
+#[repr(C)]
+pub struct rbd_snap_info_t {
+    /// The snapshot id.
+    pub id: u64,
+    /// The image size at the snapshot.
+    pub size: u64,
+    /// The snapshot name.
+    pub name: *const c_char,
+}
+
 /// `zero_flags` of `rbd_aio_write_zeroes`: keep the zeroed extent allocated.
 pub const RBD_WRITE_ZEROES_FLAG_THICK_PROVISION: c_int = 1;
 
@@ -75,6 +102,24 @@ api! {
     fn rbd_aio_flush(image: rbd_image_t, c: rbd_completion_t) -> c_int;
     fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize;
     fn rbd_aio_release(c: rbd_completion_t);
+    // Provisioning (admin.rs).
+    fn rbd_image_options_create(opts: *mut rbd_image_options_t);
+    fn rbd_image_options_destroy(opts: rbd_image_options_t);
+    fn rbd_image_options_set_uint64(opts: rbd_image_options_t, optname: c_int, optval: u64) -> c_int;
+    fn rbd_create4(io: rados_ioctx_t, name: *const c_char, size: u64, opts: rbd_image_options_t) -> c_int;
+    fn rbd_clone3(p_io: rados_ioctx_t, p_name: *const c_char, p_snap: *const c_char, c_io: rados_ioctx_t, c_name: *const c_char, c_opts: rbd_image_options_t) -> c_int;
+    fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
+    fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
+    fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
+    fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max_images: *mut usize) -> c_int;
+    fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: usize);
+    fn rbd_snap_create(image: rbd_image_t, name: *const c_char) -> c_int;
+    fn rbd_snap_remove(image: rbd_image_t, name: *const c_char) -> c_int;
+    fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max_snaps: *mut c_int) -> c_int;
+    fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
+    fn rbd_snap_protect(image: rbd_image_t, name: *const c_char) -> c_int;
+    fn rbd_snap_unprotect(image: rbd_image_t, name: *const c_char) -> c_int;
+    fn rbd_snap_is_protected(image: rbd_image_t, name: *const c_char, is_protected: *mut c_int) -> c_int;
 }
 
 /// The text of the last `dlerror`, or `what` when there is none.
