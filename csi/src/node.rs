@@ -274,8 +274,15 @@ impl Node for NodeService {
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         status::required(&req.volume_id, "volume_id")?;
-        status::required(&req.staging_target_path, "staging_target_path")?;
         status::required(&req.target_path, "target_path")?;
+        if req.staging_target_path.is_empty() {
+            // The spec's error table: with STAGE_UNSTAGE_VOLUME announced, a publish that
+            // names no staging path is one before NodeStageVolume.
+            return Err(Status::failed_precondition(
+                "staging_target_path is missing: this plugin stages volumes; call \
+                 NodeStageVolume first and pass its staging path",
+            ));
+        }
         let cap = req
             .volume_capability
             .as_ref()

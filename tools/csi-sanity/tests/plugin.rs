@@ -92,12 +92,7 @@ fn start(dir: &Path) -> (Proc, Proc, PathBuf) {
 
 /// Checks virtiod-csi fails today, with what it answers: each a deviation from the spec to fix
 /// in the plugin (then remove it here; the test fails when a listed check passes).
-const KNOWN_DEVIATIONS: &[(&str, &str)] = &[(
-    // The spec's NodePublishVolume error table: "Staging target path not set" is
-    // FAILED_PRECONDITION when STAGE_UNSTAGE_VOLUME is announced.
-    "Node/NodePublishVolume: before NodeStageVolume -> FAILED_PRECONDITION",
-    "without a staging path (STAGE_UNSTAGE announced): expected FailedPrecondition, got InvalidArgument",
-)];
+const KNOWN_DEVIATIONS: &[(&str, &str)] = &[];
 
 #[test]
 fn the_plugin_passes_every_check_that_needs_no_vduse() {
