@@ -1,10 +1,14 @@
 //! `virtiod run --config devices.toml`: one daemon, many devices.
 
+use std::net::TcpListener;
+use std::os::fd::AsFd;
 use std::sync::mpsc::channel;
+use std::sync::Arc;
 
 use anyhow::Context;
 
 use crate::cli::RunArgs;
+use crate::control::ControlSocket;
 use crate::device::Event;
 use crate::registry::Registry;
 use crate::signals::forward_signals;
@@ -22,14 +26,78 @@ pub fn load(path: &std::path::Path) -> anyhow::Result<Vec<virtiod_config::Device
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    // Validate everything before starting anything.
-    let specs = load(&args.config)?;
     let (tx, rx) = channel();
     forward_signals(tx.clone())?;
-    let registry = Registry::new(&args.state_dir, tx);
-    if let Some(addr) = args.metrics {
-        crate::metrics::start(addr, registry.clone())?;
+    let registry = Registry::new(&args.state_dir, tx.clone());
+    let (total, endpoints) = match args.takeover_fd {
+        Some(fd) => take_over(&args, &registry, fd, tx)?,
+        None => start(&args, &registry)?,
+    };
+    tracing::info!(running = registry.running(), of = total, "serving");
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=serving {} of {total} devices",
+        registry.running()
+    ));
+    loop {
+        match rx.recv().context("event channel closed")? {
+            Event::Signal(sig) => {
+                crate::notify::notify("STOPPING=1");
+                tracing::info!(signal = sig, "stopping every device");
+                break;
+            }
+            Event::Upgrade(req) => upgrade(&registry, &endpoints, req),
+            Event::Exited { name, result } => {
+                let reason = match result {
+                    Ok(()) => "its server stopped".to_string(),
+                    Err(e) => e,
+                };
+                tracing::error!(device = %name, %reason, "device stopped; serving the others");
+                registry.failed(&name, reason);
+            }
+        }
     }
+    registry.stop_all()?;
+    drop(endpoints);
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Hand every device over to a new process and exit; on failure serve on.
+fn upgrade(registry: &Registry, endpoints: &Endpoints, req: crate::upgrade::Request) {
+    let listeners = [
+        endpoints.0.as_ref().map(|c| c.listener().as_fd()),
+        endpoints.1.as_ref().map(|m| m.as_fd()),
+    ];
+    match crate::upgrade::hand_over(registry, &listeners, &req) {
+        Ok(pid) => {
+            crate::notify::notify(&format!("MAINPID={pid}"));
+            if let Some(reply) = req.reply {
+                let _ = reply.send(Ok(pid));
+                // Let the control socket's thread write the answer before the process ends.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            // Without any clean-up: the devices, sockets and files are the new process's.
+            std::process::exit(0);
+        }
+        Err(err) => {
+            if let Some(reply) = req.reply {
+                let _ = reply.send(Err(format!("{err:#}")));
+            }
+        }
+    }
+}
+
+/// The control socket and a copy of the metrics listener, kept for a hand-over.
+type Endpoints = (Option<ControlSocket>, Option<TcpListener>);
+
+/// Validate the devices file before starting anything, then start the metrics endpoint,
+/// the devices and the control socket. Returns how many devices the file has.
+fn start(args: &RunArgs, registry: &Arc<Registry>) -> anyhow::Result<(usize, Endpoints)> {
+    let specs = load(&args.config)?;
+    let metrics = match args.metrics {
+        Some(addr) => Some(crate::metrics::start_on(metrics_listener(addr)?, registry.clone())?.1),
+        None => None,
+    };
     let total = specs.len();
     for spec in specs {
         let name = spec.name.clone();
@@ -44,33 +112,52 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if registry.running() == 0 && args.control.is_none() {
         anyhow::bail!("none of the {total} devices could be started: see the errors above");
     }
-    let _control = match &args.control {
+    let control = match &args.control {
         Some(path) => Some(crate::control::start(path, registry.clone())?),
         None => None,
     };
-    tracing::info!(running = registry.running(), of = total, "serving");
-    crate::notify::notify(&format!(
-        "READY=1\nSTATUS=serving {} of {total} devices",
-        registry.running()
-    ));
-    loop {
-        match rx.recv().context("event channel closed")? {
-            Event::Signal(sig) => {
-                crate::notify::notify("STOPPING=1");
-                tracing::info!(signal = sig, "stopping every device");
-                break;
+    Ok((total, (control, metrics)))
+}
+
+fn metrics_listener(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).with_context(|| {
+        format!("cannot listen on {addr} for --metrics: pick a free port or address")
+    })
+}
+
+/// `--takeover-fd`: serve what the old process served (its devices file may have changed
+/// since, and `ctl add`ed devices are only known to it), on its sockets, then confirm.
+fn take_over(
+    args: &RunArgs,
+    registry: &Arc<Registry>,
+    fd: i32,
+    events: std::sync::mpsc::Sender<Event>,
+) -> anyhow::Result<(usize, Endpoints)> {
+    let mut pending = crate::upgrade::take_over(fd, registry, &args.state_dir, events);
+    let endpoints = (|| {
+        let metrics = match (pending.metrics.take(), args.metrics) {
+            (Some(listener), _) => Some(listener),
+            (None, Some(addr)) => Some(metrics_listener(addr)?),
+            (None, None) => None,
+        };
+        let metrics = match metrics {
+            Some(l) => Some(crate::metrics::start_on(l, registry.clone())?.1),
+            None => None,
+        };
+        let control = match (pending.control.take(), &args.control) {
+            (Some(listener), Some(path)) => {
+                Some(crate::control::start_on(path, listener, registry.clone())?)
             }
-            Event::Exited { name, result } => {
-                let reason = match result {
-                    Ok(()) => "its server stopped".to_string(),
-                    Err(e) => e,
-                };
-                tracing::error!(device = %name, %reason, "device stopped; serving the others");
-                registry.failed(&name, reason);
-            }
+            (None, Some(path)) => Some(crate::control::start(path, registry.clone())?),
+            (_, None) => None,
+        };
+        anyhow::Ok((control, metrics))
+    })();
+    match endpoints {
+        Ok(endpoints) => {
+            pending.serving()?;
+            Ok((registry.running(), endpoints))
         }
+        Err(err) => pending.fail(&err),
     }
-    registry.stop_all()?;
-    tracing::info!("stopped cleanly");
-    Ok(())
 }

@@ -1,0 +1,178 @@
+//! The new side of an upgrade: take the devices over from the process that started this one
+//! (`run --takeover-fd N`).
+//!
+//! Until it confirms ([`Pending::serving`]) this process must never clean up what it was
+//! handed (a VDUSE device it serves would be destroyed on drop): every failure ends it with
+//! [`std::process::exit`], and the old process serves on.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use virtiod_config::{DeviceSpec, Transport};
+
+use super::wire::{Channel, Message};
+use super::{DEFAULT_TIMEOUT, DIE_ENV};
+use crate::device::{Device, Event, Handed, Opened};
+use crate::registry::Registry;
+
+/// Devices taken over; the confirmation is still due.
+pub struct Pending {
+    chan: Channel,
+    /// The control socket's listener, if the old process had one.
+    pub control: Option<UnixListener>,
+    /// The metrics endpoint's listener, if the old process had one.
+    pub metrics: Option<std::net::TcpListener>,
+}
+
+impl Pending {
+    /// Tell the old process this one serves (it exits).
+    pub fn serving(self) -> anyhow::Result<()> {
+        die_if("taken");
+        self.chan.send(
+            &Message::Serving {
+                pid: std::process::id(),
+            },
+            &[],
+        )
+    }
+
+    /// Taking over failed after the devices came: tell the old process and end here without
+    /// cleaning anything up.
+    pub fn fail(self, err: &anyhow::Error) -> ! {
+        fail(&self.chan, err)
+    }
+}
+
+fn fail(chan: &Channel, err: &anyhow::Error) -> ! {
+    let error = format!("{err:#}");
+    let _ = chan.send(
+        &Message::Failed {
+            error: error.clone(),
+        },
+        &[],
+    );
+    eprintln!("virtiod: error: taking over failed, the old process serves on: {error}");
+    std::process::exit(1);
+}
+
+/// Exit as a crashing new process would, when the test variable asks for it at `point`.
+fn die_if(point: &str) {
+    if std::env::var(DIE_ENV).is_ok_and(|v| v == point) {
+        eprintln!("virtiod: {DIE_ENV}={point}: exiting");
+        std::process::exit(70);
+    }
+}
+
+/// Take the devices over on the inherited descriptor `fd`; they are in `registry` when this
+/// returns. Never returns an error: a failure ends the process (see the module).
+pub fn take_over(
+    fd: RawFd,
+    registry: &Registry,
+    state_dir: &Path,
+    events: Sender<Event>,
+) -> Pending {
+    // SAFETY: `fd` is the hand-over socket the old process made inheritable for this
+    // process (`--takeover-fd`); nothing else in this process owns it.
+    let chan = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) });
+    match receive(&chan, registry, state_dir, events) {
+        Ok((control, metrics)) => Pending {
+            chan,
+            control,
+            metrics,
+        },
+        Err(err) => fail(&chan, &err),
+    }
+}
+
+type Listeners = (Option<UnixListener>, Option<std::net::TcpListener>);
+
+fn receive(
+    chan: &Channel,
+    registry: &Registry,
+    state_dir: &Path,
+    events: Sender<Event>,
+) -> anyhow::Result<Listeners> {
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    let (hello, _) = chan.recv(deadline, |_| 0)?;
+    let Message::Hello {
+        version,
+        devices,
+        failed,
+    } = hello
+    else {
+        anyhow::bail!("expected the old process's hello, got {hello:?}");
+    };
+    anyhow::ensure!(
+        version == super::wire::VERSION,
+        "the old process speaks hand-over version {version}, this binary {}: restart instead",
+        super::wire::VERSION
+    );
+    let mut opened: Vec<(DeviceSpec, Opened)> = Vec::new();
+    for entry in &devices {
+        let spec = virtiod_config::parse_device(&entry.spec)
+            .map_err(|e| anyhow::anyhow!("a device from the old process: {e}"))?;
+        let dev = Device::open(&spec).with_context(|| format!("device {}", spec.name))?;
+        opened.push((spec, dev));
+    }
+    die_if("ready");
+    chan.send(&Message::Ready, &[])?;
+    // The old process now quiesces its devices: from here on, be quick.
+    let (msg, fds) = chan.recv(Instant::now() + Duration::from_secs(60), |m| match m {
+        Message::Handover { fds, .. } => *fds,
+        _ => 0,
+    })?;
+    let paused = Instant::now();
+    let Message::Handover {
+        devices: states,
+        control,
+        metrics,
+        ..
+    } = msg
+    else {
+        anyhow::bail!("expected the hand-over, got {msg:?}");
+    };
+    anyhow::ensure!(
+        states.len() == opened.len(),
+        "the old process handed over {} devices for {}",
+        states.len(),
+        opened.len()
+    );
+    let mut fds = fds.into_iter();
+    for ((spec, dev), state) in opened.into_iter().zip(states) {
+        anyhow::ensure!(
+            state.name == spec.name && state.fds == 1,
+            "the hand-over of device {} does not match its description",
+            spec.name
+        );
+        let fd = fds.next().context("a descriptor is missing")?;
+        let handed = match spec.transport {
+            Transport::VhostUser(_) => Handed::VhostUser(UnixListener::from(fd)),
+            Transport::Vduse { .. } => Handed::Vduse(fd),
+        };
+        let name = spec.name.clone();
+        let dev = Device::serve(spec, dev, state_dir, events.clone(), Some(handed))
+            .with_context(|| format!("device {name}"))?;
+        registry.adopt(dev);
+    }
+    let control = control
+        .then(|| fds.next().map(UnixListener::from))
+        .flatten();
+    let metrics = metrics
+        .then(|| fds.next().map(std::net::TcpListener::from))
+        .flatten();
+    for entry in failed {
+        if let Ok(spec) = virtiod_config::parse_device(&entry.spec) {
+            registry.adopt_failed(spec, entry.reason);
+        }
+    }
+    tracing::info!(
+        devices = registry.running(),
+        took_ms = paused.elapsed().as_millis() as u64,
+        "took the devices over"
+    );
+    Ok((control, metrics))
+}
