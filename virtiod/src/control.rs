@@ -294,6 +294,8 @@ fn upgrade_request(
     timeout: Option<u64>,
 ) -> anyhow::Result<Value> {
     let timeout = timeout.map_or(crate::upgrade::DEFAULT_TIMEOUT, Duration::from_secs);
+    // Refused at once while one runs (or this process has just handed over and is exiting).
+    registry.refuse_while_upgrading()?;
     tracing::info!(binary = ?binary, timeout_s = timeout.as_secs(), "control: upgrade");
     let (tx, rx) = std::sync::mpsc::channel();
     let req = crate::upgrade::Request {
@@ -387,6 +389,14 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         Request::Upgrade { .. } => "upgrade",
     };
     let result = call(&args.control, &req)?;
+    if let (Request::Upgrade { .. }, Some(old)) = (&req, result["old_pid"].as_u64()) {
+        // Return once the old process is gone: every later command reaches the new one.
+        let proc = PathBuf::from(format!("/proc/{old}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while proc.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(());

@@ -393,7 +393,8 @@ impl Registry {
         self.events.clone()
     }
 
-    fn refuse_while_upgrading(&self) -> anyhow::Result<()> {
+    /// An error while an upgrade runs (see [`Self::set_upgrading`]).
+    pub fn refuse_while_upgrading(&self) -> anyhow::Result<()> {
         if self.upgrading.load(Ordering::Acquire) {
             anyhow::bail!(
                 "an upgrade is handing the devices over to a new process: try again in a moment"
