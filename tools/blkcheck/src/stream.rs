@@ -31,21 +31,22 @@ fn fill(block: &mut [u8], index: u64, pass: u32) {
     }
 }
 
-/// A 4 KiB buffer aligned for O_DIRECT, inside an owned vector.
+/// A buffer of `len` bytes aligned for O_DIRECT, inside an owned vector.
 struct Aligned {
     bytes: Vec<u8>,
     start: usize,
+    len: usize,
 }
 
 impl Aligned {
-    fn new() -> Self {
-        let bytes = vec![0u8; 2 * BLOCK];
+    fn new(len: usize) -> Self {
+        let bytes = vec![0u8; len + BLOCK];
         let start = bytes.as_ptr().align_offset(BLOCK);
-        Self { bytes, start }
+        Self { bytes, start, len }
     }
 
     fn get(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.start..self.start + BLOCK]
+        &mut self.bytes[self.start..self.start + self.len]
     }
 }
 
@@ -59,7 +60,7 @@ pub fn run(device: &str, mib: u64, stop: &Path, events: &Path) -> anyhow::Result
     let blocks = mib * (1 << 20) / BLOCK as u64;
     anyhow::ensure!(blocks > 0, "MIB must be at least 1");
     let mut pass_of = vec![0u32; blocks as usize];
-    let mut buf = Aligned::new();
+    let mut buf = Aligned::new(BLOCK);
     let mut completions: Vec<u64> = Vec::with_capacity(1 << 20);
     let (mut writes, mut errors) = (0u64, 0u64);
     let mut next = 0u64;
@@ -88,7 +89,7 @@ pub fn run(device: &str, mib: u64, stop: &Path, events: &Path) -> anyhow::Result
         next = (next + 1) % blocks;
     }
     let secs = started.elapsed().as_secs_f64();
-    let mismatches = verify(&file, &pass_of, &mut buf)?;
+    let mismatches = verify(&file, &pass_of)?;
     println!(
         "stream: {writes} writes of 4 KiB in {secs:.1} s ({:.0}/s), {errors} I/O errors, \
          {mismatches} blocks differ of {blocks} read back",
@@ -102,22 +103,31 @@ pub fn run(device: &str, mib: u64, stop: &Path, events: &Path) -> anyhow::Result
     Ok(())
 }
 
-fn verify(file: &File, pass_of: &[u32], buf: &mut Aligned) -> anyhow::Result<u64> {
+/// Read the blocks back 1 MiB at a time and compare each with the pass last written to it.
+fn verify(file: &File, pass_of: &[u32]) -> anyhow::Result<u64> {
+    const PER_READ: usize = 256;
+    let mut chunk = Aligned::new(PER_READ * BLOCK);
     let mut want = vec![0u8; BLOCK];
     let mut mismatches = 0;
-    for (index, &pass) in pass_of.iter().enumerate() {
-        let got = buf.get();
-        file.read_exact_at(got, (index * BLOCK) as u64)
-            .with_context(|| format!("reading block {index} back"))?;
-        if pass == 0 {
+    for (first, passes) in pass_of.chunks(PER_READ).enumerate() {
+        let first = first * PER_READ;
+        if passes.iter().all(|&p| p == 0) {
             continue; // never written
         }
-        fill(&mut want, index as u64, pass);
-        if got[..] != want[..] {
-            if mismatches < 5 {
-                eprintln!("stream: block {index} differs from pass {pass}");
+        let got = &mut chunk.get()[..passes.len() * BLOCK];
+        file.read_exact_at(got, (first * BLOCK) as u64)
+            .with_context(|| format!("reading block {first} and on back"))?;
+        for (i, &pass) in passes.iter().enumerate() {
+            if pass == 0 {
+                continue;
             }
-            mismatches += 1;
+            fill(&mut want, (first + i) as u64, pass);
+            if got[i * BLOCK..(i + 1) * BLOCK] != want[..] {
+                if mismatches < 5 {
+                    eprintln!("stream: block {} differs from pass {pass}", first + i);
+                }
+                mismatches += 1;
+            }
         }
     }
     Ok(mismatches)
