@@ -308,9 +308,18 @@ impl Device {
             Kind::VhostUser(server) => server
                 .quiesce(STOP_TIMEOUT)
                 .with_context(|| format!("device {name}: the flush before the hand-over failed")),
-            Kind::Vduse(dev) => dev
-                .quiesce()
-                .with_context(|| format!("device {name}: quiescing for the hand-over")),
+            Kind::Vduse(dev) => {
+                dev.quiesce()
+                    .with_context(|| format!("device {name}: quiescing for the hand-over"))?;
+                match &self.blk {
+                    Some(blk) if crate::upgrade::flush_on_handover(&self.spec) => {
+                        CoreDevice::stop(blk.as_ref()).with_context(|| {
+                            format!("device {name}: the flush before the hand-over failed")
+                        })
+                    }
+                    _ => Ok(()),
+                }
+            }
         }
     }
 

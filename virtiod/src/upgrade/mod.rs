@@ -101,6 +101,20 @@ fn refused(spec: &DeviceSpec) -> Option<&'static str> {
     }
 }
 
+/// Whether a blk device's image keeps state in the serving process beyond the data (a qcow2
+/// image's cached tables, a network backend's connection): flushed by the old process when it
+/// quiesces, and opened by the new one only after that (during the pause).
+pub fn open_after_handover(spec: &DeviceSpec) -> bool {
+    matches!(spec.kind, DeviceKind::Blk) && spec.image.starts_with("qcow2:")
+}
+
+/// Whether the old process flushes a blk device's backend when it quiesces it (vhost-user
+/// devices always flush: the transport's quiesce does).
+pub fn flush_on_handover(spec: &DeviceSpec) -> bool {
+    let stateful = ["qcow2:", "nbd:", "nbd+unix:", "rbd:"];
+    matches!(spec.kind, DeviceKind::Blk) && stateful.iter().any(|p| spec.image.starts_with(p))
+}
+
 /// The old side: hand every device over to a new process, returning its PID. On error the
 /// devices serve here again.
 pub fn hand_over(

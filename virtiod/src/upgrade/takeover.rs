@@ -111,11 +111,16 @@ fn receive(
         "the old process speaks hand-over version {version}, this binary {}: restart instead",
         super::wire::VERSION
     );
-    let mut opened: Vec<(DeviceSpec, Opened)> = Vec::new();
+    // Images are opened now, while the old process serves — except those whose metadata it
+    // may still change in its own memory (qcow2): those once it has flushed and let go.
+    let mut opened: Vec<(DeviceSpec, Option<Opened>)> = Vec::new();
     for entry in &devices {
         let spec = virtiod_config::parse_device(&entry.spec)
             .map_err(|e| anyhow::anyhow!("a device from the old process: {e}"))?;
-        let dev = Device::open(&spec).with_context(|| format!("device {}", spec.name))?;
+        let dev = match super::open_after_handover(&spec) {
+            true => None,
+            false => Some(Device::open(&spec).with_context(|| format!("device {}", spec.name))?),
+        };
         opened.push((spec, dev));
     }
     die_if("ready");
@@ -154,6 +159,10 @@ fn receive(
             Transport::Vduse { .. } => Handed::Vduse(fd),
         };
         let name = spec.name.clone();
+        let dev = match dev {
+            Some(dev) => dev,
+            None => Device::open(&spec).with_context(|| format!("device {name}"))?,
+        };
         let dev = Device::serve(spec, dev, state_dir, events.clone(), Some(handed))
             .with_context(|| format!("device {name}"))?;
         registry.adopt(dev);
