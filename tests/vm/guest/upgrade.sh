@@ -105,8 +105,10 @@ ok "upgrade after the failed ones"
 # --- for comparison: SIGKILL + restart ---
 for k in $(seq 1 "$KILLS"); do
   sleep 0.5
+  kill -0 "$pid" 2>/dev/null || fail "restart $k: the daemon $pid had exited by itself"
   t0=$(now)
   kill -KILL "$pid"
+  wait "$pid" 2>/dev/null # our child after a restart
   gone "$pid" || fail "SIGKILL"
   start /tmp/run.log
   t1=$(now)
