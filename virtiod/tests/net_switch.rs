@@ -6,69 +6,13 @@
 mod common;
 mod ops_common;
 
-use std::time::Duration;
-
 use common::*;
 use ops_common::*;
-use virtiod_net::{Mac, FEATURES, NET_HDR_LEN};
-use virtiod_testkit::frontend::{Desc, Driver, Options};
+use virtiod_net::{Mac, FEATURES};
+use virtiod_testkit::net::{frame, NetGuest};
 
 const MAC_A: Mac = [0x52, 0x54, 0, 0x12, 0x34, 0x0a];
 const BROADCAST: Mac = [0xff; 6];
-const RX: usize = 0;
-const TX: usize = 1;
-const RX_BUF: u32 = 2048;
-const RX_BUFFERS: u16 = 4;
-const SETTLE: Duration = Duration::from_millis(100);
-
-/// A guest: its frontend and the receive buffers it posted (by head).
-struct Guest {
-    d: Driver,
-    rx: Vec<Desc>,
-}
-
-impl Guest {
-    fn connect(socket: &std::path::Path) -> Self {
-        let opts = Options::queues(2).features(FEATURES);
-        let mut d = Driver::connect_opts(socket, &opts);
-        assert_eq!(d.num_queues(), 2);
-        let rx: Vec<Desc> = (0..RX_BUFFERS).map(|_| d.writable(RX_BUF)).collect();
-        d.write_table_at(RX, 0, &rx);
-        d.make_available(RX, &(0..RX_BUFFERS).collect::<Vec<_>>());
-        Self { d, rx }
-    }
-
-    /// Send `frame` (header + frame in one readable buffer) and wait for its completion.
-    fn send(&mut self, head: u16, frame: &[u8]) {
-        let mut bytes = vec![0u8; NET_HDR_LEN];
-        bytes.extend_from_slice(frame);
-        let buf = self.d.readable(&bytes);
-        self.d.write_table_at(TX, head, &[buf]);
-        self.d.make_available(TX, &[head]);
-        assert_eq!(self.d.wait_used(TX, 1), [(u32::from(head), 0)]);
-        self.d.verify("tx", &[]);
-    }
-
-    /// Wait for one received frame and check it is `frame` behind a one-buffer header.
-    fn expect(&mut self, case: &str, frame: &[u8]) {
-        let used = self.d.wait_used(RX, 1);
-        let (head, len) = used[0];
-        let want_len = NET_HDR_LEN + frame.len();
-        assert_eq!(len as usize, want_len, "{case}: used length");
-        let buf = self.rx[head as usize];
-        let got = self.d.get(buf.addr, want_len);
-        let mut header = [0u8; NET_HDR_LEN];
-        header[10] = 1; // num_buffers = 1
-        assert_eq!(got[..NET_HDR_LEN], header, "{case}: virtio-net header");
-        assert_eq!(&got[NET_HDR_LEN..], frame, "{case}: frame bytes");
-        self.d.verify(case, &[(buf.addr, want_len as u64)]);
-    }
-
-    fn expect_nothing(&mut self, case: &str) {
-        self.d.assert_nothing_used(RX, SETTLE);
-        self.d.verify(case, &[]);
-    }
-}
 
 /// Every drop counter a net device has, as (direction, reason).
 const DROPS: [(&str, &str); 7] = [
@@ -89,15 +33,6 @@ fn stats_line(name: &str, rx: (usize, usize), tx: (usize, usize)) -> String {
          rx_drop_too_big=0 tx_drop_bad_header=0 tx_drop_malformed=0 tx_drop_too_big=0",
         rx.0, rx.1, tx.0, tx.1
     )
-}
-
-fn frame(dst: Mac, src: Mac, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&0x88b5u16.to_be_bytes()); // local experimental ethertype
-    f.extend_from_slice(payload);
-    f
 }
 
 /// "52:54:00:12:34:0a" to bytes.
@@ -157,8 +92,8 @@ fn two_net_devices_on_one_switch_exchange_frames_through_the_daemon() {
         ),
     );
 
-    let mut a = Guest::connect(&sock_a);
-    let mut b = Guest::connect(&sock_b);
+    let mut a = NetGuest::connect(&sock_a, FEATURES);
+    let mut b = NetGuest::connect(&sock_b, FEATURES);
 
     // A broadcasts: B gets it, A does not.
     let hello = frame(BROADCAST, MAC_A, &[0x11; 100]);

@@ -2,7 +2,6 @@
 //! second queue pair (offered over vhost-user), and hostile tx chains and receive buffers,
 //! each counted and dropped without touching driver memory outside the buffers.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,28 +13,12 @@ use virtiod_net::{
     F_MRG_RXBUF, NET_HDR_LEN,
 };
 use virtiod_testkit::frontend::{linked_from, Desc, Driver, Options};
+use virtiod_testkit::scratch::Scratch;
 use virtiod_vhost_user::{bind_socket, Server, VhostUserDevice};
 
 const MAC: Mac = [0x52, 0x54, 0, 0, 0, 0xa];
 const PEER: Mac = [0x52, 0x54, 0, 0, 0, 0xb];
 const SETTLE: Duration = Duration::from_millis(100);
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtiod-net-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn serve(dir: &Scratch, cfg: NetConfig, port: Arc<SwitchPort>) -> Server {
     let sock = dir.0.join("net.sock");

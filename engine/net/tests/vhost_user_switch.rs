@@ -2,44 +2,19 @@
 //! on its own socket; two testkit frontends post receive buffers and send frames, and check
 //! what arrived, with which header, and that nothing outside the buffers changed.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
-use virtiod_net::{
-    Mac, NetBackend, NetConfig, NetDevice, Switch, SwitchPort, FEATURES, NET_HDR_LEN,
-};
-use virtiod_testkit::frontend::{Desc, Driver, Options};
+use virtiod_net::{Mac, NetBackend, NetConfig, NetDevice, Switch, SwitchPort, FEATURES};
+use virtiod_testkit::net::{frame, NetGuest, RX, RX_BUFFERS};
+use virtiod_testkit::scratch::Scratch;
 use virtiod_vhost_user::{bind_socket, Server, VhostUserDevice};
 
 const MAC_A: Mac = [0x52, 0x54, 0, 0, 0, 0xa];
 const MAC_B: Mac = [0x52, 0x54, 0, 0, 0, 0xb];
 const BROADCAST: Mac = [0xff; 6];
-const RX: usize = 0;
-const TX: usize = 1;
-const RX_BUF: u32 = 2048;
-const RX_BUFFERS: u16 = 4;
-const SETTLE: Duration = Duration::from_millis(100);
-
-/// A scratch directory removed at drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtiod-net-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Serve a virtio-net device with `mac` on `port` at `dir/name.sock`.
 fn serve(dir: &Scratch, name: &str, mac: Mac, port: Arc<SwitchPort>) -> Server {
@@ -49,66 +24,6 @@ fn serve(dir: &Scratch, name: &str, mac: Mac, port: Arc<SwitchPort>) -> Server {
     let listener = bind_socket(&sock).unwrap();
     vu.spawn(listener, &sock, name, |r| panic!("serving ended: {r:?}"))
         .unwrap()
-}
-
-/// A guest: its frontend and the receive buffers it posted (by head).
-struct Guest {
-    d: Driver,
-    rx: Vec<Desc>,
-}
-
-impl Guest {
-    fn connect(server: &Server) -> Self {
-        let opts = Options::queues(2).features(FEATURES);
-        let mut d = Driver::connect_opts(server.socket(), &opts);
-        assert_eq!(d.num_queues(), 2);
-        // Post the receive buffers, one descriptor each, heads 0..RX_BUFFERS.
-        let rx: Vec<Desc> = (0..RX_BUFFERS).map(|_| d.writable(RX_BUF)).collect();
-        d.write_table_at(RX, 0, &rx);
-        d.make_available(RX, &(0..RX_BUFFERS).collect::<Vec<_>>());
-        Self { d, rx }
-    }
-
-    /// Send `frame` (one readable buffer: header + frame) and wait for its completion.
-    fn send(&mut self, head: u16, frame: &[u8]) {
-        let mut bytes = vec![0u8; NET_HDR_LEN];
-        bytes.extend_from_slice(frame);
-        let buf = self.d.readable(&bytes);
-        self.d.write_table_at(TX, head, &[buf]);
-        self.d.make_available(TX, &[head]);
-        assert_eq!(self.d.wait_used(TX, 1), [(u32::from(head), 0)]);
-        self.d.verify("tx", &[]);
-    }
-
-    /// Wait for one received frame; check it is `frame` with a header of one buffer and
-    /// that the device wrote nothing beyond it.
-    fn expect(&mut self, case: &str, frame: &[u8]) {
-        let used = self.d.wait_used(RX, 1);
-        let (head, len) = used[0];
-        let want_len = NET_HDR_LEN + frame.len();
-        assert_eq!(len as usize, want_len, "{case}: used length");
-        let buf = self.rx[head as usize];
-        let got = self.d.get(buf.addr, want_len);
-        let mut header = [0u8; NET_HDR_LEN];
-        header[10] = 1; // num_buffers = 1, everything else zero
-        assert_eq!(got[..NET_HDR_LEN], header, "{case}: virtio-net header");
-        assert_eq!(&got[NET_HDR_LEN..], frame, "{case}: frame bytes");
-        self.d.verify(case, &[(buf.addr, want_len as u64)]);
-    }
-
-    fn expect_nothing(&mut self, case: &str) {
-        self.d.assert_nothing_used(RX, SETTLE);
-        self.d.verify(case, &[]);
-    }
-}
-
-fn frame(dst: Mac, src: Mac, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&0x88b5u16.to_be_bytes()); // local experimental ethertype
-    f.extend_from_slice(payload);
-    f
 }
 
 #[test]
@@ -121,8 +36,8 @@ fn two_guests_on_one_switch_exchange_broadcast_and_learned_unicast_frames() {
     // A third port without a device shows what was flooded.
     let watcher = switch.port().unwrap();
 
-    let mut a = Guest::connect(&server_a);
-    let mut b = Guest::connect(&server_b);
+    let mut a = NetGuest::connect(server_a.socket(), FEATURES);
+    let mut b = NetGuest::connect(server_b.socket(), FEATURES);
     let offered = a.d.offered_features();
     assert_eq!(offered & FEATURES, FEATURES, "offered {offered:#x}");
     let (_, cfg) =

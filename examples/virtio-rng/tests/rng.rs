@@ -1,30 +1,12 @@
 //! The `virtiod-rng` binary behind a real transport: the testkit's vhost-user frontend posts
 //! requests into shared guest memory and checks what the device wrote, and where.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use virtiod_testkit::frontend::{linked_from, Desc, Driver, Options, CANARY, F_NEXT};
 use virtiod_testkit::process::Served;
+use virtiod_testkit::scratch::Scratch;
 use virtiod_testkit::{F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1};
-
-/// A scratch directory removed at drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtiod-rng-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Post `chains` on queue 0 (each written into the descriptor table after the previous one)
 /// with one kick, and wait for all of them; returns each chain's used length, in `chains`

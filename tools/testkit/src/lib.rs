@@ -7,8 +7,10 @@
 //!   chosen by the test ([`frontend::Options`]).
 //! - [`blk`]: virtio-blk requests on top of it (request header, status codes, a write/read
 //!   round trip, the capacity).
+//! - [`net`]: a virtio-net guest on top of it (receive buffers, frames sent and checked).
 //! - [`process`]: start a daemon binary, wait until its socket listens, signal it, wait for
 //!   its exit.
+//! - [`scratch`]: a scratch directory removed at drop.
 //!
 //! ```no_run
 //! use virtiod_testkit::frontend::{Driver, Options};
@@ -23,7 +25,9 @@
 
 pub mod blk;
 pub mod frontend;
+pub mod net;
 pub mod process;
+pub mod scratch;
 
 /// `VIRTIO_F_VERSION_1` as a feature bit.
 pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
