@@ -239,11 +239,18 @@ fn exchange(
     }
     let pause = Instant::now();
     *quiesced = true;
+    // All at once: a device's pause must not include another's flush.
     registry.with_devices(|devices, _| {
-        for dev in devices.values_mut() {
-            dev.quiesce()?;
-        }
-        anyhow::Ok(())
+        std::thread::scope(|scope| {
+            let quiescing: Vec<_> = devices
+                .values_mut()
+                .map(|dev| scope.spawn(move || dev.quiesce()))
+                .collect();
+            quiescing.into_iter().try_for_each(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("quiescing a device panicked")))
+            })
+        })
     })?;
     let sent = registry.with_devices(|devices, _| {
         let mut states = Vec::new();

@@ -147,6 +147,7 @@ fn receive(
         opened.len()
     );
     let mut fds = fds.into_iter();
+    let mut handed = Vec::new();
     for ((spec, dev), state) in opened.into_iter().zip(states) {
         anyhow::ensure!(
             state.name == spec.name && state.fds == 1,
@@ -154,17 +155,45 @@ fn receive(
             spec.name
         );
         let fd = fds.next().context("a descriptor is missing")?;
-        let handed = match spec.transport {
+        let fd = match spec.transport {
             Transport::VhostUser(_) => Handed::VhostUser(UnixListener::from(fd)),
             Transport::Vduse { .. } => Handed::Vduse(fd),
         };
-        let name = spec.name.clone();
-        let dev = match dev {
-            Some(dev) => dev,
-            None => Device::open(&spec).with_context(|| format!("device {name}"))?,
-        };
-        let dev = Device::serve(spec, dev, state_dir, events.clone(), Some(handed))
-            .with_context(|| format!("device {name}"))?;
+        handed.push((spec, dev, fd));
+    }
+    // All at once (from this unconfined thread's scope): a device's pause must not include
+    // another's (a qcow2 image being opened, a VDUSE node being looked up).
+    let served: Vec<anyhow::Result<Device>> = std::thread::scope(|scope| {
+        let serving: Vec<_> = handed
+            .into_iter()
+            .map(|(spec, dev, fd)| {
+                let events = events.clone();
+                scope.spawn(move || {
+                    let name = spec.name.clone();
+                    let dev = match dev {
+                        Some(dev) => dev,
+                        None => Device::open(&spec).with_context(|| format!("device {name}"))?,
+                    };
+                    Device::serve(spec, dev, state_dir, events, Some(fd))
+                        .with_context(|| format!("device {name}"))
+                })
+            })
+            .collect();
+        serving
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("taking a device over panicked")))
+            })
+            .collect()
+    });
+    if let Some(err) = served.iter().find_map(|r| r.as_ref().err()) {
+        let err = anyhow::anyhow!("{err:#}");
+        // Never drop a device served here: dropping a VDUSE device destroys it.
+        std::mem::forget(served);
+        return Err(err);
+    }
+    for dev in served.into_iter().flatten() {
         registry.adopt(dev);
     }
     let control = control
