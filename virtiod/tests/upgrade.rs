@@ -1,4 +1,4 @@
-//! `virtiod ctl upgrade`: a vhost-user write/verify stream (libblkio) continues across
+//! `virtiod ctl upgrade` and SIGUSR2: a vhost-user write/verify stream (libblkio) continues across
 //! upgrades — the frontend reconnects, the interim behaviour until the transport exports a
 //! connected frontend — the listening socket never disappears (same inode throughout), the
 //! old process exits 0 and the PID changes; failed upgrades (a binary that exits at once, a
@@ -122,6 +122,27 @@ fn watch_socket(socket: PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<Option<Str
     })
 }
 
+/// The PID of the virtiod that took over with `--takeover-fd` on `control`.
+fn daemon_serving(control: &Path) -> Option<u32> {
+    let want = control.to_str()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let has = |a: &str| args.iter().any(|x| *x == a.as_bytes());
+            if has(want) && has("--takeover-fd") && alive(pid) {
+                return Some(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -198,8 +219,16 @@ fn the_stream_continues_across_upgrades_and_the_socket_stays() {
     let writer = stream(s.socket.clone(), stop.clone());
     let watcher = watch_socket(s.socket.clone(), stop.clone());
     std::thread::sleep(Duration::from_millis(300));
+    // SIGUSR2 upgrades with the defaults.
     let first = s.daemon.child.id();
-    let mut pid = first;
+    s.daemon.signal(libc::SIGUSR2);
+    let status = s.daemon.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "the old process exited {status} after SIGUSR2"
+    );
+    let mut pid = daemon_serving(&s.control).expect("no daemon took over after SIGUSR2");
+    assert_ne!(pid, first);
     for round in 1..=3 {
         let new = upgrade(&s.control, &[]).unwrap_or_else(|e| panic!("upgrade {round}: {e}"));
         assert_ne!(new, pid, "upgrade {round}: the PID did not change");
@@ -211,10 +240,6 @@ fn the_stream_continues_across_upgrades_and_the_socket_stays() {
             alive(new),
             "upgrade {round}: the new process {new} is not running"
         );
-        if pid == first {
-            let status = s.daemon.child.wait().unwrap();
-            assert!(status.success(), "the old process exited {status}");
-        }
         pid = new;
         let (code, out, err) = ctl(&s.control, &["list"]);
         assert_eq!(code, 0, "ctl list after upgrade {round}: {err}");
