@@ -9,6 +9,8 @@
 //! {"cmd":"qos","name":"a"}                    -> {"ok":true,"result":{"iops":2000}}  (the limits)
 //! {"cmd":"qos","name":"a","set":{"iops":4000,"read-bps":"100M"}}  -> the new limits ({} lifts all)
 //! {"cmd":"resize","name":"a","size":2147483648} -> {"ok":true,"result":{"old":..,"capacity":..,"notified":true}}
+//! {"cmd":"upgrade"} / {"cmd":"upgrade","binary":"/opt/v2/virtiod","timeout":60}
+//!                                             -> {"ok":true,"result":{"old_pid":..,"new_pid":..}}
 //! anything wrong                              -> {"ok":false,"error":"one line: what to do"}
 //! ```
 //!
