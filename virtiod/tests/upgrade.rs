@@ -133,7 +133,7 @@ fn daemon_serving(control: &Path) -> Option<u32> {
             };
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            let has = |a: &str| args.iter().any(|x| *x == a.as_bytes());
+            let has = |a: &str| args.contains(&a.as_bytes());
             if has(want) && has("--takeover-fd") && alive(pid) {
                 return Some(pid);
             }
