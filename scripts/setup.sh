@@ -24,7 +24,7 @@ case "${1:-}" in
   *) echo "usage: $0 [--check]" >&2; exit 2 ;;
 esac
 
-PKGS=(build-essential pkg-config fio e2fsprogs busybox-static cpio iproute2 xz-utils zstd nbdkit
+PKGS=(build-essential pkg-config fio e2fsprogs xfsprogs busybox-static cpio iproute2 xz-utils zstd nbdkit
   librbd1 ceph-mon ceph-osd ceph-common)
 
 mapfile -t missing < <(missing_pkgs qemu-utils qemu-system-x86 "${PKGS[@]}")

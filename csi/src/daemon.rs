@@ -26,7 +26,7 @@ pub enum DaemonError {
         /// What failed.
         source: std::io::Error,
     },
-    /// The daemon took longer than [`CALL_TIMEOUT`].
+    /// The daemon took longer than a minute.
     #[error("virtiod did not answer `{cmd}` within {CALL_TIMEOUT:?} on {path}")]
     TimedOut {
         /// The control socket.

@@ -5,10 +5,19 @@
 #![deny(missing_docs)]
 
 pub mod call;
+pub mod capability;
+pub mod controller;
 pub mod daemon;
 pub mod endpoint;
 pub mod identity;
+pub mod locks;
+pub mod mounts;
+pub mod node;
 pub mod server;
+pub mod source;
+pub mod state;
+pub mod status;
+pub mod volume;
 
 /// The CSI spec's messages, servers and clients (`csi.v1`), generated from its `api.proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

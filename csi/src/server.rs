@@ -5,9 +5,18 @@ use std::path::PathBuf;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::controller::ControllerService;
 use crate::daemon::Daemon;
 use crate::identity::IdentityService;
+use crate::node::NodeService;
+use crate::proto::controller_server::ControllerServer;
 use crate::proto::identity_server::IdentityServer;
+use crate::proto::node_server::NodeServer;
+use crate::source::local::LocalSource;
+use crate::source::VolumeSource;
 
 /// Which services the plugin offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -43,14 +52,58 @@ pub struct Config {
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let daemon = config.daemon_socket.as_ref().map(Daemon::new);
     let listener = crate::endpoint::bind(&config.socket)?;
+    let source: Arc<dyn VolumeSource> = Arc::new(LocalSource::new(&config.local_dir));
     let identity = IdentityServer::new(IdentityService::new(daemon.clone()));
-    let router = Server::builder().add_service(identity);
+    let controller = matches!(config.role, Role::Controller | Role::Both).then(|| {
+        ControllerServer::new(ControllerService::new(
+            config.node_id.clone(),
+            source.clone(),
+            config.state_dir.clone(),
+        ))
+    });
+    let node = match (config.role, &daemon) {
+        (Role::Node | Role::Both, Some(daemon)) => {
+            let node = NodeService::new(
+                config.node_id.clone(),
+                config.max_volumes,
+                daemon.clone(),
+                source.clone(),
+                &config.state_dir,
+            );
+            tokio::spawn(rediscover(node.clone()));
+            Some(NodeServer::new(node))
+        }
+        (Role::Node | Role::Both, None) => {
+            anyhow::bail!("the node service needs --daemon-socket: the control socket of `virtiod run --control PATH`")
+        }
+        _ => None,
+    };
+    let router = Server::builder()
+        .add_service(identity)
+        .add_optional_service(controller)
+        .add_optional_service(node);
     tracing::info!(socket = %config.socket.display(), role = ?config.role, node = %config.node_id, "CSI plugin listening");
     router
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown())
         .await?;
     tracing::info!("CSI plugin stopped");
     Ok(())
+}
+
+/// Find the volumes staged before this start; retried until the daemon answers.
+async fn rediscover(node: NodeService) {
+    loop {
+        match node.rediscover().await {
+            Ok(count) => {
+                tracing::info!(volumes = count, "state re-discovered");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-discover staged volumes yet; retrying in 2 s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
 }
 
 async fn shutdown() {

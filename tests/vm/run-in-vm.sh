@@ -7,10 +7,11 @@
 #            [--qemu-arg ARG]... GUEST_SCRIPT
 #
 # The guest is Debian's 6.12 cloud kernel under QEMU TCG (no KVM needed) booted into an
-# initramfs with busybox, the vdpa tool, e2fsprogs (mkfs.ext4/mke2fs, e2fsck/fsck.ext4),
-# blkdiscard, iproute2's ip (netns, tuntap), iperf3, socat and ethtool, and the modules vhost_iotlb vdpa
+# initramfs with busybox, the vdpa tool, e2fsprogs (mkfs.ext4/mke2fs, e2fsck/fsck.ext4,
+# resize2fs), util-linux's blkid and unshare, xfsprogs' mkfs.xfs and xfs_growfs, blkdiscard,
+# iproute2's ip (netns, tuntap), iperf3, socat and ethtool, and the modules vhost_iotlb vdpa
 # vduse virtio_vdpa irqbypass vhost vhost_vdpa virtio_blk loop virtio-rng failover net_failover
-# virtio_net tun veth llc stp bridge already loaded (ext4 is built into that kernel). /dev/vduse/control exists when
+# virtio_net tun veth llc stp bridge libcrc32c xfs already loaded (ext4 is built into that kernel). /dev/vduse/control exists when
 # the script starts; the script runs as root with cwd /tmp (a tmpfs in RAM).
 #   --bin       copy a binary (with its shared libraries) to /bin
 #   --file      copy a host file or directory to GUEST_PATH
@@ -32,9 +33,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${VM_CACHE:-$HOME/.cache/virtiod-vm}
 KPKG=${VM_KERNEL_PKG:-}
-BASE_VERSION=4
-MODULES="vhost_iotlb vdpa vduse virtio_vdpa irqbypass vhost vhost_vdpa virtio_blk loop virtio-rng failover net_failover virtio_net tun veth llc stp bridge"
-BASE_TOOLS="/usr/sbin/vdpa /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/blkdiscard /usr/sbin/ip /usr/bin/iperf3 /usr/bin/socat /usr/sbin/ethtool"
+BASE_VERSION=5
+MODULES="vhost_iotlb vdpa vduse virtio_vdpa irqbypass vhost vhost_vdpa virtio_blk loop virtio-rng failover net_failover virtio_net tun veth llc stp bridge libcrc32c xfs"
+BASE_TOOLS="/usr/sbin/vdpa /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/blkdiscard /usr/sbin/ip /usr/bin/iperf3 /usr/bin/socat /usr/sbin/ethtool /usr/sbin/blkid /usr/bin/unshare /usr/sbin/mkfs.xfs /usr/sbin/xfs_growfs"
 BASE_STAMP="base v$BASE_VERSION; kernel=${KPKG:-newest}; modules=$MODULES; tools=$BASE_TOOLS"
 
 MEM=1024 CPUS=2 TIMEOUT=600 WITH_FIO=${VM_WITH_FIO:-0}
@@ -58,12 +59,13 @@ SCRIPT=${1:?usage: run-in-vm.sh [options] GUEST_SCRIPT}
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need qemu-system-x86_64 || ! need cpio || ! [ -x /bin/busybox ] || ! [ -x /usr/sbin/vdpa ] \
    || ! need xz || ! [ -x /usr/sbin/mke2fs ] || ! [ -x /usr/sbin/blkdiscard ] \
-   || ! [ -x /usr/bin/iperf3 ] || ! [ -x /usr/bin/socat ] || ! [ -x /usr/sbin/ethtool ]; then
+   || ! [ -x /usr/bin/iperf3 ] || ! [ -x /usr/bin/socat ] || ! [ -x /usr/sbin/ethtool ] \
+   || ! [ -x /usr/sbin/mkfs.xfs ] || ! [ -x /usr/sbin/blkid ] || ! [ -x /usr/bin/unshare ]; then
   [ "$(id -u)" = 0 ] || { echo "run-in-vm: host tools missing; run scripts/setup.sh as root" >&2; exit 125; }
   # shellcheck source=../../scripts/lib-apt.sh
   . "$HERE/../../scripts/lib-apt.sh"
   install_qemu   # qemu-system-x86 from the suite qemu-utils came from (never 7.2 over 10.x)
-  install_missing busybox-static cpio iproute2 xz-utils e2fsprogs util-linux iperf3 socat ethtool
+  install_missing busybox-static cpio iproute2 xz-utils e2fsprogs util-linux iperf3 socat ethtool xfsprogs
 fi
 if [ "$WITH_FIO" = 1 ] && ! need fio; then
   echo "run-in-vm: --with-fio but no fio on the host (scripts/setup.sh installs it)" >&2; exit 125

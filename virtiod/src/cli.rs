@@ -312,6 +312,8 @@ pub struct RunArgs {
     /// Accept control commands (JSON lines; see `virtiod ctl`) on this unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub confine: crate::confine::ConfineArgs,
     /// Take the devices over from the daemon that started this process (`ctl upgrade`):
     /// the hand-over socket it inherited.
     #[arg(long, value_name = "FD", hide = true)]
@@ -387,6 +389,8 @@ pub struct ServeArgs {
     pub mtu: Option<u16>,
     #[command(flatten)]
     pub qos: Box<QosArgs>,
+    #[command(flatten)]
+    pub confine: crate::confine::ConfineArgs,
     /// The image: a file or block device path (or raw:PATH), qcow2:PATH, mem:SIZE, null:SIZE, an
     /// nbd:// or nbd+unix:// URI; or net:switch=NAME for
     /// a virtio-net device on the in-process switch NAME, net:tap=NAME on the tap NAME.

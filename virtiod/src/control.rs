@@ -20,7 +20,6 @@
 //! closed. The socket file is mode 0600.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -120,12 +119,7 @@ pub fn start(path: &Path, registry: Arc<Registry>) -> anyhow::Result<ControlSock
         path: path.to_path_buf(),
         listener: listener.try_clone().context("control socket")?,
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(|| {
-        format!(
-            "cannot make the control socket {} mode 0600",
-            path.display()
-        )
-    })?;
+    crate::confine::secure_control_socket(path)?;
     crate::door::spawn("control", listener, ControlProtocol(registry), LIMITS)
         .context("cannot start the control thread")?;
     tracing::info!(path = %path.display(), "control socket listening");
@@ -229,14 +223,24 @@ fn handle(req: Request, registry: &Registry) -> Response {
         Request::Add { device } => virtiod_config::parse_device(&device)
             .map_err(|e| anyhow::anyhow!("device: {e}"))
             .and_then(|spec| {
+                crate::confine::check_added(&spec)?;
                 let name = spec.name.clone();
                 tracing::info!(device = %name, "control: add");
-                registry.add(spec)
+                let endpoint = registry.add(spec)?;
+                // Recorded, so that a restarted daemon serves it again (crate::persist).
+                if let Err(e) = crate::persist::record(registry.state_dir(), &name, &device) {
+                    let _ = registry.remove(&name);
+                    return Err(e);
+                }
+                Ok(endpoint)
             })
             .map(|endpoint| serde_json::json!({ "endpoint": endpoint })),
         Request::Remove { name } => {
             tracing::info!(device = ?name, "control: remove");
-            registry.remove(&name).map(|()| Value::Null)
+            registry
+                .remove(&name)
+                .and_then(|()| crate::persist::forget(registry.state_dir(), &name))
+                .map(|()| Value::Null)
         }
         Request::Stats { name } => registry
             .stats(name.as_deref())
@@ -318,18 +322,31 @@ fn upgrade_request(
 
 /// Send one request and read its answer.
 pub fn call(path: &Path, req: &Request) -> anyhow::Result<Value> {
-    let mut stream = UnixStream::connect(path).with_context(|| {
-        format!(
+    let mut stream = UnixStream::connect(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return anyhow::anyhow!(
+                "cannot reach the daemon's control socket {}: permission denied: it admits root, the daemon's user and the members of its group (ls -l {} shows which): ask to be added to that group, or use the daemon's user",
+                path.display(),
+                path.display()
+            );
+        }
+        anyhow::Error::from(e).context(format!(
             "cannot reach the daemon's control socket {}: is virtiod running with --control {}?",
             path.display(),
             path.display()
-        )
+        ))
     })?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    // A daemon that refuses this user answers one line and closes without reading: read the
+    // answer even when the request could not be written.
+    let sent = stream.write_all(line.as_bytes());
     let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer)?;
+    let _ = BufReader::new(&stream).read_line(&mut answer);
+    if answer.is_empty() {
+        sent?;
+        anyhow::bail!("the daemon closed the control connection without answering");
+    }
     let response: Response = serde_json::from_str(&answer)
         .with_context(|| format!("unexpected answer from the daemon: {answer:?}"))?;
     match response {

@@ -94,16 +94,13 @@ impl Listen for UnixListener {
     fn set_nonblocking(&self) -> std::io::Result<()> {
         UnixListener::set_nonblocking(self, true)
     }
-    /// Only root and the daemon's own user are admitted (`SO_PEERCRED`), whatever the
-    /// socket's mode says; others are closed at once.
+    /// Only root, the daemon's own user and members of the control group are admitted
+    /// (`SO_PEERCRED`, `SO_PEERGROUPS`), whatever the socket's mode says; others are told why
+    /// and closed at once.
     fn accept_one(&self) -> std::io::Result<UnixStream> {
         loop {
-            let (stream, _) = self.accept()?;
-            let uid = rustix::net::sockopt::socket_peercred(&stream)
-                .map(|cred| cred.uid.as_raw())
-                .map_err(std::io::Error::from)?;
-            if uid != 0 && uid != rustix::process::geteuid().as_raw() {
-                tracing::warn!(uid, "refused a control connection from another user (only root and the daemon's user may connect)");
+            let (mut stream, _) = self.accept()?;
+            if !crate::confine::admit_control_peer(&mut stream)? {
                 continue;
             }
             stream.set_nonblocking(true)?;
@@ -166,7 +163,10 @@ pub fn spawn<L: Listen, P: Protocol>(
         let wake_tx = wake_tx.try_clone()?;
         std::thread::Builder::new()
             .name(format!("{name}-worker"))
-            .spawn(move || worker(&*protocol, &job_rx, &done_tx, &wake_tx))?;
+            .spawn(move || {
+                crate::confine::enter_service_thread();
+                worker(&*protocol, &job_rx, &done_tx, &wake_tx)
+            })?;
     }
     let mut door = Door {
         listener,
@@ -181,7 +181,10 @@ pub fn spawn<L: Listen, P: Protocol>(
     };
     std::thread::Builder::new()
         .name(name.into())
-        .spawn(move || door.run())?;
+        .spawn(move || {
+            crate::confine::enter_service_thread();
+            door.run()
+        })?;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `virtiod`: serve software-defined virtio devices from user space.
 
 mod cli;
+mod confine;
 mod control;
 mod device;
 mod doctor;
@@ -8,6 +9,7 @@ mod door;
 mod logging;
 mod metrics;
 mod notify;
+mod persist;
 mod registry;
 mod run;
 mod seccomp;

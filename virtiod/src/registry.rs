@@ -198,6 +198,11 @@ impl Registry {
         })
     }
 
+    /// Where devices keep their state (in-flight logs, `ctl add` records).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -26,13 +26,44 @@ pub fn load(path: &std::path::Path) -> anyhow::Result<Vec<virtiod_config::Device
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Validate everything before starting anything. A process taking over serves what the
+    // old one served (the devices file may have changed since, `ctl add`ed devices are only
+    // known to it), with the old one's devices file (it may not be readable under Landlock).
+    let hello = args.takeover_fd.map(crate::upgrade::hello);
+    let (specs, config) = match &hello {
+        Some(hello) => (hello.specs.clone(), hello.config.clone()),
+        None => {
+            let text = std::fs::read_to_string(&args.config).unwrap_or_default();
+            (load(&args.config)?, text)
+        }
+    };
+    crate::upgrade::remember_config(config.clone());
+    let setup = crate::confine::Setup {
+        specs: &specs,
+        state_dir: &args.state_dir,
+        control: args.control.as_deref(),
+        metrics: args.metrics,
+    };
+    match &hello {
+        None => crate::confine::begin_run(&args.confine, &args.config, &setup)?,
+        Some(_) => {
+            let daemon = virtiod_config::parse_daemon(&config).map_err(|e| {
+                Usage(format!(
+                    "{} (the old process's): {e}",
+                    args.config.display()
+                ))
+            })?;
+            crate::confine::begin(&args.confine, &daemon, &setup)?
+        }
+    }
     let (tx, rx) = channel();
     forward_signals(tx.clone())?;
     let registry = Registry::new(&args.state_dir, tx.clone());
-    let (total, endpoints) = match args.takeover_fd {
-        Some(fd) => take_over(&args, &registry, fd, tx)?,
-        None => start(&args, &registry)?,
+    let (total, endpoints) = match hello {
+        Some(hello) => take_over(&args, &registry, hello, tx)?,
+        None => start(&args, specs, &registry)?,
     };
+    crate::confine::started();
     tracing::info!(running = registry.running(), of = total, "serving");
     crate::notify::notify(&format!(
         "READY=1\nSTATUS=serving {} of {total} devices",
@@ -90,10 +121,13 @@ fn upgrade(registry: &Registry, endpoints: &Endpoints, req: crate::upgrade::Requ
 /// The control socket and a copy of the metrics listener, kept for a hand-over.
 type Endpoints = (Option<ControlSocket>, Option<TcpListener>);
 
-/// Validate the devices file before starting anything, then start the metrics endpoint,
-/// the devices and the control socket. Returns how many devices the file has.
-fn start(args: &RunArgs, registry: &Arc<Registry>) -> anyhow::Result<(usize, Endpoints)> {
-    let specs = load(&args.config)?;
+/// Start the metrics endpoint, the devices of the devices file, those added with `ctl add`
+/// before a restart, and the control socket. Returns how many devices the file has.
+fn start(
+    args: &RunArgs,
+    specs: Vec<virtiod_config::DeviceSpec>,
+    registry: &Arc<Registry>,
+) -> anyhow::Result<(usize, Endpoints)> {
     let metrics = match args.metrics {
         Some(addr) => Some(crate::metrics::start_on(metrics_listener(addr)?, registry.clone())?.1),
         None => None,
@@ -109,6 +143,8 @@ fn start(args: &RunArgs, registry: &Arc<Registry>) -> anyhow::Result<(usize, End
             }
         }
     }
+    // Then those added with `ctl add` before a restart.
+    crate::persist::restore(&registry);
     if registry.running() == 0 && args.control.is_none() {
         anyhow::bail!("none of the {total} devices could be started: see the errors above");
     }
@@ -130,10 +166,10 @@ fn metrics_listener(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
 fn take_over(
     args: &RunArgs,
     registry: &Arc<Registry>,
-    fd: i32,
+    hello: crate::upgrade::Hello,
     events: std::sync::mpsc::Sender<Event>,
 ) -> anyhow::Result<(usize, Endpoints)> {
-    let mut pending = crate::upgrade::take_over(fd, registry, &args.state_dir, events);
+    let mut pending = hello.take_over(registry, &args.state_dir, events);
     let endpoints = (|| {
         let metrics = match (pending.metrics.take(), args.metrics) {
             (Some(listener), _) => Some(listener),

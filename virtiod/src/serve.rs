@@ -76,6 +76,14 @@ fn spec_of(args: &ServeArgs) -> anyhow::Result<DeviceSpec> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let spec = spec_of(&args)?;
+    let daemon = virtiod_config::DaemonSettings::default();
+    let setup = crate::confine::Setup {
+        specs: std::slice::from_ref(&spec),
+        state_dir: &args.state_dir,
+        control: args.control.as_deref(),
+        metrics: args.metrics,
+    };
+    crate::confine::begin(&args.confine, &daemon, &setup)?;
     let vduse = matches!(spec.transport, Transport::Vduse { .. });
     let (tx, rx) = channel();
     forward_signals(tx.clone())?;
@@ -92,6 +100,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => Some(crate::control::start(path, registry.clone())?),
         None => None,
     };
+    crate::confine::started();
     crate::notify::notify("READY=1");
     wait_and_stop(&registry, &rx)
 }

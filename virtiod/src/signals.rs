@@ -17,6 +17,7 @@ pub fn forward_signals(events: Sender<Event>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            crate::confine::enter_service_thread();
             for sig in signals.forever() {
                 let event = if sig == SIGUSR2 {
                     Event::Upgrade(crate::upgrade::Request {

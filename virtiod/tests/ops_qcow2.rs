@@ -37,6 +37,9 @@ fn qcow2_in_devices_toml_ctl_add_and_metrics() {
             control.to_str().unwrap(),
             "--metrics",
             &format!("127.0.0.1:{port}"),
+            // Landlock: ctl add takes images only under an allowed directory.
+            "--allow-dir",
+            dir.0.to_str().unwrap(),
         ],
         &[a.clone(), control.clone()],
     );

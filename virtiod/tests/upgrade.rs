@@ -170,7 +170,10 @@ struct Setup {
     daemon: RunDaemon,
 }
 
-fn setup(name: &str) -> Setup {
+/// A daemon under Landlock (the default) with the scratch directory allowed for `ctl add`,
+/// or (`landlock_off`) without it: Landlock lets the daemon run only programs next to its own
+/// binary, so a failing `--binary` elsewhere would not even start.
+fn setup(name: &str, landlock_off: bool) -> Setup {
     let dir = Scratch::new(name);
     let image = dir.image("a.img", BLOCKS * BLOCK as u64);
     let socket = dir.path("a.sock");
@@ -182,16 +185,19 @@ fn setup(name: &str) -> Setup {
     )
     .unwrap();
     let state = dir.path("state");
-    let daemon = RunDaemon::start(
-        &config,
-        &[
-            "--control",
-            control.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-        std::slice::from_ref(&socket),
-    );
+    std::fs::create_dir_all(&state).unwrap();
+    let confine = match landlock_off {
+        true => ["--landlock", "off"],
+        false => ["--allow-dir", dir.0.to_str().unwrap()],
+    };
+    let mut args = vec![
+        "--control",
+        control.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    args.extend_from_slice(&confine);
+    let daemon = RunDaemon::start(&config, &args, std::slice::from_ref(&socket));
     Setup {
         dir,
         socket,
@@ -214,7 +220,7 @@ fn terminate(pid: u32) {
 
 #[test]
 fn the_stream_continues_across_upgrades_and_the_socket_stays() {
-    let mut s = setup("upgrade");
+    let mut s = setup("upgrade", false);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = stream(s.socket.clone(), stop.clone());
     let watcher = watch_socket(s.socket.clone(), stop.clone());
@@ -249,19 +255,6 @@ fn the_stream_continues_across_upgrades_and_the_socket_stays() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    // A net device cannot move yet: the upgrade says so and nothing changes.
-    let net = format!(
-        "name = \"n\"\nnet = \"switch:sw0\"\nvhost-user = \"{}\"",
-        s.dir.path("n.sock").display()
-    );
-    let (code, _, err) = ctl(&s.control, &["add", &net]);
-    assert_eq!(code, 0, "ctl add a net device: {err}");
-    let refused = upgrade(&s.control, &[]).unwrap_err();
-    assert!(
-        refused.contains("net devices cannot be upgraded"),
-        "{refused}"
-    );
-    assert_eq!(ctl(&s.control, &["remove", "n"]).0, 0);
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Release);
     let report = writer.join().unwrap();
@@ -290,7 +283,7 @@ fn the_stream_continues_across_upgrades_and_the_socket_stays() {
 
 #[test]
 fn failed_upgrades_leave_the_old_daemon_serving() {
-    let mut s = setup("upgrade-fail");
+    let mut s = setup("upgrade-fail", true);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = stream(s.socket.clone(), stop.clone());
     let watcher = watch_socket(s.socket.clone(), stop.clone());
@@ -325,6 +318,19 @@ fn failed_upgrades_leave_the_old_daemon_serving() {
     let err = upgrade(&s.control, &["--binary", dies.to_str().unwrap()]).unwrap_err();
     assert!(err.contains("serves on"), "{err}");
 
+    // A net device cannot move yet: the upgrade says so and nothing changes.
+    let net = format!(
+        "name = \"n\"\nnet = \"switch:sw0\"\nvhost-user = \"{}\"",
+        s.dir.path("n.sock").display()
+    );
+    let (code, _, err) = ctl(&s.control, &["add", &net]);
+    assert_eq!(code, 0, "ctl add a net device: {err}");
+    let refused = upgrade(&s.control, &[]).unwrap_err();
+    assert!(
+        refused.contains("net devices cannot be upgraded"),
+        "{refused}"
+    );
+    assert_eq!(ctl(&s.control, &["remove", "n"]).0, 0);
     assert!(
         s.daemon.child.try_wait().unwrap().is_none(),
         "the daemon exited"

@@ -225,6 +225,34 @@ virtiod doctor --json >/tmp/doctor.json || fail "virtiod doctor --json exited no
 grep -q '"status": "FAIL"' /tmp/doctor.json && fail "doctor --json has a FAIL: $(cat /tmp/doctor.json)"
 ok "virtiod doctor: $(grep -c '^OK' /tmp/doctor.out) checks OK, exit 0"
 
+# --- 8b. least privilege: a VDUSE device added through the control socket by threads that
+# keep only CAP_NET_ADMIN, under Landlock (images only under --allow-dir) ---
+mkdir -p /tmp/allowed && dd if=/dev/zero of=/tmp/allowed/add.img bs=1M count=16 2>/dev/null
+serve vdk /tmp/vdk.log --control /tmp/vdk.ctl --allow-dir /tmp/allowed /tmp/disk.img
+k_pid=$pid k_node=$node
+printf 'name = "vdk2"\nimage = "/tmp/allowed/add.img"\nvduse = "vdk2"\n' >/tmp/vdk2.toml
+virtiod ctl --control /tmp/vdk.ctl add /tmp/vdk2.toml >/tmp/vdk2.out 2>&1 || fail "ctl add vdk2: $(cat /tmp/vdk2.out)"
+k2_node=$(cat /tmp/vdk2.out)
+[ -b "$k2_node" ] || fail "ctl add printed $k2_node: not a block device"
+dd if=/dev/urandom of=/tmp/k.bin bs=1M count=4 2>/dev/null
+dd if=/tmp/k.bin of="$k2_node" bs=1M oflag=direct 2>/dev/null || fail "O_DIRECT write to $k2_node"
+[ "$(dd if="$k2_node" bs=1M count=4 iflag=direct 2>/dev/null | md5)" = "$(md5 </tmp/k.bin)" ] || fail "read back from $k2_node"
+for t in /proc/$k_pid/task/*; do
+  comm=$(cat "$t/comm"); eff=$(awk '/^CapEff/ {print $2}' "$t/status")
+  case $comm in virtiod|control|control-worker) want=0000000000001000 ;; *) want=0000000000000000 ;; esac
+  [ "$eff" = "$want" ] || fail "thread $comm of virtiod has CapEff $eff, not $want (CAP_NET_ADMIN only in the main and control threads)"
+done
+printf 'name = "vdk3"\nimage = "/tmp/other.img"\nvduse = "vdk3"\n' >/tmp/vdk3.toml
+virtiod ctl --control /tmp/vdk.ctl add /tmp/vdk3.toml >/tmp/vdk3.out 2>&1 && fail "an image outside --allow-dir was accepted"
+grep -q -- "--allow-dir" /tmp/vdk3.out || fail "ctl add outside --allow-dir: $(cat /tmp/vdk3.out)"
+virtiod ctl --control /tmp/vdk.ctl remove vdk2 >/tmp/vdk2.rm 2>&1 || fail "ctl remove vdk2: $(cat /tmp/vdk2.rm)"
+[ ! -e /dev/vduse/vdk2 ] || fail "/dev/vduse/vdk2 left behind after ctl remove"
+[ "$(dd if=/tmp/allowed/add.img bs=1M count=4 2>/dev/null | md5)" = "$(md5 </tmp/k.bin)" ] || fail "the added device's data is not in its image"
+stop $k_pid vdk "$k_node"
+grep -q "landlock: enforced" /tmp/vdk.log || fail "Landlock not enforced: $(head -3 /tmp/vdk.log)"
+grep -q '^OK   landlock' /tmp/doctor.out || fail "doctor has no OK landlock line: $(grep landlock /tmp/doctor.out)"
+ok "least privilege: VDUSE device added and removed through the control socket with only CAP_NET_ADMIN in the main and control threads (none elsewhere), Landlock enforced, an image outside --allow-dir refused"
+
 # --- 9. VDUSE module absent (keep this section last: it unloads the modules) ---
 rmmod vhost_vdpa virtio_vdpa vduse 2>/dev/null
 if [ -e /dev/vduse/control ]; then

@@ -49,6 +49,11 @@ impl BackendChannel {
         })
     }
 
+    /// The channel's socket.
+    pub fn socket(&self) -> &UnixStream {
+        &self.sock
+    }
+
     /// Send `CONFIG_CHANGE_MSG` (and wait for the acknowledgement with `REPLY_ACK`).
     pub fn config_changed(&mut self) -> Result<(), String> {
         if !self.config {

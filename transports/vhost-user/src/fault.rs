@@ -306,6 +306,11 @@ impl FrontendMapping {
         self.file.metadata().ok().map(|m| m.len())
     }
 
+    /// The file mapped.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// A region of `vm-memory` over this mapping. It must not outlive `self`: only the types
     /// of this module hold both ([`FrontendMemory`], [`SharedFile`]).
     fn region(&self) -> Result<MmapRegion<()>, io::Error> {
@@ -354,6 +359,11 @@ impl SharedFile {
     /// Whether the frontend shrank the file under the mapping.
     pub fn poisoned(&self) -> bool {
         self.mapping.poisoned()
+    }
+
+    /// The file mapped.
+    pub fn file(&self) -> &File {
+        self.mapping.file()
     }
 }
 
@@ -420,6 +430,14 @@ impl FrontendMemory {
     /// The regions mapped now.
     pub fn regions(&self) -> impl Iterator<Item = &GuestMapping> {
         self.held.iter()
+    }
+
+    /// The file behind `region` (one this table mapped).
+    pub fn file_of(&self, region: &Arc<GuestRegionMmap<()>>) -> Option<&File> {
+        self.held
+            .iter()
+            .find(|m| Arc::ptr_eq(&m.region, region))
+            .map(|m| m.mapping.file())
     }
 }
 

@@ -31,23 +31,33 @@ use crate::VhostUserDevice;
 /// Memory slots offered with `CONFIGURE_MEM_SLOTS` (what QEMU's and rust-vmm's backends offer).
 const MAX_MEM_SLOTS: u64 = 509;
 
-/// One region of the frontend's memory table: where it is in the frontend's address space.
-struct Mapping {
-    frontend_va: u64,
-    size: u64,
-    gpa: u64,
+/// One region of the frontend's memory table: where it is in the frontend's address space,
+/// where in its file, and our mapping of it.
+pub(crate) struct Mapping {
+    pub frontend_va: u64,
+    pub size: u64,
+    pub gpa: u64,
+    pub mmap_offset: u64,
+    pub region: Arc<GuestRegionMmap<()>>,
 }
 
 /// The state of one frontend connection.
 pub(crate) struct Connection {
-    dev: Arc<VhostUserDevice>,
-    acked_features: u64,
-    acked_protocol: u64,
-    mem: Arc<Mem>,
-    mappings: Vec<Mapping>,
-    inflight: Option<InflightRegion>,
+    pub(crate) dev: Arc<VhostUserDevice>,
+    pub(crate) acked_features: u64,
+    pub(crate) acked_protocol: u64,
+    /// What the `vhost` crate's request handler has seen (restored on a handover):
+    /// `GET_FEATURES` was answered, `SET_FEATURES` / `SET_PROTOCOL_FEATURES` were received.
+    pub(crate) features_read: bool,
+    pub(crate) features_set: bool,
+    pub(crate) protocol_set: bool,
+    /// `SET_OWNER` received (and no `RESET_OWNER` since).
+    pub(crate) owner: bool,
+    pub(crate) mem: Arc<Mem>,
+    pub(crate) mappings: Vec<Mapping>,
+    pub(crate) inflight: Option<InflightRegion>,
     /// Written by the SIGBUS handler when the frontend shrinks memory it shared.
-    poison_wake: Arc<EventFd>,
+    pub(crate) poison_wake: Arc<EventFd>,
 }
 
 /// Protocol features offered with `GET_PROTOCOL_FEATURES`.
@@ -75,6 +85,10 @@ impl Connection {
             dev,
             acked_features: 0,
             acked_protocol: 0,
+            features_read: false,
+            features_set: false,
+            protocol_set: false,
+            owner: false,
             mem: Arc::new(GuestMemoryMmap::new()),
             mappings: Vec::new(),
             inflight: None,
@@ -89,7 +103,7 @@ impl Connection {
 
     /// Map region `index` of the frontend's memory table after checking that it lies in its
     /// file; a region that does not is refused (the connection then closes).
-    fn map_region(
+    pub(crate) fn map_region(
         &self,
         index: usize,
         region: &VhostUserMemoryRegion,
@@ -123,6 +137,8 @@ impl Connection {
             frontend_va: region.user_addr,
             size,
             gpa,
+            mmap_offset: offset,
+            region: mapped.clone(),
         };
         Ok((mapped, mapping))
     }
@@ -157,22 +173,29 @@ impl Connection {
 
     fn install_memory(&mut self, mem: Mem) {
         self.mem = Arc::new(mem);
+        self.start_queues();
+        // The previous table's regions, unless requests in flight still use them.
+        self.dev.frontend_memory().release_unused();
+    }
+
+    /// Give every queue the current memory and serve those that are ready to run.
+    pub(crate) fn start_queues(&self) {
         for q in &self.dev.queues {
             let mut st = lock(q);
             st.mem = Some(self.mem.clone());
             self.maybe_activate(&mut st);
         }
-        // The previous table's regions, unless requests in flight still use them.
-        self.dev.frontend_memory().release_unused();
     }
 }
 
 impl VhostUserBackendReqHandlerMut for Connection {
     fn set_owner(&mut self) -> VuResult<()> {
+        self.owner = true;
         Ok(())
     }
 
     fn reset_owner(&mut self) -> VuResult<()> {
+        self.owner = false;
         Ok(())
     }
 
@@ -181,6 +204,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn get_features(&mut self) -> VuResult<u64> {
+        self.features_read = true;
         Ok(self.dev.features())
     }
 
@@ -193,6 +217,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             return Err(VuError::InvalidParam);
         }
         self.acked_features = features;
+        self.features_set = true;
         let enable_all = !self.protocol_features_acked();
         for q in &self.dev.queues {
             let mut st = lock(q);
@@ -288,9 +313,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
         Ok(())
     }
 
-    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
-        // Nothing is reported on the error fd; only check the index.
-        drop(self.queue(u32::from(index))?);
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        // Nothing is reported on the error fd; it is kept to be handed over with the rest.
+        self.queue(u32::from(index))?.set_err(fd);
         Ok(())
     }
 
@@ -309,6 +334,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             return Err(VuError::InvalidParam);
         }
         self.acked_protocol = features;
+        self.protocol_set = true;
         Ok(())
     }
 

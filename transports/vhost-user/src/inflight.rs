@@ -28,6 +28,20 @@ impl RecordMemory for SharedFile {
 pub struct InflightRegion {
     file: Arc<SharedFile>,
     blocks: core_inflight::InflightRegion,
+    layout: Layout,
+}
+
+/// Where the region lies in its file and how it is divided (what `SET_INFLIGHT_FD` says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Offset of the region in its file.
+    pub offset: u64,
+    /// Bytes of the region.
+    pub size: u64,
+    /// Queues it has a block for.
+    pub num_queues: u16,
+    /// Descriptors per queue.
+    pub queue_size: u16,
 }
 
 fn map_err(e: MapError) -> io::Error {
@@ -57,10 +71,17 @@ impl InflightRegion {
         let mapped = Arc::new(SharedFile::map(file, 0, len as u64, None).map_err(map_err)?);
         let blocks =
             core_inflight::InflightRegion::within(mapped.clone(), 0, num_queues, queue_size)?;
+        let layout = Layout {
+            offset: 0,
+            size: len as u64,
+            num_queues,
+            queue_size,
+        };
         Ok((
             Self {
                 file: mapped,
                 blocks,
+                layout,
             },
             theirs,
             len as u64,
@@ -86,10 +107,22 @@ impl InflightRegion {
         let mapped = Arc::new(SharedFile::map(file, offset, need as u64, wake).map_err(map_err)?);
         let blocks =
             core_inflight::InflightRegion::within(mapped.clone(), 0, num_queues, queue_size)?;
+        let layout = Layout {
+            offset,
+            size,
+            num_queues,
+            queue_size,
+        };
         Ok(Self {
             file: mapped,
             blocks,
+            layout,
         })
+    }
+
+    /// The region's file and layout (to hand it to another process).
+    pub fn shared(&self) -> (&File, Layout) {
+        (self.file.file(), self.layout)
     }
 
     /// Whether the frontend shrank the file under the region.

@@ -12,6 +12,12 @@
 //! memory the frontend keeps ([`inflight`]); a daemon restarted after a crash finds there what
 //! its predecessor had in flight and executes it again when the ring starts.
 //!
+//! A live connection can be handed over to another process (upgrade in place) without the
+//! frontend noticing: [`VhostUserDevice::export`] freezes it between two messages and gives
+//! its state and descriptors, [`VhostUserDevice::import`] in the new process serves it on,
+//! [`Export::resume`] lets the old process carry on if the new one fails
+//! (docs/architecture.md, "Handing a connection over").
+//!
 //! The frontend is untrusted: messages are read whole however they are split (`wire.rs`),
 //! memory regions must lie in their files, and a frontend that shrinks its memory later is
 //! cut off without harming the process or other devices (`fault.rs`, docs/security.md).
@@ -21,31 +27,38 @@
 mod backend_channel;
 mod fault;
 mod handler;
+mod handover;
 pub mod inflight;
 mod queue;
 mod server;
+mod session;
 mod socket;
+mod transfer;
 mod wire;
 
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use virtiod_core::{Device, DeviceError, QueueService};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend_channel::{BackendChannel, ConfigChange};
 use crate::fault::FrontendMemory;
-use crate::handler::Connection;
-use crate::queue::{lock, QueueState, QueueThread};
-use crate::wire::{Wire, WireError};
+use crate::queue::{lock, QueueState};
 
+pub use handover::{
+    ConnectionState, Export, HandoverError, HandoverState, Imported, InflightState, RegionState,
+    VringState, HANDOVER_VERSION,
+};
+pub use queue::RingState;
 pub use server::Server;
 pub use socket::bind_socket;
+pub use transfer::{receive_handover, send_handover};
+pub use wire::WireState;
 
 /// Errors of the vhost-user transport.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +89,14 @@ pub struct VhostUserDevice {
     frontend_memory: Mutex<FrontendMemory>,
     /// The current frontend's backend channel, if it gave one (`SET_BACKEND_REQ_FD`).
     backend_channel: Mutex<Option<BackendChannel>>,
+    /// Written by [`Self::export`] to stop the serving thread between two messages.
+    handover_wake: Arc<EventFd>,
+    /// The export asked for, until the serving thread takes it.
+    handover: Mutex<Option<handover::Request>>,
+    /// The socket and connection were handed over: this device serves nothing any more.
+    handed_over: AtomicBool,
+    /// Frontends accepted on the listening socket.
+    accepted: AtomicU64,
 }
 
 impl VhostUserDevice {
@@ -100,6 +121,13 @@ impl VhostUserDevice {
             connection: Mutex::new(None),
             frontend_memory: Mutex::new(FrontendMemory::default()),
             backend_channel: Mutex::new(None),
+            handover_wake: Arc::new(
+                EventFd::new(EFD_NONBLOCK)
+                    .map_err(|e| Error::Daemon(format!("creating an eventfd: {e}")))?,
+            ),
+            handover: Mutex::new(None),
+            handed_over: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
         });
         this.device
             .set_config_notifier(Some(Arc::new(ConfigChange(Arc::downgrade(&this)))));
@@ -152,134 +180,22 @@ impl VhostUserDevice {
 
     /// Serve frontends on `listener`, one after the other, until `stop` is set (checked
     /// between connections: a caller that sets it must also wake `accept`, e.g. by
-    /// connecting once; [`Self::spawn`] and [`Server::stop`] do all of that) or an error
-    /// occurs.
+    /// connecting once; [`Self::spawn`] and [`Server::stop`] do all of that), an error
+    /// occurs, or the device is handed over to another process ([`Self::export`], then
+    /// [`Export::commit`]).
     pub fn serve(self: &Arc<Self>, listener: UnixListener, stop: &AtomicBool) -> Result<(), Error> {
-        while !stop.load(Ordering::Acquire) {
-            let (stream, _) = listener
-                .accept()
-                .map_err(|e| Error::Daemon(format!("accepting a frontend: {e}")))?;
-            if stop.load(Ordering::Acquire) {
-                break;
-            }
-            tracing::info!("frontend connected");
-            let result = self.serve_connection(stream);
-            tracing::info!(?result, "frontend disconnected");
-        }
-        Ok(())
+        self.serve_from(listener, None, stop)
     }
 
-    /// Serve one frontend until it disconnects (or breaks the protocol), then complete what it
-    /// left in flight and forget its set-up.
-    fn serve_connection(self: &Arc<Self>, stream: UnixStream) -> Result<(), VuError> {
-        *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = stream.try_clone().ok();
-        let mut threads = Vec::with_capacity(self.queues.len());
-        let mut result = Ok(());
-        for q in &self.queues {
-            match QueueThread::spawn(q.clone()) {
-                Ok(t) => threads.push(t),
-                Err(err) => {
-                    tracing::error!(%err, "cannot start a queue thread");
-                    result = Err(VuError::ReqHandlerError(err));
-                }
-            }
-        }
-        if result.is_ok() {
-            result = self.handle_messages(stream);
-        }
-        self.connection
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        self.backend_channel().take();
-        for q in &self.queues {
-            let mut st = lock(q);
-            st.drain();
-            st.reset();
-        }
-        for t in threads {
-            t.stop();
-        }
-        // Nothing refers to the frontend's memory any more: unmap it.
-        self.frontend_memory().release_unused();
-        result
+    /// Frontends accepted on the listening socket since the device was created (a connection
+    /// taken over from another process is not counted).
+    pub fn connections_accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
     }
 
-    /// Handle the frontend's messages until it disconnects, breaks the protocol or shrinks
-    /// the memory it shared.
-    fn handle_messages(self: &Arc<Self>, stream: UnixStream) -> Result<(), VuError> {
-        let setup = EventFd::new(EFD_NONBLOCK)
-            .map(Arc::new)
-            .and_then(|wake| Ok((Wire::new(stream, wake.clone())?, wake)));
-        let ((mut wire, handler_end), wake) = setup.map_err(VuError::ReqHandlerError)?;
-        let conn = Arc::new(Mutex::new(Connection::new(self.clone(), wake)));
-        let mut requests = BackendReqHandler::from_stream(handler_end, conn.clone());
-        loop {
-            match wire.forward_request() {
-                Ok(true) => {}
-                Ok(false) => continue, // answered by the wire itself
-                Err(WireError::Disconnected) => return Ok(()),
-                Err(WireError::MemoryShrunk) => {
-                    self.report_shrunk(&conn);
-                    return Err(VuError::ReqHandlerError(std::io::Error::other(
-                        WireError::MemoryShrunk.to_string(),
-                    )));
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "reading a vhost-user message failed; closing the connection");
-                    return Err(VuError::ReqHandlerError(std::io::Error::other(
-                        err.to_string(),
-                    )));
-                }
-            }
-            let handled = requests.handle_request();
-            let replied = wire.forward_replies();
-            if let Some(sock) = wire.take_backend_channel() {
-                if handled.is_ok() {
-                    let acked = conn
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .acked_protocol();
-                    match BackendChannel::new(sock, acked) {
-                        Ok(channel) => *self.backend_channel() = Some(channel),
-                        Err(err) => {
-                            tracing::warn!(%err, "cannot use the frontend's backend channel")
-                        }
-                    }
-                }
-            }
-            match handled {
-                Ok(()) => {}
-                Err(VuError::Disconnected | VuError::PartialMessage) => return Ok(()),
-                Err(err) => {
-                    tracing::warn!(%err, "vhost-user request failed; closing the connection");
-                    return Err(err);
-                }
-            }
-            replied.map_err(VuError::ReqHandlerError)?;
-        }
-    }
-
-    /// Log, once per connection, which memory the frontend shrank.
-    fn report_shrunk(&self, conn: &Mutex<Connection>) {
-        for m in self.frontend_memory().regions().filter(|m| m.poisoned()) {
-            use vm_memory::GuestMemoryRegion;
-            tracing::error!(
-                gpa = format_args!("{:#x}", m.region.start_addr().0),
-                size = format_args!("{:#x}", m.region.len()),
-                fd_size_now = m.file_size(),
-                "the frontend shrank a memory region it shared (accesses past its end read zeroes)"
-            );
-        }
-        if conn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .inflight_poisoned()
-        {
-            tracing::error!("the frontend shrank the in-flight region it shared");
-        }
-        tracing::error!(
-            "frontend memory shrunk under the device: stopping its queues and disconnecting it"
-        );
+    /// Whether the device handed its socket and connection over to another process (it
+    /// serves nothing any more).
+    pub fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Acquire)
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::QueueT;
 use virtiod_core::inflight::InflightQueue;
 use virtiod_core::{Event, GuestMem, QueueService};
+use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -25,6 +26,31 @@ const TOKEN_COMPLETION: u64 = 1;
 /// Epoll tokens of kick fds: this plus the kick's generation (a stale event is recognised).
 const TOKEN_KICK: u64 = 2;
 
+/// A ring's set-up and position, as a handover records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RingState {
+    /// Descriptors in the ring (`SET_VRING_NUM`).
+    pub size: u16,
+    /// Guest-physical address of the descriptor table.
+    pub desc: u64,
+    /// Guest-physical address of the avail ring.
+    pub avail: u64,
+    /// Guest-physical address of the used ring.
+    pub used: u64,
+    /// The avail index the device takes next.
+    pub next_avail: u16,
+    /// The used index the device publishes next.
+    pub next_used: u16,
+    /// `VIRTIO_RING_F_EVENT_IDX` is in use on this ring.
+    pub event_idx: bool,
+    /// The ring is set up (a kick fd was given).
+    pub ready: bool,
+    /// Started (`SET_VRING_KICK`) and not stopped since (`GET_VRING_BASE`).
+    pub started: bool,
+    /// Enabled (`SET_VRING_ENABLE`, or implied without protocol features).
+    pub enabled: bool,
+}
+
 /// The state of one queue (behind its mutex).
 pub(crate) struct QueueState {
     pub index: usize,
@@ -35,6 +61,8 @@ pub(crate) struct QueueState {
     kick: Option<File>,
     kick_gen: u64,
     call: Option<File>,
+    /// `SET_VRING_ERR`: nothing is reported on it, it is only kept (and handed over).
+    err: Option<File>,
     /// Started by `SET_VRING_KICK`, stopped by `GET_VRING_BASE`.
     started: bool,
     /// `SET_VRING_ENABLE` (or implied when protocol features were not negotiated).
@@ -55,6 +83,7 @@ impl QueueState {
             kick: None,
             kick_gen: 0,
             call: None,
+            err: None,
             started: false,
             enabled: false,
             activation_pending: false,
@@ -70,6 +99,7 @@ impl QueueState {
         self.mem = None;
         self.kick = None;
         self.call = None;
+        self.err = None;
         self.started = false;
         self.enabled = false;
         self.activation_pending = false;
@@ -140,6 +170,59 @@ impl QueueState {
             // harmless, a lost one hangs the driver.
             self.signal();
         }
+    }
+
+    pub fn set_err(&mut self, err: Option<File>) {
+        self.err = err;
+    }
+
+    /// The ring's state as a handover records it (the fds are named by the caller).
+    pub fn snapshot(&self) -> RingState {
+        let q = self.svc.queue();
+        RingState {
+            size: q.size(),
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+            event_idx: q.event_idx_enabled(),
+            ready: q.ready(),
+            started: self.started,
+            enabled: self.enabled,
+        }
+    }
+
+    /// The kick, call and error fds.
+    pub fn fds(&self) -> [Option<&File>; 3] {
+        [self.kick.as_ref(), self.call.as_ref(), self.err.as_ref()]
+    }
+
+    /// Take over a ring another process served (see `handover`): its set-up, indexes and
+    /// fds. A started ring is activated (recovered, served) when memory is installed.
+    pub fn restore(&mut self, ring: &RingState, fds: [Option<File>; 3]) -> Result<(), String> {
+        let q = self.svc.queue_mut();
+        q.try_set_size(ring.size)
+            .map_err(|e| format!("queue size {}: {e}", ring.size))?;
+        q.try_set_desc_table_address(GuestAddress(ring.desc))
+            .and_then(|()| q.try_set_avail_ring_address(GuestAddress(ring.avail)))
+            .and_then(|()| q.try_set_used_ring_address(GuestAddress(ring.used)))
+            .map_err(|e| format!("ring addresses: {e}"))?;
+        q.set_next_avail(ring.next_avail);
+        q.set_next_used(ring.next_used);
+        q.set_event_idx(ring.event_idx);
+        q.set_ready(ring.ready);
+        let [kick, call, err] = fds;
+        self.kick = kick;
+        self.kick_gen += 1;
+        self.call = call;
+        self.err = err;
+        self.started = ring.started;
+        self.enabled = ring.enabled;
+        // A started ring is served for the first time in this process: activation reads the
+        // used index (or the in-flight block) and serves what is on the ring.
+        self.activation_pending = ring.started;
+        Ok(())
     }
 
     pub fn set_enabled(&mut self, enabled: bool) {

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use virtiod_core::DeviceError;
 
-use crate::{Error, VhostUserDevice};
+use crate::{Error, Imported, VhostUserDevice};
 
 /// A [`VhostUserDevice`] serving frontends on its socket, one after the other, in a thread
-/// of its own (see [`VhostUserDevice::spawn`]).
+/// of its own (see [`VhostUserDevice::spawn`]). If the serving thread ends by itself (not
+/// through [`Server::stop`], nor after a handover), `on_exit` is told why.
 pub struct Server {
     dev: Arc<VhostUserDevice>,
     stop: Arc<AtomicBool>,
@@ -31,6 +32,33 @@ impl VhostUserDevice {
         name: &str,
         on_exit: impl FnOnce(Result<(), Error>) + Send + 'static,
     ) -> std::io::Result<Server> {
+        self.spawn_with(socket, name, on_exit, move |dev, stop| {
+            dev.serve(listener, stop)
+        })
+    }
+
+    /// Like [`Self::spawn`], for a connection and listening socket taken over from another
+    /// process ([`Self::import`]): serves it first, then the frontends that connect. Only
+    /// once the exporting process committed (see [`Self::serve_imported`]).
+    pub fn spawn_imported(
+        self: &Arc<Self>,
+        imported: Imported,
+        socket: &Path,
+        name: &str,
+        on_exit: impl FnOnce(Result<(), Error>) + Send + 'static,
+    ) -> std::io::Result<Server> {
+        self.spawn_with(socket, name, on_exit, move |dev, stop| {
+            dev.serve_imported(imported, stop)
+        })
+    }
+
+    fn spawn_with(
+        self: &Arc<Self>,
+        socket: &Path,
+        name: &str,
+        on_exit: impl FnOnce(Result<(), Error>) + Send + 'static,
+        serve: impl FnOnce(&Arc<Self>, &AtomicBool) -> Result<(), Error> + Send + 'static,
+    ) -> std::io::Result<Server> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (dev, stop) = (self.clone(), stop.clone());
@@ -38,8 +66,8 @@ impl VhostUserDevice {
                 .name(name.to_string())
                 .spawn(move || {
                     virtiod_core::confine::enter(virtiod_core::confine::ThreadRole::Message);
-                    let result = dev.serve(listener, &stop);
-                    if !stop.load(Ordering::Acquire) {
+                    let result = serve(&dev, &stop);
+                    if !stop.load(Ordering::Acquire) && !dev.handed_over() {
                         on_exit(result);
                     }
                 })?
@@ -73,8 +101,17 @@ impl Server {
     /// cut it off with the queues locked (nothing new starts), let the serving thread end
     /// (waiting at most `timeout`), stop the device ([`virtiod_core::Device::stop`], e.g. the
     /// final flush) and remove the socket. Returns the device's stop result.
+    ///
+    /// After a handover ([`crate::Export::commit`]) the socket and the frontend are another
+    /// process's: they are left alone, only the serving thread is joined.
     pub fn stop(mut self, timeout: Duration) -> Result<(), DeviceError> {
         self.stop.store(true, Ordering::Release);
+        if self.dev.handed_over() {
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+            return Ok(());
+        }
         let (quiesced, first) = self.dev.quiesce();
         self.dev.disconnect();
         drop(quiesced);

@@ -45,6 +45,7 @@ const VERSION_1: u32 = 0x1;
 const REPLY: u32 = 0x4;
 const NEED_REPLY: u32 = 0x8;
 const TOKEN_WAKE: u64 = 1;
+const TOKEN_HANDOVER: u64 = 2;
 
 /// Why no message was passed on.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,10 @@ pub enum WireError {
     /// The frontend shrank memory it had shared with us.
     #[error("the frontend shrank the memory it shared")]
     MemoryShrunk,
+    /// A handover was asked for, and the socket is between two messages with nothing
+    /// received (no message half-read).
+    #[error("a handover of the connection was asked for")]
+    Handover,
     /// The socket failed.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -85,6 +90,19 @@ pub struct Wire {
     pending: VecDeque<Vec<u8>>,
     /// A duplicate of the socket a `SET_BACKEND_REQ_FD` carried (`backend_channel.rs`).
     backend_channel: Option<UnixStream>,
+    /// Written to ask for a handover (`handover.rs`).
+    handover: Option<Arc<EventFd>>,
+    /// A handover was asked for: stop at the next message boundary with nothing received.
+    handover_asked: bool,
+}
+
+/// What the relay itself remembers of a connection (handed over with it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WireState {
+    /// The last `SET_FEATURES` acked `VHOST_USER_F_PROTOCOL_FEATURES`.
+    pub protocol_acked: bool,
+    /// `SET_VRING_ENABLE`s received before that and not passed on yet: (ring, enable).
+    pub early_enables: Vec<(u32, u32)>,
 }
 
 fn sys(e: vmm_sys_util::errno::Error) -> io::Error {
@@ -93,14 +111,24 @@ fn sys(e: vmm_sys_util::errno::Error) -> io::Error {
 
 impl Wire {
     /// A relay for `frontend`; returns the stream to give the `vhost` request handler.
-    pub fn new(frontend: UnixStream, wake: Arc<EventFd>) -> io::Result<(Self, UnixStream)> {
+    /// A write to `handover` asks the relay to stop between two messages
+    /// ([`WireError::Handover`]).
+    pub fn new(
+        frontend: UnixStream,
+        wake: Arc<EventFd>,
+        handover: Option<Arc<EventFd>>,
+    ) -> io::Result<(Self, UnixStream)> {
         let (handler, theirs) = UnixStream::pair()?;
         handler.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
+        let handover_fd = handover.as_ref().map(|h| (h.as_raw_fd(), TOKEN_HANDOVER));
         for (fd, token) in [
             (frontend.as_raw_fd(), TOKEN_SOCKET),
             (wake.as_raw_fd(), TOKEN_WAKE),
-        ] {
+        ]
+        .into_iter()
+        .chain(handover_fd)
+        {
             epoll.ctl(
                 ControlOperation::Add,
                 fd,
@@ -116,8 +144,72 @@ impl Wire {
             early_enables: Vec::new(),
             pending: VecDeque::new(),
             backend_channel: None,
+            handover,
+            handover_asked: false,
         };
         Ok((wire, theirs))
+    }
+
+    /// The frontend's socket.
+    pub fn frontend(&self) -> &UnixStream {
+        &self.frontend
+    }
+
+    /// What the relay remembers, to hand over (only between messages: nothing is pending).
+    pub fn state(&self) -> WireState {
+        let word =
+            |p: &[u8; 8], at: usize| u32::from_le_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+        WireState {
+            protocol_acked: self.protocol_acked,
+            early_enables: self
+                .early_enables
+                .iter()
+                .map(|p| (word(p, 0), word(p, 4)))
+                .collect(),
+        }
+    }
+
+    /// Take over what another process's relay remembered.
+    pub fn restore(&mut self, state: &WireState) {
+        self.protocol_acked = state.protocol_acked;
+        self.early_enables = state
+            .early_enables
+            .iter()
+            .map(|&(ring, on)| {
+                let mut p = [0u8; 8];
+                p[..4].copy_from_slice(&ring.to_le_bytes());
+                p[4..].copy_from_slice(&on.to_le_bytes());
+                p
+            })
+            .collect();
+    }
+
+    /// Pass a message of our own to the handler (`request`, `payload`; no reply asked):
+    /// how a handover brings the `vhost` crate's handler to the state of the connection.
+    pub fn inject(&self, request: u32, payload: &[u8]) -> io::Result<()> {
+        let mut msg = Vec::with_capacity(HEADER + payload.len());
+        msg.extend_from_slice(&request.to_le_bytes());
+        msg.extend_from_slice(&VERSION_1.to_le_bytes());
+        msg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        msg.extend_from_slice(payload);
+        self.send_to_handler(&msg, &[]).map_err(|e| match e {
+            WireError::Io(e) => e,
+            e => io::Error::other(e.to_string()),
+        })
+    }
+
+    /// Drop whatever the handler replied (to messages of [`Self::inject`]).
+    pub fn discard_replies(&self) {
+        let mut buf = vec![0u8; HEADER + MAX_MSG_SIZE];
+        loop {
+            let mut files = Vec::new();
+            match recv_with_files(&self.handler, &mut buf, &mut files) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
     }
 
     /// Wait for the next whole message from the frontend and pass it to the handler; false
@@ -128,6 +220,7 @@ impl Wire {
             self.send_to_handler(&msg, &[])?;
             return Ok(true);
         }
+        self.wait_readable(true)?;
         let mut msg = vec![0u8; HEADER];
         let mut files = Vec::new();
         let got = self.read_full(&mut msg, &mut files)?;
@@ -237,7 +330,7 @@ impl Wire {
     fn read_full(&mut self, buf: &mut [u8], files: &mut Vec<File>) -> Result<usize, WireError> {
         let mut got = 0;
         while got < buf.len() {
-            self.wait_readable()?;
+            self.wait_readable(false)?;
             match recv_with_files(&self.frontend, &mut buf[got..], files) {
                 Ok(0) => break,
                 Ok(n) => got += n,
@@ -250,28 +343,48 @@ impl Wire {
         Ok(got)
     }
 
-    /// Block until the frontend's socket is readable; fail if the memory was poisoned.
-    fn wait_readable(&self) -> Result<(), WireError> {
-        let mut events = [EpollEvent::default(); 2];
+    /// Block until the frontend's socket is readable; fail if the memory was poisoned. At a
+    /// message `boundary` (nothing of the next message received), a handover that was asked
+    /// for ends the wait if the socket has nothing to read right now.
+    fn wait_readable(&mut self, boundary: bool) -> Result<(), WireError> {
+        let mut events = [EpollEvent::default(); 3];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let handover_due = boundary && self.handover_asked;
+            let timeout = if handover_due { 0 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
             };
-            if events[..n].iter().any(|e| e.data() == TOKEN_WAKE) {
+            let events = &events[..n];
+            if events.iter().any(|e| e.data() == TOKEN_WAKE) {
                 let _ = self.wake.read();
                 return Err(WireError::MemoryShrunk);
             }
-            if n > 0 {
+            if events.iter().any(|e| e.data() == TOKEN_HANDOVER) {
+                // Remembered, and honoured only between messages (never mid-message).
+                if let Some(h) = self.handover.as_ref() {
+                    let _ = h.read();
+                }
+                self.handover_asked = true;
+            }
+            if events.iter().any(|e| e.data() == TOKEN_SOCKET) {
                 return Ok(());
+            }
+            if handover_due && n == 0 {
+                self.handover_asked = false;
+                return Err(WireError::Handover);
             }
         }
     }
 }
 
 /// One `recvmsg` into `buf`; descriptors received are appended to `files`.
-fn recv_with_files(sock: &UnixStream, buf: &mut [u8], files: &mut Vec<File>) -> io::Result<usize> {
+pub(crate) fn recv_with_files(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    files: &mut Vec<File>,
+) -> io::Result<usize> {
     let mut fds = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
     let mut iov = [libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -314,7 +427,8 @@ mod tests {
     #[test]
     fn an_enable_before_set_features_is_acked_and_passed_on_after_it() {
         let (mut qemu, ours) = UnixStream::pair().unwrap();
-        let (mut wire, mut handler) = Wire::new(ours, Arc::new(EventFd::new(0).unwrap())).unwrap();
+        let (mut wire, mut handler) =
+            Wire::new(ours, Arc::new(EventFd::new(0).unwrap()), None).unwrap();
         handler.set_nonblocking(true).unwrap();
         // Two early enables (ring 0 twice: the last counts), one wanting a reply.
         qemu.write_all(&message(
@@ -352,5 +466,37 @@ mod tests {
         qemu.write_all(&late).unwrap();
         assert!(wire.forward_request().unwrap());
         assert_eq!(read_exact(&mut handler, late.len()), late);
+    }
+
+    #[test]
+    fn early_enables_are_handed_over_with_the_relay_state() {
+        let (mut qemu, ours) = UnixStream::pair().unwrap();
+        let (mut wire, _handler) =
+            Wire::new(ours, Arc::new(EventFd::new(0).unwrap()), None).unwrap();
+        qemu.write_all(&message(SET_VRING_ENABLE, VERSION_1, &enable(1, 1)))
+            .unwrap();
+        assert!(!wire.forward_request().unwrap());
+        let state = wire.state();
+        assert_eq!(
+            state,
+            WireState {
+                protocol_acked: false,
+                early_enables: vec![(1, 1)],
+            }
+        );
+        // Another process's relay (here over a fresh pair) passes the kept enable on after
+        // the SET_FEATURES that acks the protocol features.
+        let (mut qemu, ours) = UnixStream::pair().unwrap();
+        let (mut wire, mut handler) =
+            Wire::new(ours, Arc::new(EventFd::new(0).unwrap()), None).unwrap();
+        wire.restore(&state);
+        assert_eq!(wire.state(), state);
+        let features = message(SET_FEATURES, VERSION_1, &F_PROTOCOL_FEATURES.to_le_bytes());
+        qemu.write_all(&features).unwrap();
+        assert!(wire.forward_request().unwrap());
+        assert_eq!(read_exact(&mut handler, features.len()), features);
+        assert!(wire.forward_request().unwrap());
+        let want = message(SET_VRING_ENABLE, VERSION_1, &enable(1, 1));
+        assert_eq!(read_exact(&mut handler, want.len()), want);
     }
 }

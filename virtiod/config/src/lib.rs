@@ -24,6 +24,10 @@
 //! vhost-user = "/run/virtiod/n.sock"
 //! mac = "52:54:00:12:34:56"         # optional: otherwise derived from the VDUSE name or socket path
 //! mtu = 1500                        # optional
+//!
+//! [daemon]                          # optional: settings of the daemon (see [`parse_daemon`])
+//! allow-dirs = ["/var/lib/images"]  # where devices added later may have images and sockets
+//! control-group = "virtiod"         # the control socket is mode 0660 with this group
 //! ```
 //!
 //! Everything is checked before anything starts: unknown keys, duplicate names, sockets or
@@ -40,8 +44,11 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod daemon;
 mod net;
 mod qos;
+
+pub use daemon::{parse_daemon, DaemonSettings};
 
 pub use net::{
     check_mtu, format_mac, parse_cli_net, parse_mac, parse_net_backend, DeviceKind, Mac,
@@ -158,6 +165,10 @@ impl std::error::Error for ConfigErrors {}
 struct RawFile {
     #[serde(default)]
     device: Vec<Spanned<RawDevice>>,
+    /// Checked by [`parse_daemon`].
+    #[serde(default)]
+    #[allow(dead_code)]
+    daemon: Option<daemon::RawDaemon>,
 }
 
 #[derive(Deserialize)]

@@ -75,6 +75,7 @@ pub fn checks(f: &Facts) -> Vec<Check> {
         o_direct(f),
         memlock(f),
         privileges(f),
+        landlock(f),
         hugepages(f),
     ]);
     out
@@ -345,6 +346,33 @@ fn privileges(f: &Facts) -> Check {
             format!("{detail}: creating VDUSE devices needs CAP_SYS_ADMIN, attaching them CAP_NET_ADMIN"),
             "run as root (or grant CAP_SYS_ADMIN and CAP_NET_ADMIN); vhost-user needs neither",
         )
+    }
+}
+
+/// Landlock (`--landlock on`, the default): which ABI the kernel has. Never a failure: the
+/// daemon serves without it, with a warning.
+fn landlock(f: &Facts) -> Check {
+    const NAME: &str = "landlock";
+    match f.landlock_abi {
+        None => check(NAME, Status::Warn, "not probed", ""),
+        Some(abi) if abi <= 0 => check(
+            NAME,
+            Status::Warn,
+            "this kernel has no Landlock (or it is not in the lsm= list it booted with): the daemon's files are not confined",
+            "use a kernel with CONFIG_SECURITY_LANDLOCK=y and landlock in CONFIG_LSM (or lsm=...,landlock on its command line)",
+        ),
+        Some(abi) if abi < 6 => check(
+            NAME,
+            Status::Ok,
+            format!("ABI {abi}: the daemon's files are confined with the rights this ABI knows (device ioctls need ABI 5, all rights ABI 6)"),
+            "",
+        ),
+        Some(abi) => check(
+            NAME,
+            Status::Ok,
+            format!("ABI {abi}: the daemon may open only the files its configuration names (--landlock on)"),
+            "",
+        ),
     }
 }
 

@@ -65,6 +65,8 @@ pub struct Facts {
     pub euid: u32,
     /// CapEff of this process, from /proc/self/status.
     pub cap_eff: Option<u64>,
+    /// The kernel's Landlock ABI version (0: none); `None`: not probed.
+    pub landlock_abi: Option<i64>,
     /// `/proc/sys/vm/hugetlb_optimize_vmemmap`, absent on kernels without it.
     pub hugetlb_optimize_vmemmap: Option<bool>,
     pub huge_pools: Vec<HugePool>,
@@ -88,6 +90,7 @@ impl Facts {
         facts.o_direct = probe_o_direct(state_dir);
         facts.state_dir = state_dir.to_path_buf();
         facts.memlock = memlock();
+        facts.landlock_abi = Some(crate::confine::landlock_abi());
         // SAFETY: geteuid has no preconditions and cannot fail.
         facts.euid = unsafe { libc::geteuid() };
         // SAFETY: sysconf has no preconditions.
@@ -122,6 +125,7 @@ impl Facts {
             memlock: (u64::MAX, u64::MAX),
             euid: u32::MAX,
             cap_eff: cap_eff(root),
+            landlock_abi: None,
             hugetlb_optimize_vmemmap: read_trimmed(
                 &root.join("proc/sys/vm/hugetlb_optimize_vmemmap"),
             )

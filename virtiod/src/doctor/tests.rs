@@ -26,6 +26,7 @@ fn good_host(root: &FakeRoot) -> Facts {
     f.state_dir = "/run".into();
     f.o_direct = ("/run".into(), Ok(()));
     f.euid = 0;
+    f.landlock_abi = Some(7);
     f
 }
 
@@ -40,7 +41,7 @@ fn find<'a>(report: &'a [Check], name: &str) -> &'a Check {
 fn a_good_host_passes_everything() {
     let root = FakeRoot::new();
     let report = checks(&good_host(&root));
-    assert_eq!(report.len(), 1 + MODULES.len() + 8);
+    assert_eq!(report.len(), 1 + MODULES.len() + 9);
     for c in &report {
         assert_eq!(c.status, Status::Ok, "{c:?}");
         assert!(c.fix.is_empty(), "{c:?}");
@@ -207,4 +208,22 @@ fn vduse_net_is_reported_from_the_management_device_classes() {
     assert_eq!(net.status, Status::Warn);
     assert!(net.detail.contains("6.10"), "{}", net.detail);
     assert_eq!(find(&c, "vdpa management devices").status, Status::Ok);
+}
+
+#[test]
+fn landlock_is_reported_and_never_fails() {
+    let root = FakeRoot::new();
+    let mut f = good_host(&root);
+    assert!(find(&checks(&f), "landlock").detail.starts_with("ABI 7:"));
+    f.landlock_abi = Some(3);
+    let c = find(&checks(&f), "landlock").clone();
+    assert_eq!(
+        (c.status, c.detail.contains("ABI 3")),
+        (Status::Ok, true),
+        "{c:?}"
+    );
+    f.landlock_abi = Some(0);
+    let c = find(&checks(&f), "landlock").clone();
+    assert_eq!(c.status, Status::Warn);
+    assert!(c.fix.contains("CONFIG_SECURITY_LANDLOCK"), "{c:?}");
 }

@@ -35,7 +35,7 @@ use anyhow::Context;
 use virtiod_config::{DeviceKind, DeviceSpec};
 
 use crate::registry::Registry;
-pub use takeover::take_over;
+pub use takeover::{hello, Hello};
 use wire::{DeviceEntry, DeviceState, FailedEntry, Message};
 
 /// How long a new process gets by default to confirm it serves.
@@ -60,6 +60,14 @@ pub struct Request {
 struct StartedAs {
     binary: Option<PathBuf>,
     args: Vec<OsString>,
+}
+
+/// The devices file's text, read at start-up (before Landlock may forbid reading it again).
+static CONFIG_TEXT: OnceLock<String> = OnceLock::new();
+
+/// Remember the devices file's text for a new process (`run`, at start-up).
+pub fn remember_config(text: String) {
+    let _ = CONFIG_TEXT.set(text);
 }
 
 static STARTED_AS: OnceLock<StartedAs> = OnceLock::new();
@@ -145,6 +153,7 @@ pub fn hand_over(
                     reason: reason.clone(),
                 })
                 .collect(),
+            config: CONFIG_TEXT.get().cloned().unwrap_or_default(),
         };
         (hello, unsupported)
     });

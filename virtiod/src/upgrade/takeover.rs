@@ -67,41 +67,44 @@ fn die_if(point: &str) {
     }
 }
 
-/// Take the devices over on the inherited descriptor `fd`; they are in `registry` when this
-/// returns. Never returns an error: a failure ends the process (see the module).
-pub fn take_over(
-    fd: RawFd,
-    registry: &Registry,
-    state_dir: &Path,
-    events: Sender<Event>,
-) -> Pending {
+/// What the old process sends first: the devices to take over.
+pub struct Hello {
+    chan: Channel,
+    /// The devices it serves.
+    pub specs: Vec<DeviceSpec>,
+    failed: Vec<(DeviceSpec, String)>,
+    /// Its devices file (for the `[daemon]` settings).
+    pub config: String,
+}
+
+/// Receive the old process's hello on the inherited descriptor `fd`. Call before any thread
+/// starts: the process confines itself (Landlock) for what it lists. Never returns an error:
+/// a failure ends the process (see the module).
+pub fn hello(fd: RawFd) -> Hello {
     // SAFETY: `fd` is the hand-over socket the old process made inheritable for this
     // process (`--takeover-fd`); nothing else in this process owns it.
     let chan = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) });
-    match receive(&chan, registry, state_dir, events) {
-        Ok((control, metrics)) => Pending {
+    match receive_hello(&chan) {
+        Ok((specs, failed, config)) => Hello {
             chan,
-            control,
-            metrics,
+            specs,
+            failed,
+            config,
         },
         Err(err) => fail(&chan, &err),
     }
 }
 
-type Listeners = (Option<UnixListener>, Option<std::net::TcpListener>);
+type Parsed = (Vec<DeviceSpec>, Vec<(DeviceSpec, String)>, String);
 
-fn receive(
-    chan: &Channel,
-    registry: &Registry,
-    state_dir: &Path,
-    events: Sender<Event>,
-) -> anyhow::Result<Listeners> {
+fn receive_hello(chan: &Channel) -> anyhow::Result<Parsed> {
     let deadline = Instant::now() + DEFAULT_TIMEOUT;
     let (hello, _) = chan.recv(deadline, |_| 0)?;
     let Message::Hello {
         version,
         devices,
         failed,
+        config,
     } = hello
     else {
         anyhow::bail!("expected the old process's hello, got {hello:?}");
@@ -111,12 +114,62 @@ fn receive(
         "the old process speaks hand-over version {version}, this binary {}: restart instead",
         super::wire::VERSION
     );
+    let parse = |text: &str| {
+        virtiod_config::parse_device(text)
+            .map_err(|e| anyhow::anyhow!("a device from the old process: {e}"))
+    };
+    let specs = devices
+        .iter()
+        .map(|d| parse(&d.spec))
+        .collect::<anyhow::Result<_>>()?;
+    let failed = failed
+        .into_iter()
+        .filter_map(|f| parse(&f.spec).ok().map(|s| (s, f.reason)))
+        .collect();
+    Ok((specs, failed, config))
+}
+
+impl Hello {
+    /// Open every device, tell the old process, receive the hand-over and serve every device
+    /// (they are in `registry` when this returns). Never returns an error: a failure ends
+    /// the process (see the module).
+    pub fn take_over(
+        self,
+        registry: &Registry,
+        state_dir: &Path,
+        events: Sender<Event>,
+    ) -> Pending {
+        let Hello {
+            chan,
+            specs,
+            failed,
+            ..
+        } = self;
+        match receive(&chan, specs, failed, registry, state_dir, events) {
+            Ok((control, metrics)) => Pending {
+                chan,
+                control,
+                metrics,
+            },
+            Err(err) => fail(&chan, &err),
+        }
+    }
+}
+
+type Listeners = (Option<UnixListener>, Option<std::net::TcpListener>);
+
+fn receive(
+    chan: &Channel,
+    specs: Vec<DeviceSpec>,
+    failed: Vec<(DeviceSpec, String)>,
+    registry: &Registry,
+    state_dir: &Path,
+    events: Sender<Event>,
+) -> anyhow::Result<Listeners> {
     // Images are opened now, while the old process serves — except those whose metadata it
     // may still change in its own memory (qcow2): those once it has flushed and let go.
     let mut opened: Vec<(DeviceSpec, Option<Opened>)> = Vec::new();
-    for entry in &devices {
-        let spec = virtiod_config::parse_device(&entry.spec)
-            .map_err(|e| anyhow::anyhow!("a device from the old process: {e}"))?;
+    for spec in specs {
         let dev = match super::open_after_handover(&spec) {
             true => None,
             false => Some(Device::open(&spec).with_context(|| format!("device {}", spec.name))?),
@@ -202,10 +255,8 @@ fn receive(
     let metrics = metrics
         .then(|| fds.next().map(std::net::TcpListener::from))
         .flatten();
-    for entry in failed {
-        if let Ok(spec) = virtiod_config::parse_device(&entry.spec) {
-            registry.adopt_failed(spec, entry.reason);
-        }
+    for (spec, reason) in failed {
+        registry.adopt_failed(spec, reason);
     }
     tracing::info!(
         devices = registry.running(),

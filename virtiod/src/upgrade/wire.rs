@@ -61,6 +61,10 @@ pub enum Message {
         devices: Vec<DeviceEntry>,
         /// Devices that failed.
         failed: Vec<FailedEntry>,
+        /// The devices file as the old process read it at start-up (its `[daemon]` settings:
+        /// the new process may not be allowed to read the file itself under Landlock).
+        #[serde(default)]
+        config: String,
     },
     /// New → old: everything is open; hand the devices over.
     Ready,

@@ -1,0 +1,333 @@
+//! The CSI Controller service: creating, growing and deleting volumes of a [`VolumeSource`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::capability;
+use crate::locks::VolumeLocks;
+use crate::proto::controller_server::Controller;
+use crate::proto::controller_service_capability::{self, rpc};
+use crate::proto::validate_volume_capabilities_response::Confirmed;
+use crate::proto::*;
+use crate::source::VolumeSource;
+use crate::status;
+use crate::volume::{self, VolumeId};
+
+/// The topology key naming the node a node-local volume lives on.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.virtiod.io/node";
+
+/// The Controller service of one node's plugin.
+#[derive(Debug, Clone)]
+pub struct ControllerService {
+    node_id: String,
+    source: Arc<dyn VolumeSource>,
+    locks: VolumeLocks,
+    /// Where the node service keeps its state: a staged volume is not deleted.
+    state_dir: PathBuf,
+}
+
+impl ControllerService {
+    /// Volumes of `source`, created on `node_id`.
+    pub fn new(node_id: String, source: Arc<dyn VolumeSource>, state_dir: PathBuf) -> Self {
+        Self {
+            node_id,
+            source,
+            locks: VolumeLocks::default(),
+            state_dir,
+        }
+    }
+
+    fn topology(&self) -> Vec<Topology> {
+        if !self.source.node_local() {
+            return Vec::new();
+        }
+        vec![Topology {
+            segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_string(), self.node_id.clone())]),
+        }]
+    }
+
+    fn volume_id(&self, name: &str) -> VolumeId {
+        VolumeId {
+            source: self.source.kind().to_string(),
+            node: if self.source.node_local() {
+                self.node_id.clone()
+            } else {
+                String::new()
+            },
+            name: name.to_string(),
+        }
+    }
+
+    /// A volume id of this source, on this node (a node-local volume of another node is not
+    /// reachable from here: NOT_FOUND).
+    fn ours(&self, id: &str) -> Result<VolumeId, Status> {
+        status::required(id, "volume_id")?;
+        let parsed = VolumeId::parse(id).map_err(status::id)?;
+        if parsed.source != self.source.kind() {
+            return Err(Status::not_found(format!(
+                "volume {id} is of source {}, not {}",
+                parsed.source,
+                self.source.kind()
+            )));
+        }
+        if self.source.node_local() && parsed.node != self.node_id {
+            return Err(Status::not_found(format!(
+                "volume {id} lives on node {}, not {}: ask that node's plugin",
+                parsed.node, self.node_id
+            )));
+        }
+        Ok(parsed)
+    }
+
+    /// Whether the requirements let the volume live on this node.
+    fn reachable(&self, req: Option<&TopologyRequirement>) -> bool {
+        let Some(req) = req.filter(|_| self.source.node_local()) else {
+            return true;
+        };
+        let here = |t: &Topology| {
+            t.segments
+                .get(TOPOLOGY_NODE_KEY)
+                .is_none_or(|n| *n == self.node_id)
+        };
+        if !req.requisite.is_empty() {
+            return req.requisite.iter().any(here);
+        }
+        req.preferred.is_empty() || req.preferred.iter().any(here)
+    }
+}
+
+fn capacity(range: Option<&CapacityRange>) -> (i64, i64) {
+    range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes))
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        status::required(&req.name, "name")?;
+        volume::check_name(&req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        capability::check_all(&req.volume_capabilities).map_err(Status::invalid_argument)?;
+        if req.volume_content_source.is_some() {
+            return Err(Status::invalid_argument(
+                "volume_content_source (snapshots, clones) is not supported",
+            ));
+        }
+        let (required, limit) = capacity(req.capacity_range.as_ref());
+        let size = volume::size_for(required, limit).map_err(|e| match e {
+            volume::RangeError::Negative => Status::invalid_argument(e.to_string()),
+            volume::RangeError::Unsatisfiable { .. } => Status::out_of_range(e.to_string()),
+        })?;
+        if !self.reachable(req.accessibility_requirements.as_ref()) {
+            return Err(Status::resource_exhausted(format!(
+                "the accessibility requirements exclude node {}, where this plugin creates \
+                 volumes",
+                self.node_id
+            )));
+        }
+        let _busy = self.locks.lock(&req.name)?;
+        let volume = match self.source.get(&req.name).map_err(status::source)? {
+            Some(existing) if volume::fits(existing.capacity, required, limit) => existing,
+            Some(existing) => {
+                return Err(Status::already_exists(format!(
+                    "volume {} already exists with {} bytes, outside the range asked for",
+                    req.name, existing.capacity
+                )))
+            }
+            None => self
+                .source
+                .create(&req.name, size, &req.parameters)
+                .map_err(status::source)?,
+        };
+        tracing::info!(volume = %req.name, bytes = volume.capacity, "created volume");
+        Ok(Response::new(CreateVolumeResponse {
+            volume: Some(Volume {
+                capacity_bytes: volume.capacity as i64,
+                volume_id: self.volume_id(&req.name).to_string(),
+                volume_context: HashMap::new(),
+                content_source: None,
+                accessible_topology: self.topology(),
+            }),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let req = request.into_inner();
+        status::required(&req.volume_id, "volume_id")?;
+        // An id that is not ours, or another node's, names nothing here: already deleted.
+        let Ok(id) = self.ours(&req.volume_id) else {
+            return Ok(Response::new(DeleteVolumeResponse {}));
+        };
+        let _busy = self.locks.lock(&id.name)?;
+        if self
+            .state_dir
+            .join("volumes")
+            .join(id.state_file())
+            .exists()
+        {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is still staged on node {}: unstage it first",
+                self.node_id
+            )));
+        }
+        self.source.delete(&id.name).map_err(status::source)?;
+        tracing::info!(volume = %id, "deleted volume");
+        Ok(Response::new(DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _request: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerPublishVolume: not needed (node-local volumes)",
+        ))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _request: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerUnpublishVolume: not needed (node-local volumes)",
+        ))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        let id = self.ours(&req.volume_id)?;
+        if req.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities is required"));
+        }
+        if self.source.get(&id.name).map_err(status::source)?.is_none() {
+            return Err(Status::not_found(format!("volume {id} does not exist")));
+        }
+        let answer = match capability::check_all(&req.volume_capabilities) {
+            Ok(_) => ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                }),
+                message: String::new(),
+            },
+            Err(message) => ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message,
+            },
+        };
+        Ok(Response::new(answer))
+    }
+
+    async fn list_volumes(
+        &self,
+        _request: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        Err(Status::unimplemented("ListVolumes is not supported"))
+    }
+
+    async fn get_capacity(
+        &self,
+        _request: Request<GetCapacityRequest>,
+    ) -> Result<Response<GetCapacityResponse>, Status> {
+        let available = self.source.available().map_err(status::source)?;
+        Ok(Response::new(GetCapacityResponse {
+            available_capacity: available.unwrap_or(0).min(i64::MAX as u64) as i64,
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _request: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        let capabilities = [
+            rpc::Type::CreateDeleteVolume,
+            rpc::Type::ExpandVolume,
+            rpc::Type::GetCapacity,
+        ]
+        .into_iter()
+        .map(|t| ControllerServiceCapability {
+            r#type: Some(controller_service_capability::Type::Rpc(
+                controller_service_capability::Rpc { r#type: t as i32 },
+            )),
+        })
+        .collect();
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _request: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _request: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = self.ours(&req.volume_id)?;
+        let Some(range) = req.capacity_range.as_ref() else {
+            return Err(Status::invalid_argument("capacity_range is required"));
+        };
+        if let Some(cap) = req.volume_capability.as_ref() {
+            capability::check(cap).map_err(Status::invalid_argument)?;
+        }
+        let size =
+            volume::size_for(range.required_bytes, range.limit_bytes).map_err(|e| match e {
+                volume::RangeError::Negative => Status::invalid_argument(e.to_string()),
+                volume::RangeError::Unsatisfiable { .. } => Status::out_of_range(e.to_string()),
+            })?;
+        let _busy = self.locks.lock(&id.name)?;
+        let capacity = self.source.expand(&id.name, size).map_err(status::source)?;
+        if range.limit_bytes > 0 && capacity > range.limit_bytes as u64 {
+            return Err(Status::out_of_range(format!(
+                "volume {id} has {capacity} bytes, more than limit_bytes {}: volumes never shrink",
+                range.limit_bytes
+            )));
+        }
+        tracing::info!(volume = %id, bytes = capacity, "expanded volume");
+        Ok(Response::new(ControllerExpandVolumeResponse {
+            capacity_bytes: capacity as i64,
+            // The daemon serving a staged volume learns the new size in NodeExpandVolume.
+            node_expansion_required: true,
+        }))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        _request: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerGetVolume is not supported",
+        ))
+    }
+}
