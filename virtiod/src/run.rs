@@ -144,7 +144,7 @@ fn start(
         }
     }
     // Then those added with `ctl add` before a restart.
-    crate::persist::restore(&registry);
+    crate::persist::restore(registry);
     if registry.running() == 0 && args.control.is_none() {
         anyhow::bail!("none of the {total} devices could be started: see the errors above");
     }
