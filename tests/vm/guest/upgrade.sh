@@ -99,10 +99,12 @@ virtiod ctl --control $CTL list >/tmp/list.out 2>&1 || fail "ctl list after a fa
 grep -q "u0 vduse $first up" /tmp/list.out || fail "after a failed upgrade: $(cat /tmp/list.out)"
 ok "upgrade --binary /bin/false refused: $(cat /tmp/f1.out | cut -c1-150)"
 
-printf '#!/bin/sh\nVIRTIOD_DEBUG_UPGRADE_DIE=taken exec virtiod "$@"\n' >/tmp/dies.sh
-chmod +x /tmp/dies.sh
+# next to virtiod: under Landlock the daemon may only start programs from its own directory
+dies=$(dirname "$(command -v virtiod)")/virtiod-dies.sh
+printf '#!/bin/sh\nVIRTIOD_DEBUG_UPGRADE_DIE=taken exec virtiod "$@"\n' >"$dies"
+chmod +x "$dies"
 t0=$(now)
-virtiod ctl --control $CTL upgrade --binary /tmp/dies.sh >/tmp/f2.out 2>&1 && fail "upgrade to a dying binary succeeded"
+virtiod ctl --control $CTL upgrade --binary "$dies" >/tmp/f2.out 2>&1 && fail "upgrade to a dying binary succeeded"
 t1=$(now); echo "failed-midway $t0 $t1" >>/tmp/events
 grep -q "UPGRADE_DIE=taken" /tmp/run.log || fail "the new process did not get to the take-over: $(cat /tmp/f2.out)"
 kill -0 "$pid" || fail "the daemon died with a failed upgrade"
