@@ -111,7 +111,7 @@ pub enum Command {
         a device that fails to start is logged and the others are served. Prints one line per\n\
         started device: NAME ENDPOINT. SIGTERM stops every device cleanly.")]
     Run(RunArgs),
-    /// Talk to a running daemon's control socket: list, add, remove, stats, qos, resize.
+    /// Talk to a running daemon's control socket: list, add, remove, stats, qos, resize, upgrade.
     #[command(after_help = "Examples:\n  \
         virtiod ctl --control /run/virtiod/ctl.sock list\n  \
         virtiod ctl --control /run/virtiod/ctl.sock add 'name = \"c\"\n\
@@ -151,6 +151,21 @@ pub enum CtlCommand {
         /// The device description, or a file holding it.
         #[arg(value_name = "DEVICE")]
         device: String,
+    },
+    /// Replace the daemon by a new binary without re-creating a device (SIGUSR2 does the same
+    /// with the defaults): the new process takes every device over, the old one exits; if the
+    /// new one fails, the old one serves on.
+    #[command(after_help = "Examples:\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock upgrade                  # the same path, a new file\n  \
+        virtiod ctl --control /run/virtiod/ctl.sock upgrade --binary /opt/virtiod-2/virtiod --timeout 60\n\n\
+        Operations: docs/operations.md, \"Upgrade in place\".")]
+    Upgrade {
+        /// The new binary (default: the path the daemon was started from).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<std::path::PathBuf>,
+        /// Seconds the new process has to open every image and confirm it serves.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
     },
     /// Stop a device (completes its I/O, flushes, removes its socket or VDUSE device).
     Remove {
@@ -299,6 +314,10 @@ pub struct RunArgs {
     pub control: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub confine: crate::confine::ConfineArgs,
+    /// Take the devices over from the daemon that started this process (`ctl upgrade`):
+    /// the hand-over socket it inherited.
+    #[arg(long, value_name = "FD", hide = true)]
+    pub takeover_fd: Option<i32>,
 }
 
 /// `virtiod doctor`.

@@ -9,6 +9,8 @@
 //! {"cmd":"qos","name":"a"}                    -> {"ok":true,"result":{"iops":2000}}  (the limits)
 //! {"cmd":"qos","name":"a","set":{"iops":4000,"read-bps":"100M"}}  -> the new limits ({} lifts all)
 //! {"cmd":"resize","name":"a","size":2147483648} -> {"ok":true,"result":{"old":..,"capacity":..,"notified":true}}
+//! {"cmd":"upgrade"} / {"cmd":"upgrade","binary":"/opt/v2/virtiod","timeout":60}
+//!                                             -> {"ok":true,"result":{"old_pid":..,"new_pid":..}}
 //! anything wrong                              -> {"ok":false,"error":"one line: what to do"}
 //! ```
 //!
@@ -68,6 +70,15 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         set: Option<serde_json::Map<String, Value>>,
     },
+    /// Hand every device over to a new process (see `crate::upgrade`).
+    Upgrade {
+        /// The new binary (default: the one the daemon was started from).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<PathBuf>,
+        /// Seconds the new process has to confirm.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<u64>,
+    },
 }
 
 /// An answer line.
@@ -80,12 +91,23 @@ pub struct Response {
     pub error: Option<String>,
 }
 
-/// Removes the control socket when the daemon ends.
-pub struct ControlSocket(PathBuf);
+/// The control socket: removed when the daemon ends.
+pub struct ControlSocket {
+    path: PathBuf,
+    /// A copy of the listener (the door serves the other), to hand over on an upgrade.
+    listener: UnixListener,
+}
+
+impl ControlSocket {
+    /// The listening socket.
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+}
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -93,11 +115,31 @@ impl Drop for ControlSocket {
 /// mode 0600, and answer requests within [`LIMITS`].
 pub fn start(path: &Path, registry: Arc<Registry>) -> anyhow::Result<ControlSocket> {
     let listener: UnixListener = virtiod_vhost_user::bind_socket(path).context("control socket")?;
-    let socket = ControlSocket(path.to_path_buf());
+    let socket = ControlSocket {
+        path: path.to_path_buf(),
+        listener: listener.try_clone().context("control socket")?,
+    };
     crate::confine::secure_control_socket(path)?;
     crate::door::spawn("control", listener, ControlProtocol(registry), LIMITS)
         .context("cannot start the control thread")?;
     tracing::info!(path = %path.display(), "control socket listening");
+    Ok(socket)
+}
+
+/// Answer requests on the control socket at `path` that the process this one replaced
+/// listened on (`virtiod upgrade`).
+pub fn start_on(
+    path: &Path,
+    listener: UnixListener,
+    registry: Arc<Registry>,
+) -> anyhow::Result<ControlSocket> {
+    let socket = ControlSocket {
+        path: path.to_path_buf(),
+        listener: listener.try_clone().context("control socket")?,
+    };
+    crate::door::spawn("control", listener, ControlProtocol(registry), LIMITS)
+        .context("cannot start the control thread")?;
+    tracing::info!(path = %path.display(), "control socket taken over");
     Ok(socket)
 }
 
@@ -204,6 +246,7 @@ fn handle(req: Request, registry: &Registry) -> Response {
             .stats(name.as_deref())
             .and_then(|s| serde_json::to_value(s).map_err(anyhow::Error::from)),
         Request::Qos { name, set } => qos_request(registry, &name, set.as_ref()),
+        Request::Upgrade { binary, timeout } => upgrade_request(registry, binary, timeout),
         Request::Resize { name, size, shrink } => {
             tracing::info!(device = %name, size, shrink, "control: resize");
             registry.resize(&name, size, shrink).map(|r| {
@@ -247,6 +290,34 @@ fn qos_request(
         .map(|(k, v)| (k.to_string(), Value::from(v)))
         .collect();
     Ok(Value::Object(map))
+}
+
+/// `upgrade`: wake the main loop (the new process is started from the main thread, never
+/// from a confined one) and wait for the outcome.
+fn upgrade_request(
+    registry: &Registry,
+    binary: Option<PathBuf>,
+    timeout: Option<u64>,
+) -> anyhow::Result<Value> {
+    let timeout = timeout.map_or(crate::upgrade::DEFAULT_TIMEOUT, Duration::from_secs);
+    // Refused at once while one runs (or this process has just handed over and is exiting).
+    registry.refuse_while_upgrading()?;
+    tracing::info!(binary = ?binary, timeout_s = timeout.as_secs(), "control: upgrade");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let req = crate::upgrade::Request {
+        binary,
+        timeout,
+        reply: Some(tx),
+    };
+    registry
+        .events()
+        .send(crate::device::Event::Upgrade(req))
+        .map_err(|_| anyhow::anyhow!("the daemon is stopping"))?;
+    let outcome = rx
+        .recv_timeout(timeout + Duration::from_secs(10))
+        .map_err(|_| anyhow::anyhow!("no outcome from the upgrade: see the daemon's log"))?;
+    let pid = outcome.map_err(anyhow::Error::msg)?;
+    Ok(serde_json::json!({ "old_pid": std::process::id(), "new_pid": pid }))
 }
 
 /// Send one request and read its answer.
@@ -301,6 +372,10 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             Request::Add { device: text }
         }
         CtlCommand::Remove { name } => Request::Remove { name },
+        CtlCommand::Upgrade { binary, timeout } => Request::Upgrade {
+            binary: binary.map(|b| std::path::absolute(&b).unwrap_or(b)),
+            timeout,
+        },
         CtlCommand::Stats { name } => Request::Stats { name },
         CtlCommand::Resize { name, size, shrink } => {
             let size = virtiod_backend::parse_size(&size).map_err(Usage)?;
@@ -330,8 +405,17 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         Request::Stats { .. } => "stats",
         Request::Qos { .. } => "qos",
         Request::Resize { .. } => "resize",
+        Request::Upgrade { .. } => "upgrade",
     };
     let result = call(&args.control, &req)?;
+    if let (Request::Upgrade { .. }, Some(old)) = (&req, result["old_pid"].as_u64()) {
+        // Return once the old process is gone: every later command reaches the new one.
+        let proc = PathBuf::from(format!("/proc/{old}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while proc.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(());
@@ -340,6 +424,10 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         "list" => print_list(&result),
         "stats" => print_stats(&result),
         "add" => println!("{}", result["endpoint"].as_str().unwrap_or("")),
+        "upgrade" => println!(
+            "upgraded: pid {} -> {}",
+            result["old_pid"], result["new_pid"]
+        ),
         "qos" => print_qos(&result),
         "resize" => match result["note"].as_str() {
             None => println!(

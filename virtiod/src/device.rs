@@ -1,6 +1,7 @@
 //! One served device, started from a [`DeviceSpec`] and stopped cleanly: vhost-user serves in
 //! its own thread, VDUSE through [`VduseServer`]. `serve` runs one, `run` many.
 
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -15,7 +16,9 @@ use virtiod_config::{
 use virtiod_core::Device as CoreDevice;
 use virtiod_net::{NetBackend, NetConfig, NetDevice, PortCounters, Switch, TapPort};
 use virtiod_vduse::{Attach, VduseOptions, VduseServer};
-use virtiod_vhost_user::{bind_socket, Server, VhostUserDevice};
+use virtiod_vhost_user::{bind_socket, VhostUserDevice};
+
+use crate::upgrade::vhost_user::{OnExit, VuServer};
 
 /// How long a stop waits for a vhost-user serving thread to notice.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,6 +28,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Event {
     /// SIGTERM or SIGINT.
     Signal(i32),
+    /// `ctl upgrade` or SIGUSR2: hand every device over to a new process.
+    Upgrade(crate::upgrade::Request),
     /// A device's serving thread ended by itself (not through [`Device::stop`]).
     Exited {
         /// The device name.
@@ -35,7 +40,7 @@ pub enum Event {
 }
 
 enum Kind {
-    VhostUser(Server),
+    VhostUser(VuServer),
     Vduse(VduseServer),
 }
 
@@ -56,6 +61,26 @@ pub struct Device {
     kind: Kind,
 }
 
+/// A device's virtio side, opened (image, backend or port) but not served yet: the slow part
+/// of a start, done by a new process before it takes devices over.
+pub struct Opened {
+    device: Arc<dyn CoreDevice>,
+    stats: Option<Arc<Stats>>,
+    qos: Option<Arc<Qos>>,
+    blk: Option<Arc<BlkDevice>>,
+    port: Option<Arc<dyn NetBackend>>,
+    mac: Option<Mac>,
+    what: &'static str,
+}
+
+/// What a device's transport hands over to a new process (see `crate::upgrade`).
+pub enum Handed {
+    /// The vhost-user listening socket.
+    VhostUser(std::os::unix::net::UnixListener),
+    /// The open `/dev/vduse/NAME`.
+    Vduse(std::os::fd::OwnedFd),
+}
+
 impl Device {
     /// Open the image (or the net port) and start serving. Nothing is left behind on
     /// failure. `events` hears when a vhost-user server stops by itself.
@@ -64,39 +89,78 @@ impl Device {
         state_dir: &Path,
         events: Sender<Event>,
     ) -> anyhow::Result<Self> {
-        let mut qos = None;
-        let mut blk_dev = None;
-        let (device, stats, port, mac, what): (Arc<dyn CoreDevice>, _, _, _, _) = match &spec.kind {
+        let opened = Self::open(&spec)?;
+        Self::serve(spec, opened, state_dir, events, None)
+    }
+
+    /// Open the image (or the net port).
+    pub fn open(spec: &DeviceSpec) -> anyhow::Result<Opened> {
+        Ok(match &spec.kind {
             DeviceKind::Blk => {
-                let blk = open_blk(&spec)?;
-                let stats = blk.stats();
-                qos = Some(blk.qos().clone());
-                blk_dev = Some(blk.clone());
-                (blk, Some(stats), None, None, "virtio-blk")
+                let blk = open_blk(spec)?;
+                Opened {
+                    device: blk.clone(),
+                    stats: Some(blk.stats()),
+                    qos: Some(blk.qos().clone()),
+                    blk: Some(blk),
+                    port: None,
+                    mac: None,
+                    what: "virtio-blk",
+                }
             }
             DeviceKind::Net(net) => {
-                let (dev, mac) = open_net(&spec, net)?;
-                let port = Some(dev.backend().clone());
-                (dev, None, port, Some(mac), "virtio-net")
+                let (dev, mac) = open_net(spec, net)?;
+                Opened {
+                    port: Some(dev.backend().clone()),
+                    device: dev,
+                    stats: None,
+                    qos: None,
+                    blk: None,
+                    mac: Some(mac),
+                    what: "virtio-net",
+                }
             }
-        };
+        })
+    }
+
+    /// Serve an opened device: on a new socket or VDUSE device, or on the ones `handed` over
+    /// by the process this one replaces.
+    pub fn serve(
+        spec: DeviceSpec,
+        opened: Opened,
+        state_dir: &Path,
+        events: Sender<Event>,
+        handed: Option<Handed>,
+    ) -> anyhow::Result<Self> {
+        let Opened {
+            device,
+            stats,
+            qos,
+            blk,
+            port,
+            mac,
+            what,
+        } = opened;
         let max_poll = Duration::from_micros(spec.poll_us);
         let (kind, endpoint) = match &spec.transport {
             Transport::VhostUser(socket) => {
                 let dev = VhostUserDevice::new(device, max_poll)?;
                 // Bind last: nothing is created unless everything before succeeded.
-                let listener = bind_socket(socket)?;
+                let listener = match handed {
+                    Some(Handed::VhostUser(listener)) => listener,
+                    Some(Handed::Vduse(_)) => {
+                        anyhow::bail!("a VDUSE device was handed over for a vhost-user one")
+                    }
+                    None => bind_socket(socket)?,
+                };
                 let name = spec.name.clone();
-                let server = dev
-                    .spawn(
-                        listener,
-                        socket,
-                        &format!("vu-{}", spec.name),
-                        move |result| {
-                            let result = result.map_err(|e| e.to_string());
-                            let _ = events.send(Event::Exited { name, result });
-                        },
-                    )
+                let on_exit: OnExit = Arc::new(move |result| {
+                    let result = result.map_err(|e| e.to_string());
+                    let name = name.clone();
+                    let _ = events.send(Event::Exited { name, result });
+                });
+                let thread = format!("vu-{}", spec.name);
+                let server = VuServer::spawn(dev, listener, socket, &thread, on_exit)
                     .context("cannot start a vhost-user thread")?;
                 tracing::info!(device = %spec.name, socket = %socket.display(), "serving {what} over vhost-user");
                 (Kind::VhostUser(server), socket.clone())
@@ -112,7 +176,13 @@ impl Device {
                     state_dir: state_dir.to_path_buf(),
                     poll: max_poll,
                 };
-                let dev = VduseServer::create(device, &opts)?;
+                let dev = match handed {
+                    None => VduseServer::create(device, &opts)?,
+                    Some(Handed::Vduse(fd)) => VduseServer::import(device, &opts, fd)?,
+                    Some(Handed::VhostUser(_)) => {
+                        anyhow::bail!("a vhost-user socket was handed over for a VDUSE device")
+                    }
+                };
                 let endpoint = match (dev.interface(), dev.node()) {
                     (Some(interface), _) => {
                         tracing::info!(device = %spec.name, name, interface, "serving {what} through VDUSE");
@@ -146,7 +216,7 @@ impl Device {
             spec,
             stats,
             qos,
-            blk: blk_dev,
+            blk,
             port,
             mac,
             endpoint,
@@ -228,6 +298,68 @@ impl Device {
             Err(err) => tracing::error!(device = %name, %err, "stopping failed"),
         }
         result.with_context(|| format!("device {name}"))
+    }
+
+    /// Stop serving for a hand-over to a new process (`virtiod upgrade`): requests in flight
+    /// complete, the socket or the VDUSE device stays (see [`Self::handover`]).
+    pub fn quiesce(&mut self) -> anyhow::Result<()> {
+        let name = &self.spec.name;
+        match &mut self.kind {
+            Kind::VhostUser(server) => server
+                .quiesce(STOP_TIMEOUT)
+                .with_context(|| format!("device {name}: the flush before the hand-over failed")),
+            Kind::Vduse(dev) => {
+                dev.quiesce()
+                    .with_context(|| format!("device {name}: quiescing for the hand-over"))?;
+                match &self.blk {
+                    Some(blk) if crate::upgrade::flush_on_handover(&self.spec) => {
+                        CoreDevice::stop(blk.as_ref()).with_context(|| {
+                            format!("device {name}: the flush before the hand-over failed")
+                        })
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Serve again after [`Self::quiesce`]: the hand-over failed.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let name = &self.spec.name;
+        match &mut self.kind {
+            Kind::VhostUser(server) => server.resume().map_err(anyhow::Error::from),
+            Kind::Vduse(dev) => dev.resume().map_err(anyhow::Error::from),
+        }
+        .with_context(|| format!("device {name}: serving again after a failed hand-over"))
+    }
+
+    /// What the transport hands over after [`Self::quiesce`]: its state and its descriptors
+    /// (the listening socket; the open `/dev/vduse/NAME`).
+    pub fn handover(&self) -> anyhow::Result<(serde_json::Value, Vec<BorrowedFd<'_>>)> {
+        match &self.kind {
+            Kind::VhostUser(server) => Ok((
+                serde_json::json!({ "transport": "vhost-user", "listener": true }),
+                vec![server.listener_fd()],
+            )),
+            Kind::Vduse(dev) => {
+                let fd = dev.device_fd().with_context(|| {
+                    format!("device {}: its VDUSE device is not open", self.spec.name)
+                })?;
+                Ok((
+                    serde_json::json!({ "transport": "vduse", "name": dev.name() }),
+                    vec![fd],
+                ))
+            }
+        }
+    }
+
+    /// Another process serves the device now: close this process's descriptors without
+    /// removing the socket, detaching or destroying anything.
+    pub fn handed_over(self) {
+        match self.kind {
+            Kind::VhostUser(server) => drop(server),
+            Kind::Vduse(dev) => dev.handed_over(),
+        }
     }
 }
 

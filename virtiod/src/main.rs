@@ -15,12 +15,14 @@ mod run;
 mod seccomp;
 mod serve;
 mod signals;
+mod upgrade;
 mod usage;
 
 use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
+    upgrade::remember_start();
     raise_open_files_limit();
     if let Err(err) = logging::init(&cli.log) {
         eprintln!("virtiod: {err:#}");

@@ -241,11 +241,23 @@ pub fn start(addr: SocketAddr, registry: Arc<Registry>) -> anyhow::Result<Socket
     let listener = TcpListener::bind(addr).with_context(|| {
         format!("cannot listen on {addr} for --metrics: pick a free port or address")
     })?;
+    Ok(start_on(listener, registry)?.0)
+}
+
+/// Serve metrics on a listener already bound (by this process, or by the one it replaced:
+/// `virtiod upgrade`). Returns its address and a copy of it (to hand over in turn).
+pub fn start_on(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+) -> anyhow::Result<(SocketAddr, TcpListener)> {
     let bound = listener.local_addr().context("metrics listener address")?;
+    let copy = listener
+        .try_clone()
+        .context("cannot keep a copy of the metrics listener")?;
     crate::door::spawn("metrics", listener, MetricsHttp(registry), LIMITS)
         .context("cannot start the metrics thread")?;
     tracing::info!(address = %bound, "metrics on http://{bound}/metrics");
-    Ok(bound)
+    Ok((bound, copy))
 }
 
 /// `GET /metrics` over HTTP/1.x, one request per connection.

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -174,6 +175,8 @@ struct Inner {
 /// The daemon's devices.
 pub struct Registry {
     inner: Mutex<Inner>,
+    /// An upgrade is handing the devices over: no device is added, removed or changed.
+    upgrading: AtomicBool,
     state_dir: PathBuf,
     events: Sender<Event>,
 }
@@ -189,6 +192,7 @@ impl Registry {
     pub fn new(state_dir: &Path, events: Sender<Event>) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::default(),
+            upgrading: AtomicBool::new(false),
             state_dir: state_dir.to_path_buf(),
             events,
         })
@@ -206,6 +210,7 @@ impl Registry {
     /// Start a device; on failure it is remembered as failed (reported by list and metrics)
     /// and the error returned. Returns its endpoint.
     pub fn add(&self, spec: DeviceSpec) -> anyhow::Result<PathBuf> {
+        self.refuse_while_upgrading()?;
         let (name, key) = (spec.name.clone(), endpoint_key(&spec));
         {
             let mut inner = self.lock();
@@ -244,6 +249,7 @@ impl Registry {
 
     /// Stop and forget a device.
     pub fn remove(&self, name: &str) -> anyhow::Result<()> {
+        self.refuse_while_upgrading()?;
         let dev = {
             let mut inner = self.lock();
             if inner.failed.remove(name).is_some() {
@@ -343,6 +349,7 @@ impl Registry {
         bytes: u64,
         shrink: bool,
     ) -> anyhow::Result<virtiod_blk::Resized> {
+        self.refuse_while_upgrading()?;
         let blk = {
             let inner = self.lock();
             let Some(dev) = inner.devices.get(name) else {
@@ -369,6 +376,9 @@ impl Registry {
 
     /// A running blk device's QoS limits, replaced first by `set` if given.
     pub fn qos(&self, name: &str, set: Option<QosLimits>) -> anyhow::Result<QosLimits> {
+        if set.is_some() {
+            self.refuse_while_upgrading()?;
+        }
         let mut inner = self.lock();
         let Some(dev) = inner.devices.get_mut(name) else {
             anyhow::bail!("no running device named {name}: see `virtiod ctl list`");
@@ -380,6 +390,57 @@ impl Registry {
         match dev.qos() {
             Some(qos) => Ok(qos.limits()),
             None => anyhow::bail!("device {name} is a net device: QoS limits are for blk devices"),
+        }
+    }
+
+    /// The main loop's channel.
+    pub fn events(&self) -> Sender<Event> {
+        self.events.clone()
+    }
+
+    /// An error while an upgrade runs (see [`Self::set_upgrading`]).
+    pub fn refuse_while_upgrading(&self) -> anyhow::Result<()> {
+        if self.upgrading.load(Ordering::Acquire) {
+            anyhow::bail!(
+                "an upgrade is handing the devices over to a new process: try again in a moment"
+            );
+        }
+        Ok(())
+    }
+
+    /// Start or end an upgrade (see `crate::upgrade`): while it runs, adding, removing,
+    /// resizing a device and changing its limits are refused. Returns whether one ran already.
+    pub fn set_upgrading(&self, on: bool) -> bool {
+        self.upgrading.swap(on, Ordering::AcqRel)
+    }
+
+    /// Run `f` on every running device (by name) and on the failed ones' specs and reasons.
+    pub fn with_devices<T>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, Device>, &BTreeMap<String, (DeviceSpec, String)>) -> T,
+    ) -> T {
+        let mut inner = self.lock();
+        let Inner {
+            devices, failed, ..
+        } = &mut *inner;
+        f(devices, failed)
+    }
+
+    /// A device taken over from the process this one replaces, serving already.
+    pub fn adopt(&self, dev: Device) {
+        self.lock().devices.insert(dev.spec().name.clone(), dev);
+    }
+
+    /// A device that had failed in the process this one replaces.
+    pub fn adopt_failed(&self, spec: DeviceSpec, reason: String) {
+        self.lock().failed.insert(spec.name.clone(), (spec, reason));
+    }
+
+    /// The devices were handed over: forget them without stopping anything.
+    pub fn handed_over(&self) {
+        let devices = std::mem::take(&mut self.lock().devices);
+        for dev in devices.into_values() {
+            dev.handed_over();
         }
     }
 

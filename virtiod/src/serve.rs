@@ -106,7 +106,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn wait_and_stop(registry: &Registry, rx: &Receiver<Event>) -> anyhow::Result<()> {
-    let event = rx.recv();
+    let event = loop {
+        match rx.recv() {
+            Ok(Event::Upgrade(req)) => {
+                let why = "upgrade in place is for `virtiod run` daemons: restart `serve` \
+                           instead (a VDUSE device is re-opened without losing I/O)";
+                tracing::warn!("{why}");
+                if let Some(reply) = req.reply {
+                    let _ = reply.send(Err(why.to_string()));
+                }
+            }
+            other => break other,
+        }
+    };
     crate::notify::notify("STOPPING=1");
     match event {
         Ok(Event::Exited { result, .. }) => {
@@ -120,6 +132,6 @@ fn wait_and_stop(registry: &Registry, rx: &Receiver<Event>) -> anyhow::Result<()
             tracing::info!(signal = sig, "stopping: completing in-flight requests");
             registry.stop_all()
         }
-        Err(_) => registry.stop_all(),
+        Ok(Event::Upgrade(_)) | Err(_) => registry.stop_all(),
     }
 }

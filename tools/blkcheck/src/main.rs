@@ -1,6 +1,11 @@
 //! `virtiod-blkcheck DRIVER PATH MIB`: write MIB MiB of a pattern through libblkio's
 //! `DRIVER` (virtio-blk-vhost-user or virtio-blk-vhost-vdpa) at `PATH`, read it back and
 //! compare. Prints `blkcheck: OK ...` and exits 0 on success. Used by the VM test suites.
+//!
+//! `virtiod-blkcheck stream ...` and `virtiod-blkcheck now`: a timed write stream on a block
+//! device (see `stream.rs`).
+
+mod stream;
 
 use std::mem::MaybeUninit;
 
@@ -15,6 +20,20 @@ fn pattern(offset: u64) -> u8 {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("now") => {
+            println!("{}", stream::now_ns());
+            return Ok(());
+        }
+        Some("stream") => {
+            let [_, _, device, mib, stop, events] = args.as_slice() else {
+                bail!("usage: virtiod-blkcheck stream DEVICE MIB STOP_FILE EVENTS_FILE");
+            };
+            let mib = mib.parse().context("MIB must be a number")?;
+            return stream::run(device, mib, stop.as_ref(), events.as_ref());
+        }
+        _ => {}
+    }
     let [_, driver, path, mib] = args.as_slice() else {
         bail!("usage: virtiod-blkcheck DRIVER PATH MIB");
     };

@@ -16,6 +16,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::shared::{QueueCtx, QueueHandle, Shared};
 use crate::state::{self, Identity, StateLog};
 use crate::Error;
+
+#[path = "handover.rs"]
+mod handover;
+
 /// How long to wait for the device node after attaching.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -115,9 +119,16 @@ fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 /// A device of that name survives: a previous virtiod died (or still runs). Open it and the
 /// in-flight log it left.
 fn reopen(opts: &VduseOptions, id: Identity) -> Result<(VduseDevice, StateLog), Error> {
-    let log_file = state::log_path(&opts.state_dir, &opts.name);
     let dev = VduseDevice::open(&opts.name)?;
-    let log = StateLog::open_existing(&opts.state_dir, &opts.name, id)
+    let log = existing_log(opts, id)?;
+    tracing::info!(name = %opts.name, "re-opening the existing VDUSE device");
+    Ok((dev, log))
+}
+
+/// The in-flight log an earlier process left for the existing device `opts.name`.
+fn existing_log(opts: &VduseOptions, id: Identity) -> Result<StateLog, Error> {
+    let log_file = state::log_path(&opts.state_dir, &opts.name);
+    StateLog::open_existing(&opts.state_dir, &opts.name, id)
         .map_err(|e| {
             Error::Attach(format!(
                 "cannot use the in-flight log {}: {e}",
@@ -132,9 +143,7 @@ fn reopen(opts: &VduseOptions, id: Identity) -> Result<(VduseDevice, StateLog), 
                 opts.state_dir.display(),
                 opts.name
             ))
-        })?;
-    tracing::info!(name = %opts.name, "re-opening the existing VDUSE device");
-    Ok((dev, log))
+        })
 }
 
 /// Create the VDUSE device and its in-flight log; nothing is left behind on failure.
@@ -170,6 +179,27 @@ fn create_new(
     }
 }
 
+/// What the kernel is told about `device`, and the identity its in-flight log records.
+fn device_config(device: &dyn Device, opts: &VduseOptions) -> (DeviceConfig, Identity) {
+    let dev_cfg = DeviceConfig {
+        name: opts.name.clone(),
+        device_id: device.device_type(),
+        vendor_id: 0,
+        features: device.features() | F_ACCESS_PLATFORM,
+        vq_num: u32::from(device.num_queues()),
+        vq_align: 4096,
+        config: device.config_space(),
+    };
+    let id = Identity {
+        device_type: dev_cfg.device_id,
+        num_queues: device.num_queues(),
+        queue_size: device.max_queue_size(),
+        features: dev_cfg.features,
+        config_hash: state::config_hash(&dev_cfg.config),
+    };
+    (dev_cfg, id)
+}
+
 impl VduseServer {
     /// Create the VDUSE device for `device`, start serving it and attach it as `opts` says.
     /// Returns once the device node is usable (see [`Self::node`]).
@@ -178,28 +208,24 @@ impl VduseServer {
             check_net_features(device.features())?;
         }
         let control = VduseControl::open()?;
-        let dev_cfg = DeviceConfig {
-            name: opts.name.clone(),
-            device_id: device.device_type(),
-            vendor_id: 0,
-            features: device.features() | F_ACCESS_PLATFORM,
-            vq_num: u32::from(device.num_queues()),
-            vq_align: 4096,
-            config: device.config_space(),
-        };
-        let id = Identity {
-            device_type: dev_cfg.device_id,
-            num_queues: device.num_queues(),
-            queue_size: device.max_queue_size(),
-            features: dev_cfg.features,
-            config_hash: state::config_hash(&dev_cfg.config),
-        };
+        let (dev_cfg, id) = device_config(device.as_ref(), opts);
         let exists = Path::new("/dev/vduse").join(&opts.name).exists();
         let (dev, log) = if exists {
             reopen(opts, id)?
         } else {
             create_new(&control, &dev_cfg, opts, id)?
         };
+        Self::serve_opened(device, opts, dev, log, exists)
+    }
+
+    /// Serve `dev` (created now, or `existing`: re-opened or handed over) and attach it.
+    fn serve_opened(
+        device: Arc<dyn Device>,
+        opts: &VduseOptions,
+        dev: VduseDevice,
+        log: StateLog,
+        exists: bool,
+    ) -> Result<Self, Error> {
         let mut this = Self {
             shared: None,
             threads: Vec::new(),
@@ -267,6 +293,12 @@ impl VduseServer {
             stop_evt: EventFd::new(EFD_NONBLOCK).map_err(os("creating an eventfd"))?,
         });
         self.shared = Some(shared.clone());
+        self.spawn_threads(&shared, resume)
+    }
+
+    /// Start the queue threads and the control thread (`resume`: set the queues up again from
+    /// the kernel's view and the in-flight log, as after a restart).
+    fn spawn_threads(&mut self, shared: &Arc<Shared>, resume: bool) -> Result<(), Error> {
         for index in 0..shared.queues.len() {
             let s = shared.clone();
             let t = std::thread::Builder::new()

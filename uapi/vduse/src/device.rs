@@ -137,6 +137,17 @@ impl VduseDevice {
         })
     }
 
+    /// Takes over `/dev/vduse/NAME` opened by another process (an fd handed over a unix
+    /// socket, e.g. by a daemon upgrading in place): the open is not repeated, so the kernel
+    /// never sees the device closed.
+    pub fn from_fd(name: &str, fd: OwnedFd) -> Result<Self> {
+        validate_name(name)?;
+        Ok(VduseDevice {
+            file: File::from(fd),
+            name: name.to_owned(),
+        })
+    }
+
     /// The device name.
     pub fn name(&self) -> &str {
         &self.name

@@ -185,6 +185,11 @@ const COMMON: &[i64] = &[
     libc::SYS_sched_yield,
     libc::SYS_nanosleep,
     libc::SYS_clock_nanosleep,
+    // The kernel itself makes this call to resume a sleep, timed poll or futex wait that a
+    // signal interrupted without a handler running in this thread (it only continues the
+    // interrupted call, which the list allows). Seen after a failed upgrade: the old daemon
+    // reaps the new process while its threads sleep.
+    libc::SYS_restart_syscall,
     libc::SYS_clock_gettime,
     libc::SYS_gettimeofday,
     libc::SYS_getrandom,
