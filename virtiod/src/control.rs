@@ -228,9 +228,11 @@ fn handle(req: Request, registry: &Registry) -> Response {
                 tracing::info!(device = %name, "control: add");
                 let endpoint = registry.add(spec)?;
                 // Recorded, so that a restarted daemon serves it again (crate::persist).
-                if let Err(e) = crate::persist::record(registry.state_dir(), &name, &device) {
-                    let _ = registry.remove(&name);
-                    return Err(e);
+                if registry.records() {
+                    if let Err(e) = crate::persist::record(registry.state_dir(), &name, &device) {
+                        let _ = registry.remove(&name);
+                        return Err(e);
+                    }
                 }
                 Ok(endpoint)
             })
@@ -239,7 +241,10 @@ fn handle(req: Request, registry: &Registry) -> Response {
             tracing::info!(device = ?name, "control: remove");
             registry
                 .remove(&name)
-                .and_then(|()| crate::persist::forget(registry.state_dir(), &name))
+                .and_then(|()| match registry.records() {
+                    true => crate::persist::forget(registry.state_dir(), &name),
+                    false => Ok(()),
+                })
                 .map(|()| Value::Null)
         }
         Request::Stats { name } => registry

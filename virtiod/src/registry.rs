@@ -178,6 +178,8 @@ pub struct Registry {
     /// An upgrade is handing the devices over: no device is added, removed or changed.
     upgrading: AtomicBool,
     state_dir: PathBuf,
+    /// `ctl add` records its devices under `state_dir` (see `keep_records`).
+    records: AtomicBool,
     events: Sender<Event>,
 }
 
@@ -194,6 +196,7 @@ impl Registry {
             inner: Mutex::default(),
             upgrading: AtomicBool::new(false),
             state_dir: state_dir.to_path_buf(),
+            records: AtomicBool::new(false),
             events,
         })
     }
@@ -201,6 +204,17 @@ impl Registry {
     /// Where devices keep their state (in-flight logs, `ctl add` records).
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// Record devices added with `ctl add` in the state dir (`virtiod run`, which restores
+    /// them at start-up; `serve` does not, so it records nothing).
+    pub fn keep_records(&self) {
+        self.records.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether `ctl add` records its devices (see [`Self::keep_records`]).
+    pub fn records(&self) -> bool {
+        self.records.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -60,6 +60,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (tx, rx) = channel();
     forward_signals(tx.clone())?;
     let registry = Registry::new(&args.state_dir, tx.clone());
+    registry.keep_records();
     let (total, endpoints) = match hello {
         Some(hello) => take_over(&args, &registry, hello, tx)?,
         None => start(&args, specs, &registry)?,
