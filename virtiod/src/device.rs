@@ -16,7 +16,7 @@ use virtiod_config::{
 use virtiod_core::Device as CoreDevice;
 use virtiod_net::{NetBackend, NetConfig, NetDevice, PortCounters, Switch, TapPort};
 use virtiod_vduse::{Attach, VduseOptions, VduseServer};
-use virtiod_vhost_user::{bind_socket, VhostUserDevice};
+use virtiod_vhost_user::{bind_socket, HandoverState};
 
 use crate::upgrade::vhost_user::{OnExit, VuServer};
 
@@ -75,8 +75,14 @@ pub struct Opened {
 
 /// What a device's transport hands over to a new process (see `crate::upgrade`).
 pub enum Handed {
-    /// The vhost-user listening socket.
-    VhostUser(std::os::unix::net::UnixListener),
+    /// A vhost-user device's exported listening socket and connection: served only after
+    /// [`Device::serve_imported`].
+    VhostUser {
+        /// What the old process exported.
+        state: HandoverState,
+        /// The descriptors `state` names.
+        fds: Vec<std::os::fd::OwnedFd>,
+    },
     /// The open `/dev/vduse/NAME`.
     Vduse(std::os::fd::OwnedFd),
 }
@@ -144,15 +150,6 @@ impl Device {
         let max_poll = Duration::from_micros(spec.poll_us);
         let (kind, endpoint) = match &spec.transport {
             Transport::VhostUser(socket) => {
-                let dev = VhostUserDevice::new(device, max_poll)?;
-                // Bind last: nothing is created unless everything before succeeded.
-                let listener = match handed {
-                    Some(Handed::VhostUser(listener)) => listener,
-                    Some(Handed::Vduse(_)) => {
-                        anyhow::bail!("a VDUSE device was handed over for a vhost-user one")
-                    }
-                    None => bind_socket(socket)?,
-                };
                 let name = spec.name.clone();
                 let on_exit: OnExit = Arc::new(move |result| {
                     let result = result.map_err(|e| e.to_string());
@@ -160,8 +157,20 @@ impl Device {
                     let _ = events.send(Event::Exited { name, result });
                 });
                 let thread = format!("vu-{}", spec.name);
-                let server = VuServer::spawn(dev, listener, socket, &thread, on_exit)
-                    .context("cannot start a vhost-user thread")?;
+                let server = match handed {
+                    // Bind last: nothing is created unless everything before succeeded.
+                    None => {
+                        let listener = bind_socket(socket)?;
+                        VuServer::spawn(device, max_poll, listener, socket, &thread, on_exit)?
+                    }
+                    Some(Handed::VhostUser { state, fds }) => {
+                        VuServer::import(device, max_poll, &state, fds, socket, &thread, on_exit)
+                            .context("cannot take the vhost-user connection over")?
+                    }
+                    Some(Handed::Vduse(_)) => {
+                        anyhow::bail!("a VDUSE device was handed over for a vhost-user one")
+                    }
+                };
                 tracing::info!(device = %spec.name, socket = %socket.display(), "serving {what} over vhost-user");
                 (Kind::VhostUser(server), socket.clone())
             }
@@ -179,7 +188,7 @@ impl Device {
                 let dev = match handed {
                     None => VduseServer::create(device, &opts)?,
                     Some(Handed::Vduse(fd)) => VduseServer::import(device, &opts, fd)?,
-                    Some(Handed::VhostUser(_)) => {
+                    Some(Handed::VhostUser { .. }) => {
                         anyhow::bail!("a vhost-user socket was handed over for a VDUSE device")
                     }
                 };
@@ -301,13 +310,14 @@ impl Device {
     }
 
     /// Stop serving for a hand-over to a new process (`virtiod upgrade`): requests in flight
-    /// complete, the socket or the VDUSE device stays (see [`Self::handover`]).
+    /// complete, the socket or the VDUSE device stays, a vhost-user frontend stays connected
+    /// (see [`Self::handover`]).
     pub fn quiesce(&mut self) -> anyhow::Result<()> {
         let name = &self.spec.name;
         match &mut self.kind {
             Kind::VhostUser(server) => server
-                .quiesce(STOP_TIMEOUT)
-                .with_context(|| format!("device {name}: the flush before the hand-over failed")),
+                .export(STOP_TIMEOUT)
+                .with_context(|| format!("device {name}: freezing it for the hand-over")),
             Kind::Vduse(dev) => {
                 dev.quiesce()
                     .with_context(|| format!("device {name}: quiescing for the hand-over"))?;
@@ -327,20 +337,28 @@ impl Device {
     pub fn resume(&mut self) -> anyhow::Result<()> {
         let name = &self.spec.name;
         match &mut self.kind {
-            Kind::VhostUser(server) => server.resume().map_err(anyhow::Error::from),
+            Kind::VhostUser(server) => server.resume(),
             Kind::Vduse(dev) => dev.resume().map_err(anyhow::Error::from),
         }
         .with_context(|| format!("device {name}: serving again after a failed hand-over"))
     }
 
     /// What the transport hands over after [`Self::quiesce`]: its state and its descriptors
-    /// (the listening socket; the open `/dev/vduse/NAME`).
+    /// (the listening socket and the frontend's connection; the open `/dev/vduse/NAME`).
     pub fn handover(&self) -> anyhow::Result<(serde_json::Value, Vec<BorrowedFd<'_>>)> {
         match &self.kind {
-            Kind::VhostUser(server) => Ok((
-                serde_json::json!({ "transport": "vhost-user", "listener": true }),
-                vec![server.listener_fd()],
-            )),
+            Kind::VhostUser(server) => {
+                let (state, fds) = server.handover().with_context(|| {
+                    format!(
+                        "device {}: it was not frozen for the hand-over",
+                        self.spec.name
+                    )
+                })?;
+                Ok((
+                    serde_json::json!({ "transport": "vhost-user", "handover": state }),
+                    fds,
+                ))
+            }
             Kind::Vduse(dev) => {
                 let fd = dev.device_fd().with_context(|| {
                     format!("device {}: its VDUSE device is not open", self.spec.name)
@@ -350,6 +368,31 @@ impl Device {
                     vec![fd],
                 ))
             }
+        }
+    }
+
+    /// The new process imported the device: let go of a vhost-user connection (nothing to
+    /// do for VDUSE). After this a failed hand-over can only serve the socket afresh.
+    pub fn commit(&mut self) -> anyhow::Result<()> {
+        match &mut self.kind {
+            Kind::VhostUser(server) => server
+                .commit(STOP_TIMEOUT)
+                .with_context(|| format!("device {}: letting the connection go", self.spec.name)),
+            Kind::Vduse(_) => Ok(()),
+        }
+    }
+
+    /// Serve a vhost-user connection taken over ([`Handed::VhostUser`]) once the old process
+    /// let go of it (nothing to do for VDUSE).
+    pub fn serve_imported(&mut self) -> anyhow::Result<()> {
+        match &mut self.kind {
+            Kind::VhostUser(server) => server.serve_imported().with_context(|| {
+                format!(
+                    "device {}: cannot start its vhost-user thread",
+                    self.spec.name
+                )
+            }),
+            Kind::Vduse(_) => Ok(()),
         }
     }
 

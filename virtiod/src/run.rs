@@ -193,7 +193,7 @@ fn take_over(
     })();
     match endpoints {
         Ok(endpoints) => {
-            pending.serving()?;
+            pending.serving(registry);
             Ok((registry.running(), endpoints))
         }
         Err(err) => pending.fail(&err),

@@ -8,15 +8,28 @@
 //! 1. old → new `Hello`: every device's description (including `ctl add`ed ones and changed
 //!    QoS limits). The new process opens every image and backend (the slow part) and answers
 //!    `Ready`; the old one serves all along.
-//! 2. The old process quiesces every device (requests in flight complete; VDUSE devices are
-//!    neither reset nor closed, vhost-user listeners stay) and sends `Handover`: each device's
-//!    transport state and descriptors (SCM_RIGHTS), then the control socket's and the metrics
-//!    endpoint's listeners.
-//! 3. The new process serves them and answers `Serving`; the old one exits 0.
+//! 2. The old process quiesces every device (requests in flight complete, stateful backends
+//!    are flushed; VDUSE devices are neither reset nor closed; a vhost-user device is frozen
+//!    between two frontend messages with its frontend still connected, see [`vhost_user`])
+//!    and sends `Handover`: each device's transport state (for vhost-user the transport's
+//!    `HandoverState`: features, memory table, rings, in-flight region, backend channel) and
+//!    descriptors (SCM_RIGHTS: the listening socket, the connection, memory, eventfds; the
+//!    open `/dev/vduse/NAME`), then the control socket's and the metrics endpoint's
+//!    listeners.
+//! 3. The new process serves the VDUSE devices, imports every vhost-user connection without
+//!    reading from it, starts its control socket and metrics endpoint and answers
+//!    `Imported`. The old process lets go of every vhost-user connection (commit) and answers
+//!    `Go`: only now does the new process serve them (two processes never handle the same
+//!    connection), and it answers `Serving`; the old one exits 0.
 //!
-//! Anything before `Serving` that fails — the binary does not start, exits, refuses, is
-//! silent past the timeout — and the old process kills the new one (if it runs) and serves
-//! its devices again: the ctl command returns the error.
+//! The frontends notice nothing but the pause: no reconnect, no request lost or repeated.
+//!
+//! Anything before `Go` that fails — the binary does not start, exits, refuses, is silent
+//! past the timeout — and the old process kills the new one (if it runs) and serves its
+//! devices again, vhost-user connections exactly where they were: the ctl command returns the
+//! error. Should the new process fail between `Go` and `Serving` (a thread it cannot start),
+//! the connections died with it: the old process serves the sockets afresh and frontends
+//! that reconnect (QEMU: `reconnect-ms`) carry on with their in-flight region.
 
 mod spec;
 mod takeover;
@@ -117,7 +130,7 @@ pub fn open_after_handover(spec: &DeviceSpec) -> bool {
 }
 
 /// Whether the old process flushes a blk device's backend when it quiesces it (vhost-user
-/// devices always flush: the transport's quiesce does).
+/// devices always flush: the transport's export does).
 pub fn flush_on_handover(spec: &DeviceSpec) -> bool {
     let stateful = ["qcow2:", "nbd:", "nbd+unix:", "rbd:"];
     matches!(spec.kind, DeviceKind::Blk) && stateful.iter().any(|p| spec.image.starts_with(p))
@@ -285,6 +298,21 @@ fn exchange(
         chan.send(&msg, &fds)
     });
     sent.map_err(who)?;
+    match chan.recv(deadline, |_| 0).map_err(who)?.0 {
+        Message::Imported => {}
+        Message::Failed { error } => anyhow::bail!("the new process failed to take over: {error}"),
+        other => anyhow::bail!("the new process answered {other:?} instead of imported"),
+    }
+    // From the first commit on the connections are the new process's: tell it to serve
+    // even if a serving thread here is slow to confirm (it serves nothing any more).
+    registry.with_devices(|devices, _| {
+        for dev in devices.values_mut() {
+            if let Err(e) = dev.commit() {
+                tracing::warn!("{e:#}");
+            }
+        }
+    });
+    chan.send(&Message::Go, &[]).map_err(who)?;
     match chan.recv(deadline, |_| 0).map_err(who)?.0 {
         Message::Serving { pid } => {
             tracing::info!(

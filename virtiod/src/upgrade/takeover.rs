@@ -3,7 +3,9 @@
 //!
 //! Until it confirms ([`Pending::serving`]) this process must never clean up what it was
 //! handed (a VDUSE device it serves would be destroyed on drop): every failure ends it with
-//! [`std::process::exit`], and the old process serves on.
+//! [`std::process::exit`], and the old process serves on. Vhost-user connections are
+//! imported at once but served only after the old process's `Go`: until then it may still
+//! take them back.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -29,9 +31,27 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Tell the old process this one serves (it exits).
-    pub fn serving(self) -> anyhow::Result<()> {
+    /// Tell the old process every device is taken over, wait until it let go of the
+    /// vhost-user connections, serve them, and confirm (it exits). Never returns on failure:
+    /// the old process serves on (see the module).
+    pub fn serving(self, registry: &Registry) {
         die_if("taken");
+        if let Err(err) = self.go(registry) {
+            fail(&self.chan, &err);
+        }
+    }
+
+    fn go(&self, registry: &Registry) -> anyhow::Result<()> {
+        self.chan.send(&Message::Imported, &[])?;
+        match self.chan.recv(Instant::now() + DEFAULT_TIMEOUT, |_| 0)?.0 {
+            Message::Go => {}
+            other => anyhow::bail!("expected the old process's go, got {other:?}"),
+        }
+        registry.with_devices(|devices, _| {
+            devices
+                .values_mut()
+                .try_for_each(|dev| dev.serve_imported())
+        })?;
         self.chan.send(
             &Message::Serving {
                 pid: std::process::id(),
@@ -202,15 +222,31 @@ fn receive(
     let mut fds = fds.into_iter();
     let mut handed = Vec::new();
     for ((spec, dev), state) in opened.into_iter().zip(states) {
-        anyhow::ensure!(
-            state.name == spec.name && state.fds == 1,
-            "the hand-over of device {} does not match its description",
-            spec.name
-        );
-        let fd = fds.next().context("a descriptor is missing")?;
+        let mismatch = || {
+            format!(
+                "the hand-over of device {} does not match its description",
+                spec.name
+            )
+        };
+        anyhow::ensure!(state.name == spec.name, mismatch());
+        let mut own: Vec<OwnedFd> = fds.by_ref().take(state.fds).collect();
+        anyhow::ensure!(own.len() == state.fds, "descriptors are missing");
         let fd = match spec.transport {
-            Transport::VhostUser(_) => Handed::VhostUser(UnixListener::from(fd)),
-            Transport::Vduse { .. } => Handed::Vduse(fd),
+            Transport::VhostUser(_) => {
+                let handover = state
+                    .state
+                    .get("handover")
+                    .cloned()
+                    .with_context(mismatch)?;
+                Handed::VhostUser {
+                    state: serde_json::from_value(handover).with_context(mismatch)?,
+                    fds: own,
+                }
+            }
+            Transport::Vduse { .. } => {
+                anyhow::ensure!(own.len() == 1, mismatch());
+                Handed::Vduse(own.remove(0))
+            }
         };
         handed.push((spec, dev, fd));
     }

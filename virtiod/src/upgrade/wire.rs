@@ -20,7 +20,7 @@ pub const FDS_PER_PACKET: usize = 250;
 /// Largest message (the device descriptions of a few thousand devices).
 const MAX_PACKET: usize = 1 << 20;
 /// Version of the hand-over messages: a new binary refuses an old process that speaks another.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// One device as the old process serves it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,8 +73,9 @@ pub enum Message {
         /// What failed.
         error: String,
     },
-    /// Old → new: the devices are quiesced; their state, then `fds` descriptors (devices'
-    /// first, in order, then the control socket's and the metrics endpoint's listeners).
+    /// Old → new: the devices are quiesced (vhost-user ones frozen with their frontend
+    /// connected); their state, then `fds` descriptors (devices' first, in order, then the
+    /// control socket's and the metrics endpoint's listeners).
     Handover {
         /// Per device.
         devices: Vec<DeviceState>,
@@ -87,6 +88,11 @@ pub enum Message {
     },
     /// More descriptors of the message before.
     Fds,
+    /// New → old: every device is taken over, vhost-user connections are imported but not
+    /// served: let go of them.
+    Imported,
+    /// Old → new: this process let go of every vhost-user connection; serve them.
+    Go,
     /// New → old: serving every device; the old process may exit.
     Serving {
         /// The new process.
