@@ -33,7 +33,6 @@ mod queue;
 mod server;
 mod session;
 mod socket;
-mod transfer;
 mod wire;
 
 use std::net::Shutdown;
@@ -57,7 +56,6 @@ pub use handover::{
 pub use queue::RingState;
 pub use server::Server;
 pub use socket::bind_socket;
-pub use transfer::{receive_handover, send_handover};
 pub use wire::WireState;
 
 /// Errors of the vhost-user transport.

@@ -1,12 +1,14 @@
 //! Handing a live vhost-user connection over: a libblkio client writes a verified stream
 //! while the device's connection is exported and served on by another device (in a child
-//! process, over `SCM_RIGHTS`, or in this process), or the export is abandoned and the first
-//! device serves on. The client never reconnects and never sees an error.
+//! process that inherits the descriptors, or in this process), or the export is abandoned
+//! and the first device serves on. The client never reconnects and never sees an error.
+//! (Sending the descriptors over a socket is the daemon's upgrade channel's job, tested with
+//! it: `virtiod/tests/upgrade.rs`.)
 
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -14,10 +16,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
-use virtiod_vhost_user::{receive_handover, send_handover, HandoverError};
+use virtiod_vhost_user::{Export, HandoverError, HandoverState};
 
 const CHILD_IMAGE: &str = "VU_HANDOVER_CHILD_IMAGE";
 const CHILD_SOCKET: &str = "VU_HANDOVER_CHILD_SOCKET";
+/// The exported state, as JSON.
+const CHILD_STATE: &str = "VU_HANDOVER_CHILD_STATE";
+/// The inherited descriptors, in the order of the export, as `N,N,...`.
+const CHILD_FDS: &str = "VU_HANDOVER_CHILD_FDS";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn byte(sock: &mut UnixStream) -> u8 {
@@ -28,20 +34,32 @@ fn byte(sock: &mut UnixStream) -> u8 {
 
 /// Not a test of its own: the child process of
 /// [`a_child_process_takes_over_the_connection_mid_stream`] (this test binary run again with
-/// the image and socket in its environment and its end of a socket pair as stdin). It
-/// receives the handover, imports it into a device of its own over the same image, and
-/// serves when told to; it answers `Q` with the frontends it accepted and stops on `X`.
+/// the image, socket, exported state and inherited descriptors in its environment and its
+/// end of a socket pair as stdin). It imports the handover into a device of its own over the
+/// same image, and serves when told to; it answers `Q` with the frontends it accepted and
+/// stops on `X`.
 #[test]
 fn handover_child_process() {
-    let (Some(image), Some(socket)) = (
+    let (Some(image), Some(socket), Ok(state), Ok(fds)) = (
         std::env::var_os(CHILD_IMAGE),
         std::env::var_os(CHILD_SOCKET),
+        std::env::var(CHILD_STATE),
+        std::env::var(CHILD_FDS),
     ) else {
         return; // run by the parent test only
     };
     let (image, socket) = (PathBuf::from(image), PathBuf::from(socket));
     let mut sock = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned().unwrap());
-    let (state, fds) = receive_handover(&sock).unwrap();
+    let state: HandoverState = serde_json::from_str(&state).unwrap();
+    let fds: Vec<OwnedFd> = fds
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            // SAFETY: the parent left exactly these descriptors open across exec for this
+            // process (see `inheritable`); nothing else here owns them.
+            unsafe { OwnedFd::from_raw_fd(n.parse().unwrap()) }
+        })
+        .collect();
     let dev = device(&image);
     let imported = match dev.import(&state, fds) {
         Ok(i) => i,
@@ -73,6 +91,19 @@ fn handover_child_process() {
     }
 }
 
+/// Let the export's descriptors be inherited by the next child started (they are this
+/// test's own duplicates); their numbers as `N,N,...`.
+fn inheritable(export: &Export) -> String {
+    let mut numbers = Vec::new();
+    for fd in export.fds() {
+        // SAFETY: F_SETFD on a descriptor the export owns only changes its close-on-exec
+        // flag.
+        assert_eq!(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) }, 0);
+        numbers.push(fd.as_raw_fd().to_string());
+    }
+    numbers.join(",")
+}
+
 fn accepted_by_child(sock: &mut UnixStream) -> u64 {
     sock.write_all(b"Q").unwrap();
     let mut n = [0u8; 8];
@@ -91,13 +122,7 @@ fn a_child_process_takes_over_the_connection_mid_stream() {
     let done = stream.done.clone();
     let handed = AtomicBool::new(false);
     let (mut parent, child_end) = UnixStream::pair().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "handover_child_process", "--nocapture"])
-        .env(CHILD_IMAGE, &img)
-        .env(CHILD_SOCKET, &sock)
-        .stdin(Stdio::from(std::os::fd::OwnedFd::from(child_end)))
-        .spawn()
-        .unwrap();
+    let mut child = None;
     std::thread::scope(|s| {
         let control = s.spawn(|| {
             wait_for(&done, 200);
@@ -111,7 +136,18 @@ fn a_child_process_takes_over_the_connection_mid_stream() {
             assert!(ring.started && ring.enabled);
             assert_eq!(ring.next_avail, ring.next_used, "drained: nothing in flight");
             let export_fds = export.fds().len();
-            send_handover(&parent, &state, export.fds()).unwrap();
+            // The child inherits the descriptors (no other test here starts a process).
+            child = Some(
+                Command::new(std::env::current_exe().unwrap())
+                    .args(["--exact", "handover_child_process", "--nocapture"])
+                    .env(CHILD_IMAGE, &img)
+                    .env(CHILD_SOCKET, &sock)
+                    .env(CHILD_STATE, serde_json::to_string(&state).unwrap())
+                    .env(CHILD_FDS, inheritable(&export))
+                    .stdin(Stdio::from(OwnedFd::from(child_end)))
+                    .spawn()
+                    .unwrap(),
+            );
             assert_eq!(byte(&mut parent), b'I', "the child imported the state");
             export.commit(TIMEOUT).expect("commit");
             assert!(a_dev.handed_over());
@@ -168,7 +204,7 @@ fn a_child_process_takes_over_the_connection_mid_stream() {
     drop(second);
     parent.write_all(b"X").unwrap();
     assert_eq!(byte(&mut parent), b'x');
-    assert!(child.wait().unwrap().success());
+    assert!(child.unwrap().wait().unwrap().success());
 }
 
 #[test]

@@ -82,9 +82,9 @@ pub enum HandoverError {
         /// Why.
         reason: String,
     },
-    /// The state could not be sent or received.
-    #[error("handover transfer: {0}")]
-    Transfer(String),
+    /// The device's serving thread is gone: the export cannot be settled.
+    #[error("the vhost-user thread of the device is gone: it serves nothing")]
+    ThreadGone,
 }
 
 impl HandoverError {
@@ -227,7 +227,7 @@ impl Export {
         let (done, wait) = mpsc::channel();
         self.decision
             .send(Decision::Commit(done))
-            .map_err(|_| HandoverError::Transfer("the serving thread is gone".into()))?;
+            .map_err(|_| HandoverError::ThreadGone)?;
         wait.recv_timeout(timeout)
             .map_err(|_| HandoverError::Timeout(timeout))
     }
