@@ -55,6 +55,8 @@ if [ "${QUICK:-0}" != 1 ]; then
   VIRTIOD_RNG="$PWD/target/release/virtiod-rng" bash tests/vm/qemu-vhost-user-rng.sh
   step "QEMU guest: SIGKILL + restart of virtiod under its write stream (vhost-user in-flight region)"
   VIRTIOD="$PWD/target/release/virtiod" bash tests/vm/qemu-vhost-user-reconnect.sh
+  step "QEMU guest: five ctl upgrades of virtiod run under its write stream (the vhost-user connection is handed over)"
+  VIRTIOD="$PWD/target/release/virtiod" bash tests/vm/qemu-vhost-user-upgrade.sh
   step "QEMU guest on virtiod's virtio-net (vhost-user, tap): ping, 4 MiB each way; offloads on, off, two queue pairs"
   VIRTIOD="$PWD/target/release/virtiod" bash tests/vm/qemu-vhost-user-net.sh
   for suite in tests/vm/suite-*.sh; do
