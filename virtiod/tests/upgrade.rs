@@ -365,3 +365,56 @@ fn failed_upgrades_leave_the_old_daemon_serving() {
     let (status, _) = s.daemon.terminate();
     assert!(status.success(), "{status}");
 }
+
+/// Write `seed`'s pattern to `block`, read it back and compare.
+fn round_trip(client: &mut Client, block: u64, seed: u64) {
+    let offset = block * BLOCK as u64;
+    fill_pattern(&mut client.buf()[..BLOCK], offset, seed);
+    let (wp, rp) = (client.buf_ptr(0), client.buf_ptr(BLOCK));
+    client.queues[0].write(offset, wp, BLOCK, 0, ReqFlags::empty());
+    assert_eq!(complete(client, Duration::from_secs(5)), Some(0), "write");
+    client.queues[0].read(offset, rp, BLOCK, 0, ReqFlags::empty());
+    assert_eq!(complete(client, Duration::from_secs(5)), Some(0), "read");
+    check_pattern(&client.buf()[BLOCK..2 * BLOCK], offset, seed).unwrap();
+}
+
+#[test]
+fn a_new_process_failing_after_the_commit_leaves_the_socket_served_again() {
+    let mut s = setup("upgrade-go", true);
+    let mut first = Client::connect(&s.socket, 1, 2 * BLOCK).expect("connecting");
+    round_trip(&mut first, 7, 70);
+    // The old process lets go of the connection, then the new one dies before serving it:
+    // the connection is gone with it, the old process serves the socket again.
+    let dies = s.dir.path("dies.sh");
+    std::fs::write(
+        &dies,
+        format!(
+            "#!/bin/sh\nVIRTIOD_DEBUG_UPGRADE_DIE=go exec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_virtiod")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&dies, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = upgrade(&s.control, &["--binary", dies.to_str().unwrap()]).unwrap_err();
+    assert!(err.contains("serves on"), "{err}");
+    drop(first);
+    let mut second = Client::connect(&s.socket, 1, 2 * BLOCK).expect("reconnecting");
+    let rp = second.buf_ptr(BLOCK);
+    second.queues[0].read(7 * BLOCK as u64, rp, BLOCK, 0, ReqFlags::empty());
+    assert_eq!(complete(&mut second, Duration::from_secs(5)), Some(0));
+    check_pattern(&second.buf()[BLOCK..2 * BLOCK], 7 * BLOCK as u64, 70)
+        .expect("the block written before the upgrade");
+    round_trip(&mut second, 8, 80);
+    let (code, out, err) = ctl(&s.control, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("a vhost-user") && out.contains(" up "),
+        "{out}"
+    );
+    // And a real upgrade after that carries the new connection over.
+    let pid = upgrade(&s.control, &[]).expect("an upgrade after the failed one");
+    round_trip(&mut second, 9, 90);
+    assert!(s.daemon.child.wait().unwrap().success());
+    drop(second);
+    terminate(pid);
+}

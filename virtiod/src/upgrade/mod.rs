@@ -55,7 +55,8 @@ use wire::{DeviceEntry, DeviceState, FailedEntry, Message};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Environment variable of a *new* process for tests: `ready` makes it exit before it
-/// answers `Ready`, `taken` after it took the devices over but before it confirms.
+/// answers `Ready`, `taken` after it took the devices over but before it answers `Imported`,
+/// `go` once the old process let go of the vhost-user connections, before it serves them.
 pub const DIE_ENV: &str = "VIRTIOD_DEBUG_UPGRADE_DIE";
 
 /// An upgrade asked for (by `ctl upgrade` or SIGUSR2).

@@ -47,6 +47,7 @@ impl Pending {
             Message::Go => {}
             other => anyhow::bail!("expected the old process's go, got {other:?}"),
         }
+        die_if("go");
         registry.with_devices(|devices, _| {
             devices
                 .values_mut()
