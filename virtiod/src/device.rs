@@ -79,7 +79,7 @@ pub enum Handed {
     /// [`Device::serve_imported`].
     VhostUser {
         /// What the old process exported.
-        state: HandoverState,
+        state: Box<HandoverState>,
         /// The descriptors `state` names.
         fds: Vec<std::os::fd::OwnedFd>,
     },

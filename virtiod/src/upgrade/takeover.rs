@@ -240,7 +240,7 @@ fn receive(
                     .cloned()
                     .with_context(mismatch)?;
                 Handed::VhostUser {
-                    state: serde_json::from_value(handover).with_context(mismatch)?,
+                    state: Box::new(serde_json::from_value(handover).with_context(mismatch)?),
                     fds: own,
                 }
             }

@@ -40,9 +40,9 @@ pub struct VuServer {
     /// The serving thread (none while an imported connection waits for the commit).
     server: Option<Server>,
     /// Taken over, not served yet (the new process of an upgrade).
-    imported: Option<Imported>,
+    imported: Option<Box<Imported>>,
     /// Frozen for a hand-over (the old process of an upgrade).
-    export: Option<Export>,
+    export: Option<Box<Export>>,
 }
 
 impl VuServer {
@@ -100,7 +100,7 @@ impl VuServer {
             name: name.to_string(),
             on_exit,
             server: None,
-            imported: Some(imported),
+            imported: Some(Box::new(imported)),
             export: None,
         })
     }
@@ -112,7 +112,7 @@ impl VuServer {
             self.server =
                 Some(
                     self.dev
-                        .spawn_imported(imported, &self.socket, &self.name, move |r| on_exit(r))?,
+                        .spawn_imported(*imported, &self.socket, &self.name, move |r| on_exit(r))?,
                 );
         }
         Ok(())
@@ -141,7 +141,7 @@ impl VuServer {
     /// backend is flushed, nothing is served until [`Self::commit`] or [`Self::resume`].
     pub fn export(&mut self, timeout: Duration) -> Result<(), HandoverError> {
         if self.export.is_none() {
-            self.export = Some(self.dev.export(timeout)?);
+            self.export = Some(Box::new(self.dev.export(timeout)?));
         }
         Ok(())
     }
