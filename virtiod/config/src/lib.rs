@@ -48,7 +48,7 @@ mod daemon;
 mod net;
 mod qos;
 
-pub use daemon::{parse_daemon, DaemonSettings};
+pub use daemon::{parse_daemon, DaemonSettings, OnStop};
 
 pub use net::{
     check_mtu, format_mac, parse_cli_net, parse_mac, parse_net_backend, DeviceKind, Mac,
