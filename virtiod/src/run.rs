@@ -35,7 +35,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(hello) => (hello.specs.clone(), hello.config.clone()),
         None => {
             let text = std::fs::read_to_string(&args.config).unwrap_or_default();
-            (load(&args.config)?, text)
+            let specs = load(&args.config)?;
+            if specs.is_empty() && args.control.is_none() {
+                return Err(Usage(format!(
+                    "{}: no devices: add a [[device]] table with name, image (or net) and vduse or vhost-user, or give --control PATH to add devices later with `virtiod ctl add`",
+                    args.config.display()
+                ))
+                .into());
+            }
+            (specs, text)
         }
     };
     crate::upgrade::remember_config(config.clone());
