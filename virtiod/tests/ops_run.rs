@@ -211,6 +211,11 @@ fn no_devices_needs_a_control_socket_then_ctl_add_serves() {
     assert_eq!(out.trim(), sock.to_str().unwrap());
     let mut client = Client::connect(&sock, 1, 4096).unwrap();
     assert_eq!(client.capacity(), 4 * MIB);
+    fill_pattern(client.buf(), 4096, 7);
+    assert_eq!(client.write(0, 4096, 0, 4096), 0);
+    client.buf().fill(0);
+    assert_eq!(client.read(0, 4096, 0, 4096), 0);
+    check_pattern(client.buf(), 4096, 7).unwrap();
     drop(client);
     let (status, _) = daemon.terminate();
     assert!(status.success(), "{status}");
