@@ -2,7 +2,8 @@
 # CSI suite: boots the 6.12 test kernel under QEMU and runs, in the same boot:
 # - guest/csi.sh: virtiod-csi driven through its socket in the kubelet's order for ext4, xfs and
 #   block volumes (a "pod" in its own mount namespace writes and reads back; nothing is left
-#   behind), the restart promise (plugin and daemon SIGKILLed and restarted under a pod writing
+#   behind), the restart promise (plugin and daemon SIGKILLed and restarted, the daemon upgraded
+#   in place and stopped with SIGTERM under --on-stop keep and started, under a pod writing
 #   with O_DIRECT + fsync: no error, the data verifies) and online expansion of a mounted ext4
 #   volume;
 # - guest/csi-sanity.sh: the csi-sanity conformance checks against the plugin and daemon, the
