@@ -11,6 +11,7 @@ use virtiod_csi::proto::volume_capability::{
 };
 use virtiod_csi::proto::*;
 use virtiod_csi::source::local::LocalSource;
+use virtiod_csi::source::{Sources, VolumeSource};
 
 fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {
     VolumeCapability {
@@ -47,7 +48,7 @@ async fn create_expand_validate_delete_with_the_spec_codes() {
     let local = dir.path().join("local");
     let ctl = ControllerService::new(
         "node-a".into(),
-        Arc::new(LocalSource::new(&local)),
+        Sources::new([Arc::new(LocalSource::new(&local)) as Arc<dyn VolumeSource>]),
         dir.path().join("state"),
     );
 
