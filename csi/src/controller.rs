@@ -332,10 +332,16 @@ impl Controller for ControllerService {
                 volume::RangeError::Negative => Status::invalid_argument(e.to_string()),
                 volume::RangeError::Unsatisfiable { .. } => Status::out_of_range(e.to_string()),
             })?;
-        if source.node_local() && id.location != self.node_id {
-            // A central resizer: the image is on its node, which grows it in
-            // NodeExpandVolume (the daemon's `resize` grows the file first) to the bytes
-            // asked for, in whole 4 KiB blocks.
+        if source.node_local() {
+            // The image is a file on its node, which the controller may not see (the central
+            // csi-resizer's plugin): the node grows it in NodeExpandVolume (the daemon's
+            // `resize` grows the file first) to the bytes asked for, in whole 4 KiB blocks.
+            // A controller on the volume's node that holds the volumes' directory still
+            // answers NOT_FOUND for a volume that is not there.
+            if id.location == self.node_id {
+                let sized = id.clone();
+                source::run(&source, move |s| s.node_size(&sized)).await?;
+            }
             let bytes = match range.required_bytes {
                 1.. => (range.required_bytes as u64).div_ceil(4096) * 4096,
                 _ => size,

@@ -156,8 +156,16 @@ impl VolumeSource for LocalSource {
         Ok(Some(stat.f_bavail * stat.f_frsize))
     }
 
+    /// The file's size; NOT_FOUND without the file, `None` without the directory (a plugin
+    /// that does not hold this node's volumes, e.g. a central controller).
     fn node_size(&self, id: &VolumeId) -> Result<Option<u64>, SourceError> {
-        Ok(self.get(id, &SourceContext::default())?.map(|v| v.capacity))
+        if !self.dir.is_dir() {
+            return Ok(None);
+        }
+        match self.get(id, &SourceContext::default())? {
+            Some(volume) => Ok(Some(volume.capacity)),
+            None => Err(SourceError::NotFound(id.to_string())),
+        }
     }
 }
 
@@ -186,6 +194,9 @@ mod tests {
         src.delete(&a, &none).unwrap();
         src.delete(&a, &none).unwrap();
         assert!(src.get(&a, &none).unwrap().is_none());
+        assert!(matches!(src.node_size(&a), Err(SourceError::NotFound(_))));
+        let elsewhere = LocalSource::new(dir.path().join("not-here"));
+        assert_eq!(elsewhere.node_size(&a).unwrap(), None);
         assert!(matches!(
             src.expand(&a, 1, &none),
             Err(SourceError::NotFound(_))
