@@ -142,8 +142,9 @@ fn errors_are_one_line(cluster: &TestCluster, dir: &Scratch) {
     assert!(line.contains("no monitor answered"), "{line}");
 }
 
-/// An RBD device from devices.toml and one added with `ctl add` both serve I/O, and the
-/// metrics count it.
+/// An RBD device from devices.toml and ones added with `ctl add` (one as the CSI plugin
+/// stages an rbd volume: its own conf and keyring under an --allow-dir, Landlock on) serve
+/// I/O, the metrics count them, and `ctl resize` grows them.
 fn devices_file_ctl_add_and_metrics(cluster: &TestCluster, dir: &Scratch) {
     cluster.run("rbd", &["create", "rbd/a", "--size", "4M"]);
     cluster.run("rbd", &["create", "rbd/b", "--size", "8M"]);
@@ -151,11 +152,39 @@ fn devices_file_ctl_add_and_metrics(cluster: &TestCluster, dir: &Scratch) {
     let control = dir.path("ctl.sock");
     let cfg = dir.path("devices.toml");
     std::fs::write(&cfg, vhost_user_device("a", &spec(cluster, "a", ""), &a)).unwrap();
+    // What the CSI plugin's NodeStageVolume writes for an rbd volume: a configuration with
+    // only the monitors and a private keyring of a restricted user, in a 0700 directory the
+    // daemon may read under Landlock only through --allow-dir.
+    let keys = dir.path("keys");
+    {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new().mode(0o700).create(&keys).unwrap();
+        let key = cluster.rbd_user("csi");
+        let write = |name: &str, text: String| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(keys.join(name))
+                .unwrap();
+            std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        };
+        write("c.conf", format!("[global]\nmon_host = {}\n", cluster.mon_host()));
+        write("c.keyring", format!("[client.csi]\n\tkey = {key}\n"));
+    }
+    cluster.run("rbd", &["create", "rbd/c", "--size", "4M"]);
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let daemon = RunDaemon::start(
         &cfg,
-        &["--control", control.to_str().unwrap(), "--metrics", &addr],
+        &[
+            "--control",
+            control.to_str().unwrap(),
+            "--metrics",
+            &addr,
+            "--allow-dir",
+            keys.to_str().unwrap(),
+        ],
         &[a.clone(), control.clone()],
     );
     wait_for_port(port);
@@ -166,7 +195,15 @@ fn devices_file_ctl_add_and_metrics(cluster: &TestCluster, dir: &Scratch) {
     );
     let (code, _, err) = ctl(&control, &["add", &json]);
     assert_eq!(code, 0, "{err}");
-    for (sock, size, seed) in [(&a, 4 * MIB, 1u64), (&b, 8 * MIB, 2)] {
+    let c = dir.path("c.sock");
+    let json = format!(
+        r#"{{"name":"c","image":"rbd:rbd/c?conf={k}/c.conf&id=csi&keyring={k}/c.keyring","vhost-user":"{}"}}"#,
+        c.display(),
+        k = keys.display()
+    );
+    let (code, _, err) = ctl(&control, &["add", &json]);
+    assert_eq!(code, 0, "{err}");
+    for (sock, size, seed) in [(&a, 4 * MIB, 1u64), (&b, 8 * MIB, 2), (&c, 4 * MIB, 3)] {
         let mut client = Client::connect(sock, 1, MIB as usize).unwrap();
         assert_eq!(client.capacity(), size);
         fill_pattern(&mut client.buf()[..MIB as usize], MIB, seed);
