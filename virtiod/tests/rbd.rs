@@ -158,7 +158,10 @@ fn devices_file_ctl_add_and_metrics(cluster: &TestCluster, dir: &Scratch) {
     let keys = dir.path("keys");
     {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        std::fs::DirBuilder::new().mode(0o700).create(&keys).unwrap();
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&keys)
+            .unwrap();
         let key = cluster.rbd_user("csi");
         let write = |name: &str, text: String| {
             let mut f = std::fs::OpenOptions::new()
@@ -169,10 +172,14 @@ fn devices_file_ctl_add_and_metrics(cluster: &TestCluster, dir: &Scratch) {
                 .unwrap();
             std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
         };
-        write("c.conf", format!("[global]\nmon_host = {}\n", cluster.mon_host()));
+        write(
+            "c.conf",
+            format!("[global]\nmon_host = {}\n", cluster.mon_host()),
+        );
         write("c.keyring", format!("[client.csi]\n\tkey = {key}\n"));
     }
     cluster.run("rbd", &["create", "rbd/c", "--size", "4M"]);
+    let state = dir.path("state");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let daemon = RunDaemon::start(
@@ -184,6 +191,9 @@ fn devices_file_ctl_add_and_metrics(cluster: &TestCluster, dir: &Scratch) {
             &addr,
             "--allow-dir",
             keys.to_str().unwrap(),
+            // Its `ctl add` records stay in the scratch directory, not in /run/virtiod.
+            "--state-dir",
+            state.to_str().unwrap(),
         ],
         &[a.clone(), control.clone()],
     );
