@@ -2,7 +2,8 @@
 # Upgrade in place through VDUSE: boots the 6.12 test kernel under QEMU and runs
 # guest/upgrade.sh (ten `virtiod ctl upgrade`s under a verified 4 KiB O_DIRECT write stream,
 # a second device on a qcow2 image written across them, two failed upgrades, SIGKILL +
-# restart cycles for comparison; prints the pauses).
+# restart cycles for comparison, SIGTERM + start cycles with `--on-stop keep`; prints the
+# pauses).
 # usage: tests/vm/suite-upgrade.sh   (env VIRTIOD_BIN_DIR, default target/release)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -312,6 +312,12 @@ pub struct RunArgs {
     /// Accept control commands (JSON lines; see `virtiod ctl`) on this unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<std::path::PathBuf>,
+    /// What a stop (SIGTERM, SIGINT) does with VDUSE devices: `remove` them (the default), or
+    /// `keep` them in the kernel, flushed, for the next `virtiod run` with the same state
+    /// directory to re-open (their drivers wait instead of losing the device); overrides
+    /// devices.toml's `[daemon]` on-stop.
+    #[arg(long, value_name = "remove|keep", env = "VIRTIOD_ON_STOP")]
+    pub on_stop: Option<virtiod_config::OnStop>,
     #[command(flatten)]
     pub confine: crate::confine::ConfineArgs,
     /// Take the devices over from the daemon that started this process (`ctl upgrade`):

@@ -300,6 +300,38 @@ impl Device {
         result.with_context(|| format!("device {name}"))
     }
 
+    /// Stop serving but leave a VDUSE device in the kernel (`on-stop = "keep"`): requests in
+    /// flight complete, the image is flushed, and the process closes its descriptors without
+    /// detaching or destroying the device nor removing its in-flight log, so the next start
+    /// re-opens it (the driver's requests wait in the kernel meanwhile). A vhost-user device
+    /// is stopped as by [`Self::stop`] (its frontend reconnects to the next process).
+    pub fn keep(mut self) -> anyhow::Result<()> {
+        if matches!(self.kind, Kind::VhostUser(_)) {
+            return self.stop();
+        }
+        let name = self.spec.name.clone();
+        let result = (|| {
+            if let Kind::Vduse(dev) = &mut self.kind {
+                dev.quiesce()
+                    .with_context(|| format!("device {name}: completing requests in flight"))?;
+            }
+            match &self.blk {
+                Some(blk) => CoreDevice::stop(blk.as_ref()).with_context(|| {
+                    format!("device {name}: final flush failed: data may not be durable")
+                }),
+                None => Ok(()),
+            }
+        })();
+        match &result {
+            Ok(()) => {
+                tracing::info!(device = %name, "stopped; the VDUSE device is kept for the next start")
+            }
+            Err(err) => tracing::error!(device = %name, "{err:#}; the VDUSE device is kept"),
+        }
+        self.handed_over();
+        result
+    }
+
     /// Stop serving for a hand-over to a new process (`virtiod upgrade`): requests in flight
     /// complete, the socket or the VDUSE device stays (see [`Self::handover`]).
     pub fn quiesce(&mut self) -> anyhow::Result<()> {

@@ -466,10 +466,22 @@ impl Registry {
     /// Stop every device (each completes its I/O and flushes); the first error is returned
     /// after all were stopped.
     pub fn stop_all(&self) -> anyhow::Result<()> {
+        self.each_device(Device::stop)
+    }
+
+    /// Stop every device like [`Self::stop_all`] but leave the VDUSE devices in the kernel
+    /// for the next start (`on-stop = "keep"`; see [`Device::keep`]).
+    pub fn keep_all(&self) -> anyhow::Result<()> {
+        self.each_device(Device::keep)
+    }
+
+    /// Take every device out of the registry and run `f` on each in a thread of its own; the
+    /// first error is returned after all were done.
+    fn each_device(&self, f: fn(Device) -> anyhow::Result<()>) -> anyhow::Result<()> {
         let devices = std::mem::take(&mut self.lock().devices);
         let handles: Vec<_> = devices
             .into_values()
-            .map(|d| std::thread::spawn(move || d.stop()))
+            .map(|d| std::thread::spawn(move || f(d)))
             .collect();
         let mut first = Ok(());
         for h in handles {

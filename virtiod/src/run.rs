@@ -6,6 +6,7 @@ use std::sync::mpsc::channel;
 use std::sync::Arc;
 
 use anyhow::Context;
+use virtiod_config::OnStop;
 
 use crate::cli::RunArgs;
 use crate::control::ControlSocket;
@@ -34,10 +35,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(hello) => (hello.specs.clone(), hello.config.clone()),
         None => {
             let text = std::fs::read_to_string(&args.config).unwrap_or_default();
-            (load(&args.config)?, text)
+            let specs = load(&args.config)?;
+            if specs.is_empty() && args.control.is_none() {
+                return Err(Usage(format!(
+                    "{}: no devices: add a [[device]] table with name, image (or net) and vduse or vhost-user, or give --control PATH to add devices later with `virtiod ctl add`",
+                    args.config.display()
+                ))
+                .into());
+            }
+            (specs, text)
         }
     };
     crate::upgrade::remember_config(config.clone());
+    // The devices file's [daemon] table is checked by the confinement below.
+    let on_stop = args
+        .on_stop
+        .or_else(|| virtiod_config::parse_daemon(&config).ok()?.on_stop)
+        .unwrap_or_default();
     let setup = crate::confine::Setup {
         specs: &specs,
         state_dir: &args.state_dir,
@@ -89,7 +103,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    registry.stop_all()?;
+    match on_stop {
+        OnStop::Remove => registry.stop_all()?,
+        OnStop::Keep => registry.keep_all()?,
+    }
     drop(endpoints);
     tracing::info!("stopped cleanly");
     Ok(())

@@ -132,3 +132,31 @@ fn socket_directory_problems() {
     let o = run(&["serve", "--vhost-user", "/proc/virtiod-test.sock", "mem:1M"]);
     assert_one_line_error(&o, "cannot create socket");
 }
+
+#[test]
+fn a_bad_on_stop_value_says_which_are_valid() {
+    let dir = Scratch::new("cli-on-stop");
+    let cfg = dir.path("devices.toml");
+    std::fs::write(
+        &cfg,
+        "[[device]]\nname = \"a\"\nimage = \"mem:1M\"\nvhost-user = \"/tmp/x.sock\"\n",
+    )
+    .unwrap();
+    let o = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--on-stop",
+        "detach",
+    ]);
+    assert_one_line_error(&o, "use \"remove\"");
+    std::fs::write(&cfg, "[daemon]\non-stop = \"later\"\n\n[[device]]\nname = \"a\"\nimage = \"mem:1M\"\nvhost-user = \"/tmp/x.sock\"\n").unwrap();
+    let o = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        dir.path("st").to_str().unwrap(),
+    ]);
+    assert_one_line_error(&o, "2:11: on-stop \"later\"");
+}

@@ -197,8 +197,8 @@ fn capabilities_after_start_up_are_what_the_configuration_needs() {
     });
     assert!(served.terminate().success());
 
-    // A tap: the main thread keeps CAP_NET_ADMIN (as does the tap's own thread, which the
-    // net engine starts without dropping it).
+    // A tap: the main thread keeps CAP_NET_ADMIN; the tap's reader thread (a backend thread)
+    // keeps nothing and runs under its seccomp filter.
     if !Path::new("/dev/net/tun").exists() {
         skip_or_fail("no /dev/net/tun for the tap case");
         return;
@@ -211,13 +211,39 @@ fn capabilities_after_start_up_are_what_the_configuration_needs() {
         .arg(format!("net:tap={tap}"));
     let served = Served::start(cmd, &sock);
     assert_thread_caps(served.child.id(), net_admin, |name| {
-        if name == "virtiod" || name.starts_with("tap-") {
+        if name == "virtiod" {
             net_admin
         } else {
             0
         }
     });
+    let readers = seccomp_modes(served.child.id(), "tap-");
+    assert_eq!(
+        readers,
+        vec![2],
+        "the tap reader's Seccomp field (2: filtered)"
+    );
     assert!(served.terminate().success());
+}
+
+/// The `Seccomp:` field (0 none, 2 filtered) of each thread whose name starts with `prefix`.
+fn seccomp_modes(pid: u32, prefix: &str) -> Vec<u32> {
+    let mut modes = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a Seccomp: line");
+        modes.push(mode);
+    }
+    modes
 }
 
 /// A group and two users made for a test (a member of the group and an outsider), removed

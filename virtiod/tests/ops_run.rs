@@ -178,3 +178,45 @@ fn systemd_notify_ready_and_stopping() {
         assert!(!a.exists());
     }
 }
+
+/// A devices file without devices: refused without --control (nothing could ever serve), a
+/// daemon waiting for `ctl add` with it.
+#[test]
+fn no_devices_needs_a_control_socket_then_ctl_add_serves() {
+    let dir = Scratch::new("run-empty");
+    let (code, stderr) = run_config("[daemon]\non-stop = \"keep\"\n", &dir);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("no devices: add a [[device]] table") && stderr.contains("--control"),
+        "{stderr}"
+    );
+
+    let (control, sock) = (dir.path("ctl.sock"), dir.path("a.sock"));
+    let daemon = RunDaemon::start(
+        &dir.path("devices.toml"),
+        &[
+            "--control",
+            control.to_str().unwrap(),
+            "--state-dir",
+            dir.path("state").to_str().unwrap(),
+        ],
+        std::slice::from_ref(&control),
+    );
+    let spec = format!(
+        "name = \"a\"\nimage = \"mem:4M\"\nvhost-user = \"{}\"\n",
+        sock.display()
+    );
+    let (code, out, err) = ctl(&control, &["add", &spec]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), sock.to_str().unwrap());
+    let mut client = Client::connect(&sock, 1, 4096).unwrap();
+    assert_eq!(client.capacity(), 4 * MIB);
+    fill_pattern(client.buf(), 4096, 7);
+    assert_eq!(client.write(0, 4096, 0, 4096), 0);
+    client.buf().fill(0);
+    assert_eq!(client.read(0, 4096, 0, 4096), 0);
+    check_pattern(client.buf(), 4096, 7).unwrap();
+    drop(client);
+    let (status, _) = daemon.terminate();
+    assert!(status.success(), "{status}");
+}

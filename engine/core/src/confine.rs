@@ -17,6 +17,9 @@ pub enum ThreadRole {
     /// Handles a transport's control messages (vhost-user frontend messages, VDUSE requests):
     /// maps driver memory, starts and stops queue threads, creates backend queues.
     Message,
+    /// A backend's own thread that moves data between its configured peer and the device (a
+    /// tap's reader): reads and writes descriptors it was given, nothing else.
+    Backend,
 }
 
 static HOOK: OnceLock<fn(ThreadRole)> = OnceLock::new();

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Guest half of tests/vm/suite-csi.sh (busybox ash, inside run-in-vm.sh's 6.12 kernel with the
 # vduse/vdpa modules loaded): virtiod-csi driven through its socket in the kubelet's order, the
-# restart promise (plugin and daemon SIGKILLed under a writing pod), online expansion.
+# restart promise (plugin and daemon SIGKILLed, the daemon upgraded in place and stopped with
+# SIGTERM --on-stop keep, under a writing pod), online expansion.
 # Every check prints "ok: ..." or "GUEST-FAIL: ..." and exits.
 set -u
 fail() {
@@ -28,16 +29,12 @@ call() {
 # field NAME JSON: a string field of a JSON answer.
 field() { echo "$2" | sed -n "s/.*\"$1\":\"\\([^\"]*\\)\".*/\\1/p"; }
 
-# The daemon needs one device of its own in devices.toml; the volumes come with ctl add.
-cat >/tmp/devices.toml <<EOF
-[[device]]
-name = "anchor"
-image = "mem:1M"
-vhost-user = "/run/virtiod/anchor.sock"
-EOF
+# No device of the daemon's own: the volumes come with ctl add.
+echo "# the volumes' devices come with ctl add" >/tmp/devices.toml
 start_daemon() {
   # Volumes are images in $LOCAL: Landlock lets the daemon open images added later only there.
-  virtiod run --config /tmp/devices.toml --control $CTL --state-dir /run/virtiod --allow-dir "$LOCAL" >>/tmp/virtiod.log 2>&1 &
+  # shellcheck disable=SC2086 # DAEMON_FLAGS: extra words
+  virtiod run --config /tmp/devices.toml --control $CTL --state-dir /run/virtiod --allow-dir "$LOCAL" ${DAEMON_FLAGS:-} >>/tmp/virtiod.log 2>&1 &
   dpid=$!
   i=0
   until virtiod ctl --control $CTL list >/dev/null 2>&1; do
@@ -138,7 +135,8 @@ call DeleteVolume "{\"volume_id\":\"$id\"}" >/dev/null
 nothing_left "block volume"
 ok "block volume: published as a device node, written by a pod, torn down, nothing left"
 
-# --- 3. The restart promise: plugin and daemon SIGKILLed under a pod writing with O_DIRECT ---
+# --- 3. The restart promise: plugin and daemon SIGKILLed, the daemon upgraded in place and
+# stopped with SIGTERM (--on-stop keep) and started, under a pod writing with O_DIRECT ---
 cap=$(mountcap ext4)
 vol=$(call CreateVolume "{\"name\":\"promise\",\"capacity_range\":{\"required_bytes\":67108864},\"volume_capabilities\":[$cap]}")
 id=$(field volume_id "$vol")
@@ -184,16 +182,34 @@ ok "plugin SIGKILLed and restarted under the writer ($(rounds) rounds)"
 kill -KILL $dpid; wait $dpid 2>/dev/null
 [ -e /dev/vduse/csi-local-promise ] || fail "SIGKILL of the daemon removed the VDUSE device"
 before=$(rounds)
-start_daemon
+DAEMON_FLAGS="--on-stop keep" start_daemon
 grep -q "restored a device added with ctl add" /tmp/virtiod.log || fail "the daemon did not restore the volume's device"
 grep -q "re-opening the existing VDUSE device" /tmp/virtiod.log || fail "the daemon did not re-open the VDUSE device"
 wait_more 10
 ok "daemon SIGKILLed and restarted under the writer ($before -> $(rounds) rounds)"
+# an upgrade in place of the daemon (a new binary takes the device over)
+before=$(rounds)
+virtiod ctl --control $CTL upgrade >/tmp/upgrade.out 2>&1 || fail "ctl upgrade: $(cat /tmp/upgrade.out)"
+new=$(sed -n 's/.*-> //p' /tmp/upgrade.out)
+wait $dpid 2>/dev/null # the old one, our child, exits 0
+[ -n "$new" ] && kill -0 "$new" 2>/dev/null || fail "ctl upgrade: no new daemon: $(cat /tmp/upgrade.out)"
+dpid=$new
+wait_more 10
+ok "daemon upgraded in place under the writer ($before -> $(rounds) rounds)"
+# a graceful stop that keeps the devices (a DaemonSet's rolling update), then a start
+before=$(rounds)
+kill -TERM $dpid
+i=0; while kill -0 $dpid 2>/dev/null; do i=$((i+1)); [ $i -le 300 ] || fail "SIGTERM: the daemon did not exit"; sleep 0.1; done
+[ -e /dev/vduse/csi-local-promise ] || fail "SIGTERM with --on-stop keep removed the VDUSE device"
+grep -q "the VDUSE device is kept for the next start" /tmp/virtiod.log || fail "SIGTERM: the device was not kept"
+start_daemon
+wait_more 10
+ok "daemon stopped with SIGTERM (--on-stop keep) and started under the writer ($before -> $(rounds) rounds)"
 touch /tmp/stop; wait $wpid || fail "the writer saw an error: $(cat /tmp/writer.err)"
 grep -q failed /tmp/writer.err && fail "writer: $(cat /tmp/writer.err)"
 stats=$(call NodeGetVolumeStats "{\"volume_id\":\"$id\",\"volume_path\":\"$target\"}")
 echo "$stats" | grep -q '"abnormal":false' || fail "after restarts: NodeGetVolumeStats: $stats"
-ok "the writer saw no error across both restarts ($(rounds) verified rounds)"
+ok "the writer saw no error across the restarts, the upgrade and the stop ($(rounds) verified rounds)"
 
 # --- 4. Online expansion of the mounted ext4 volume: 64 -> 128 MiB ---
 kb_before=$(df -k "$target" | awk 'NR==2 {print $2}')

@@ -3,7 +3,8 @@
 # `virtiod run` serves a VDUSE virtio-blk device (/dev/vdX) while virtiod-blkcheck streams
 # 4 KiB O_DIRECT writes to it; ten `ctl upgrade`s in a row, two failed upgrades (a binary that
 # exits at once, a new process that dies after taking the devices over), then SIGKILL +
-# restart cycles for comparison. Zero I/O errors and identical data are asserted; the pauses
+# restart cycles for comparison, then SIGTERM + start cycles of a daemon run with
+# `--on-stop keep` (the devices stay in the kernel across the stop). Zero I/O errors and identical data are asserted; the pauses
 # the writer saw (longest gap between write completions around each event) are printed.
 set -u
 fail() { echo "GUEST-FAIL: $*"; for f in /tmp/*.log /tmp/stream.out; do [ -e "$f" ] && { echo "--- $f"; tail -15 "$f"; }; done; exit 1; }
@@ -12,6 +13,7 @@ now() { virtiod-blkcheck now; }
 CTL=/tmp/up.ctl
 UPGRADES=${UPGRADES:-10}
 KILLS=${KILLS:-5}
+KEEPS=${KEEPS:-3}
 
 dd if=/dev/zero of=/tmp/up.img bs=1M count=48 2>/dev/null
 cat >/tmp/up.toml <<EOF
@@ -29,7 +31,8 @@ EOF
 # start LOG: `virtiod run` in the background; waits for its "u0 NODE" line; sets $pid/$node.
 start() {
   : >/tmp/run.out
-  virtiod run --config /tmp/up.toml --control $CTL >/tmp/run.out 2>>"$1" &
+  # shellcheck disable=SC2086 # RUN_FLAGS: extra words
+  virtiod run --config /tmp/up.toml --control $CTL ${RUN_FLAGS:-} >/tmp/run.out 2>>"$1" &
   pid=$!
   i=0
   while ! grep -q '^q1 ' /tmp/run.out || ! grep -q '^u0 ' /tmp/run.out; do
@@ -127,12 +130,32 @@ for k in $(seq 1 "$KILLS"); do
   kill -KILL "$pid"
   wait "$pid" 2>/dev/null # our child after a restart
   gone "$pid" || fail "SIGKILL"
+  # the last one keeps its devices when stopped: the SIGTERM cycles below
+  [ "$k" -lt "$KILLS" ] || RUN_FLAGS="--on-stop keep"
   start /tmp/run.log
   t1=$(now)
   echo "kill-restart $t0 $t1" >>/tmp/events
   [ "$node" = "$first" ] || fail "restart $k printed $node, expected $first"
 done
 ok "$KILLS SIGKILL+restart cycles"
+
+# --- SIGTERM + start with --on-stop keep (a service manager's restart): the devices stay ---
+for k in $(seq 1 "$KEEPS"); do
+  sleep 0.5
+  t0=$(now)
+  kill -TERM "$pid"
+  wait "$pid" 2>/dev/null
+  gone "$pid" || fail "stop-keep $k: SIGTERM"
+  [ -e /dev/vduse/vdu ] && [ -e /dev/vduse/vdq ] && [ -b "$first" ] || fail "stop-keep $k: SIGTERM with --on-stop keep removed a device"
+  [ "$(grep -c 'the VDUSE device is kept for the next start' /tmp/run.log)" -ge $((2 * k)) ] || fail "stop-keep $k: the daemon did not keep both devices"
+  # the last start stops with the default (remove): the clean stop at the end
+  [ "$k" -lt "$KEEPS" ] || RUN_FLAGS=
+  start /tmp/run.log
+  t1=$(now)
+  echo "term-keep-start $t0 $t1" >>/tmp/events
+  [ "$node" = "$first" ] || fail "stop-keep $k: the restart printed $node, expected $first"
+done
+ok "$KEEPS SIGTERM (--on-stop keep) + start cycles: the devices stayed"
 sleep 0.5
 touch /tmp/stop
 wait $writer || fail "the writer saw an error or a mismatch: $(cat /tmp/stream.out)"
@@ -141,9 +164,9 @@ grep -q "0 I/O errors, 0 blocks differ" /tmp/stream.out || fail "stream: $(cat /
 
 # the table; a generous sanity bound only: an upgrade never pauses the writer for 5 s
 echo "guest-visible pause (longest gap between 4 KiB write completions), TCG:"
-printf '%-14s %3s %10s %10s\n' event n p50 max
+printf '%-16s %3s %10s %10s\n' event n p50 max
 sed -n 's/^pause \([^:]*\): n=\([0-9]*\) p50=\([^ ]*\) max=\([^ ]*\).*/\1 \2 \3 \4/p' /tmp/stream.out |
-  while read -r label n p50 max; do printf '%-14s %3s %10s %10s\n' "$label" "$n" "$p50" "$max"; done
+  while read -r label n p50 max; do printf '%-16s %3s %10s %10s\n' "$label" "$n" "$p50" "$max"; done
 echo "the old process, quiesce to the new one's confirmation (ms): $(sed -n 's/.*the new process serves quiesced_ms=\([0-9]*\).*/\1/p' /tmp/run.log | tr '\n' ' ')"
 echo "the new process, hand-over received to devices served (ms): $(sed -n 's/.*took the devices over devices=[0-9]* took_ms=\([0-9]*\).*/\1/p' /tmp/run.log | tr '\n' ' ')"
 umax=$(sed -n 's/^pause upgrade: .*max=\([0-9]*\).*/\1/p' /tmp/stream.out)

@@ -19,12 +19,19 @@
 //! ```
 //!
 //! The binary, `csi-sanity`, runs the same checks from a shell, e.g. in the test VM against a
-//! plugin serving VDUSE volumes (every check, node I/O included):
+//! plugin serving VDUSE volumes (every check, node I/O included; `tests/vm/suite-csi.sh` runs
+//! it so):
 //!
 //! ```text
 //! csi-sanity --endpoint unix:///run/virtiod-csi/csi.sock --work-dir /tmp/sanity
+//! csi-sanity --endpoint unix:///csi/csi.sock --test-volume-size 67108864   # 64 MiB volumes
 //! csi-sanity --endpoint unix:///csi/csi.sock --skip-node-io      # a host without VDUSE
 //! ```
+//!
+//! `--test-volume-size` (bytes, default 16 MiB; csi-sanity's `-csi.testvolumesize`) is the
+//! size of the volumes the checks create ([`Config::volume_size`]); the expansion checks ask
+//! for twice that. One check creates a volume with no capacity range, which gets the plugin's
+//! own default size (1 GiB for virtiod-csi): its `--local-dir` needs that much free.
 //!
 //! It prints `PASS`/`FAIL`/`SKIP` and the check's name, one line each, then a count, and
 //! exits 1 when a check failed (2 when the plugin cannot be reached). The checks are those of

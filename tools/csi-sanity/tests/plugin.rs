@@ -1,7 +1,8 @@
 //! The suite against the real plugin: `virtiod run` (the daemon, with a control socket) and
 //! `virtiod-csi --role both` over it, started from this workspace's release binaries, on the
 //! `local` source. Staging and publishing need VDUSE, which only the test VM has: those checks
-//! are skipped here (`skip_node_io`) and run in the VM.
+//! are skipped here (`skip_node_io`) and run in the VM (`tests/vm/guest/csi-sanity.sh`, part of
+//! `tests/vm/suite-csi.sh`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -147,6 +148,48 @@ fn the_plugin_passes_every_check_that_needs_no_vduse() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "volumes left behind: {left:?}");
+}
+
+#[test]
+fn the_binary_sizes_volumes_with_test_volume_size_and_exits_1_on_failures() {
+    // A size no local dir has free: every CreateVolume is refused, naming that size; the binary
+    // prints the FAIL lines and the count, and exits 1.
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, _plugin, socket) = start(dir.path());
+    let huge = 1u64 << 50;
+    let out = Command::new(env!("CARGO_BIN_EXE_csi-sanity"))
+        .arg(format!("--endpoint=unix://{}", socket.display()))
+        .arg("--work-dir")
+        .arg(dir.path().join("work"))
+        .args(["--skip-node-io", "--test-volume-size", &huge.to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let sized = stdout
+        .lines()
+        .find(|l| {
+            l.starts_with("FAIL Controller/CreateVolume: a volume of at least the required size")
+        })
+        .unwrap_or_else(|| panic!("no FAIL line for the sized volume:\n{stdout}"));
+    assert!(sized.contains("ResourceExhausted"), "{sized}");
+    assert!(
+        sized.contains(&format!("less than the {huge} asked for")),
+        "{sized}"
+    );
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(summary.starts_with("csi-sanity: "), "{summary}");
+    assert!(!summary.contains(" 0 failed"), "{summary}");
+
+    // A size of 0 is refused before any call.
+    let out = Command::new(env!("CARGO_BIN_EXE_csi-sanity"))
+        .arg(format!("--endpoint=unix://{}", socket.display()))
+        .args(["--test-volume-size", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--test-volume-size"), "{stderr}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! [daemon]
 //! allow-dirs = ["/var/lib/images"]   # where `ctl add` may find images (Landlock)
 //! control-group = "virtiod"          # control socket mode 0660, this group admitted
+//! on-stop = "keep"                   # SIGTERM leaves VDUSE devices for the next start
 //! ```
 
 use std::path::PathBuf;
@@ -20,6 +21,44 @@ pub(crate) struct RawDaemon {
     #[serde(default)]
     allow_dirs: Vec<Spanned<PathBuf>>,
     control_group: Option<Spanned<String>>,
+    on_stop: Option<Spanned<String>>,
+}
+
+/// What `virtiod run` does with its VDUSE devices when it is stopped (SIGTERM, SIGINT).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnStop {
+    /// Remove them: requests in flight complete, the image is flushed, the device leaves the
+    /// vDPA bus and is destroyed (`/dev/vdX` disappears).
+    #[default]
+    Remove,
+    /// Keep them: requests in flight complete and the image is flushed, then the process
+    /// exits leaving the devices in the kernel, which queues the driver's requests until the
+    /// next `virtiod run` with the same state directory re-opens them (a restart or an
+    /// upgrade by a service manager that stops and starts the daemon).
+    Keep,
+}
+
+impl std::str::FromStr for OnStop {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "remove" => Ok(Self::Remove),
+            "keep" => Ok(Self::Keep),
+            other => Err(format!(
+                "on-stop {other:?}: use \"remove\" (destroy VDUSE devices on stop) or \"keep\" (leave them for the next start)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for OnStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Remove => "remove",
+            Self::Keep => "keep",
+        })
+    }
 }
 
 /// Validated `[daemon]` settings (all empty when the table is absent).
@@ -30,6 +69,8 @@ pub struct DaemonSettings {
     pub allow_dirs: Vec<PathBuf>,
     /// The group admitted to the control socket (created mode 0660 with this group).
     pub control_group: Option<String>,
+    /// What a stop does with VDUSE devices (`on-stop`), if the table says.
+    pub on_stop: Option<OnStop>,
 }
 
 #[derive(Deserialize)]
@@ -73,10 +114,21 @@ pub fn parse_daemon(text: &str) -> Result<DaemonSettings, ConfigErrors> {
         }
         other => other.map(Spanned::into_inner),
     };
+    let on_stop = match raw.on_stop {
+        Some(value) => match value.get_ref().parse::<OnStop>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                errors.push(pos.error(value.span(), e));
+                None
+            }
+        },
+        None => None,
+    };
     if errors.is_empty() {
         Ok(DaemonSettings {
             allow_dirs,
             control_group,
+            on_stop,
         })
     } else {
         Err(ConfigErrors(errors))
@@ -110,5 +162,20 @@ mod tests {
         assert!(e.to_string().contains("unknown field `allow-dir`"), "{e}");
         let e = parse_daemon("[daemon]\ncontrol-group = \" \"\n").unwrap_err();
         assert!(e.to_string().contains("control-group is empty"), "{e}");
+    }
+
+    #[test]
+    fn reads_on_stop_and_refuses_other_values() {
+        let d = parse_daemon("[daemon]\non-stop = \"keep\"\n").unwrap();
+        assert_eq!(d.on_stop, Some(OnStop::Keep));
+        let d = parse_daemon("[daemon]\non-stop = \"remove\"\n").unwrap();
+        assert_eq!(d.on_stop, Some(OnStop::Remove));
+        assert_eq!(parse_daemon("").unwrap().on_stop, None);
+        let e = parse_daemon("[daemon]\non-stop = \"detach\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("2:11: on-stop \"detach\": use \"remove\""),
+            "{e}"
+        );
     }
 }

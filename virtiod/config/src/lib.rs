@@ -48,7 +48,7 @@ mod daemon;
 mod net;
 mod qos;
 
-pub use daemon::{parse_daemon, DaemonSettings};
+pub use daemon::{parse_daemon, DaemonSettings, OnStop};
 
 pub use net::{
     check_mtu, format_mac, parse_cli_net, parse_mac, parse_net_backend, DeviceKind, Mac,
@@ -231,7 +231,8 @@ impl Positions<'_> {
     }
 }
 
-/// Parse and validate a whole `devices.toml`.
+/// Parse and validate a whole `devices.toml`. A file without devices is an empty list (a
+/// daemon with a control socket gets its devices later).
 pub fn parse(text: &str) -> Result<Vec<DeviceSpec>, ConfigErrors> {
     let pos = Positions { text };
     let raw: RawFile = toml::from_str(text).map_err(|e| ConfigErrors(vec![pos.toml(&e)]))?;
@@ -243,14 +244,6 @@ pub fn parse(text: &str) -> Result<Vec<DeviceSpec>, ConfigErrors> {
             Ok(d) => devices.push(d),
             Err(mut e) => errors.append(&mut e),
         }
-    }
-    if devices.is_empty() && errors.is_empty() {
-        errors.push(ConfigError {
-            line: 1,
-            column: 1,
-            message: "no devices: add a [[device]] table with name, image (or net) and vduse or vhost-user"
-                .into(),
-        });
     }
     check_unique(&devices, &mut errors, &pos, text);
     errors.sort_by_key(|e| (e.line, e.column));

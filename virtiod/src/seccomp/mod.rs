@@ -1,7 +1,8 @@
 //! Seccomp filters per thread role, installed by each transport thread as it starts.
 //!
 //! The threads that read what a driver or a frontend wrote — queue threads (rings and
-//! buffers) and message threads (vhost-user messages, VDUSE requests) — call
+//! buffers) and message threads (vhost-user messages, VDUSE requests) — and backend threads
+//! (a tap's reader, which copies frames into the device) call
 //! [`virtiod_core::confine::enter`] with their role; the hook set here installs that role's
 //! allow-list with `seccompiler`. A call outside it is trapped: the SIGSYS handler writes one
 //! line naming the system call and the process exits (status 159), so a compromised thread
@@ -43,6 +44,7 @@ struct Filters {
     /// heap, and copes with a refusal).
     queue_no_open: BpfProgram,
     message: BpfProgram,
+    backend: BpfProgram,
 }
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
@@ -82,6 +84,7 @@ pub fn install(mode: Mode) -> anyhow::Result<()> {
         queue_no_open: BpfProgram::try_from(no_open)
             .context("compiling the no-open seccomp filter of queue threads")?,
         message: compile(message_rules(), "message")?,
+        backend: compile(backend_rules()?, "backend")?,
     };
     if mode == Mode::On {
         install_sigsys_handler()?;
@@ -107,6 +110,7 @@ fn enter(role: ThreadRole) {
     let program = match role {
         ThreadRole::Queue => &filters.queue,
         ThreadRole::Message => &filters.message,
+        ThreadRole::Backend => &filters.backend,
     };
     if let Err(e) = drop_capabilities() {
         eprintln!("virtiod: error: cannot drop the capabilities of a {role:?} thread: {e}: run with --seccomp off to serve without confinement");
@@ -115,7 +119,7 @@ fn enter(role: ThreadRole) {
     // Filters stack and the strictest answer wins: the queue filter lets openat through to
     // this one, which refuses it with EACCES (installed first: the queue filter has no seccomp).
     let no_open = match role {
-        ThreadRole::Queue => Some(&filters.queue_no_open),
+        ThreadRole::Queue | ThreadRole::Backend => Some(&filters.queue_no_open),
         ThreadRole::Message => None,
     };
     if let Err(e) = no_open
@@ -233,6 +237,29 @@ fn queue_rules() -> anyhow::Result<BTreeMap<i64, Vec<SeccompRule>>> {
         ioctls.push(SeccompRule::new(vec![cond]).context("a seccomp ioctl rule")?);
     }
     rules.insert(libc::SYS_ioctl, ioctls);
+    Ok(rules)
+}
+
+/// Backend threads (a tap's reader): [`COMMON`] (read frames, write eventfds, epoll), plus
+/// `openat` (refused with EACCES by the no-open filter stacked on this one, as for queue
+/// threads) and one ioctl, `TUNSETOFFLOAD` (the offloads the driver negotiated).
+fn backend_rules() -> anyhow::Result<BTreeMap<i64, Vec<SeccompRule>>> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON
+        .iter()
+        .chain(&[libc::SYS_openat, libc::SYS_open])
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
+    let cond = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::TUNSETOFFLOAD,
+    )
+    .context("a seccomp ioctl condition")?;
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![SeccompRule::new(vec![cond]).context("a seccomp ioctl rule")?],
+    );
     Ok(rules)
 }
 

@@ -282,6 +282,7 @@ fn iff_error(name: &str, err: io::Error) -> NetError {
 
 /// The reader thread: frames from the tap into the port's queue until told to stop.
 fn read_loop(name: &str, shared: &Shared, epoll: &Epoll) {
+    virtiod_core::confine::enter(virtiod_core::confine::ThreadRole::Backend);
     let mut buf = vec![0u8; MAX_READ];
     let mut events = [EpollEvent::default(); 3];
     loop {

@@ -14,32 +14,23 @@ use virtiod_blk::{BlkConfig, BlkDevice};
 use virtiod_core::Device;
 use virtiod_vhost_user::{bind_socket, Server, VhostUserDevice};
 
+pub use virtiod_testkit::scratch::Scratch;
+
 pub const MIB: u64 = 1 << 20;
 
-/// A scratch directory removed at drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("vu-handover-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-    pub fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-    /// A zero-filled image of `len` bytes.
-    pub fn image(&self, file: &str, len: u64) -> PathBuf {
-        let p = self.path(file);
-        std::fs::File::create(&p).unwrap().set_len(len).unwrap();
-        p
-    }
+/// Images in a [`Scratch`] directory.
+pub trait ScratchImage {
+    /// A zero-filled (sparse) image of `len` bytes called `file`.
+    fn image(&self, file: &str, len: u64) -> PathBuf;
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+impl ScratchImage for Scratch {
+    fn image(&self, file: &str, len: u64) -> PathBuf {
+        let p = self.path(file);
+        std::fs::File::create(&p)
+            .and_then(|f| f.set_len(len))
+            .unwrap_or_else(|e| panic!("cannot create the image {}: {e}", p.display()));
+        p
     }
 }
 

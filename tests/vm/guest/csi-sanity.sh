@@ -1,0 +1,86 @@
+#!/bin/sh
+# Guest half of the conformance step of tests/vm/suite-csi.sh (busybox ash, inside
+# run-in-vm.sh's 6.12 kernel with the vduse/vdpa modules loaded): the csi-sanity binary against
+# virtiod-csi and virtiod run, with the node checks on — volumes staged on real VDUSE devices,
+# formatted, mounted, published, grown and torn down. Fails when a check fails, when a check
+# is skipped for another reason than a capability the plugin does not announce (snapshots), or
+# when anything is left behind. Runs on its own too (run-in-vm.sh --bin virtiod
+# --bin virtiod-csi --bin csi-sanity tests/vm/guest/csi-sanity.sh).
+set -u
+fail() {
+  echo "GUEST-FAIL: csi-sanity: $*"
+  for f in /tmp/sanity-*.log; do [ -e "$f" ] && { echo "--- $f"; tail -25 "$f"; }; done
+  exit 1
+}
+ok() { echo "ok: $* (t=$(cut -d' ' -f1 /proc/uptime)s)"; }
+
+# Paths of their own: the step may follow guest/csi.sh in the same boot.
+RUN=/run/sanity
+CTL=$RUN/ctl.sock
+SOCK=$RUN/csi.sock
+STATE=/var/lib/sanity-csi
+LOCAL=$STATE/local
+WORK=/var/lib/sanity-work
+# Volumes are sparse files in the guest's RAM: 16 MiB each, 32 MiB once grown.
+SIZE=${SANITY_VOLUME_SIZE:-16777216}
+mkdir -p "$RUN" "$LOCAL" "$WORK"
+# A CreateVolume without a capacity range gets the plugin's default, 1 GiB, refused when the
+# local dir has less free (the rootfs has ~620 MB): a tmpfs of its own, larger than it can
+# fill; only the blocks written take memory (mkfs and the checks write a few MiB).
+mount -t tmpfs -o size=2g,mode=700 sanity-local "$LOCAL" || fail "cannot mount a tmpfs on $LOCAL"
+
+cat >$RUN/devices.toml <<EOF
+[[device]]
+name = "anchor"
+image = "mem:1M"
+vhost-user = "$RUN/anchor.sock"
+EOF
+# Landlock lets the daemon open images added later only under --allow-dir.
+virtiod run --config $RUN/devices.toml --control $CTL --state-dir $RUN --allow-dir "$LOCAL" \
+  >/tmp/sanity-virtiod.log 2>&1 &
+dpid=$!
+i=0
+until virtiod ctl --control $CTL list >/dev/null 2>&1; do
+  kill -0 $dpid 2>/dev/null || fail "virtiod run exited early"
+  i=$((i+1)); [ $i -le 300 ] || fail "virtiod run: no control socket after 30 s"
+  sleep 0.1
+done
+virtiod-csi --endpoint "unix://$SOCK" --node-id sanity-node --role both --daemon-socket $CTL \
+  --state-dir $STATE --local-dir $LOCAL >/tmp/sanity-csi.log 2>&1 &
+ppid=$!
+i=0
+until virtiod-csi --endpoint "unix://$SOCK" call Probe 2>/dev/null | grep -q '"ready":true'; do
+  kill -0 $ppid 2>/dev/null || fail "virtiod-csi exited early"
+  i=$((i+1)); [ $i -le 300 ] || fail "virtiod-csi not ready after 30 s"
+  sleep 0.1
+done
+ok "plugin and daemon up"
+
+csi-sanity --endpoint "unix://$SOCK" --work-dir "$WORK" --test-volume-size "$SIZE" \
+  >/tmp/sanity.out 2>&1
+rc=$?
+cat /tmp/sanity.out
+[ $rc = 0 ] || fail "csi-sanity exited $rc (a FAIL line above says which check)"
+grep -q '^csi-sanity: [0-9]* passed, 0 failed' /tmp/sanity.out || fail "no summary line"
+# A skip must follow from the announced capabilities, and only snapshots are not announced.
+bad=$(grep '^SKIP' /tmp/sanity.out | grep -v 'does not announce [A-Z_]*SNAPSHOT')
+[ -z "$bad" ] || fail "skipped in the VM: $bad"
+for name in "Node/stage, publish, unpublish, unstage: each twice, idempotent" \
+            "Node/NodeExpandVolume: after ControllerExpandVolume on a published volume"; do
+  grep -qxF "PASS $name" /tmp/sanity.out || fail "the node I/O check \"$name\" did not pass"
+done
+
+# Nothing left: the suite deletes what it made; the plugin removes devices, mounts and images.
+ls /sys/bus/vdpa/devices 2>/dev/null | grep -q . && fail "vdpa devices left: $(ls /sys/bus/vdpa/devices)"
+ls /dev/vduse | grep -v '^control$' | grep -q . && fail "VDUSE devices left: $(ls /dev/vduse)"
+grep -q " $WORK/" /proc/self/mountinfo && fail "mounts left: $(grep " $WORK/" /proc/self/mountinfo)"
+ls $LOCAL/*.img >/dev/null 2>&1 && fail "images left: $(ls $LOCAL)"
+ls $STATE/volumes/*.json >/dev/null 2>&1 && fail "plugin state left: $(ls $STATE/volumes)"
+virtiod ctl --control $CTL list | grep -q csi- && fail "the daemon still serves: $(virtiod ctl --control $CTL list)"
+ok "csi-sanity: $(tail -1 /tmp/sanity.out | cut -d' ' -f2-), node I/O included; nothing left"
+
+kill -TERM $ppid; wait $ppid
+kill -TERM $dpid; wait $dpid || fail "virtiod run exited $? on SIGTERM"
+umount "$LOCAL" || fail "cannot unmount $LOCAL"
+rm -rf "$RUN" "$STATE" "$WORK"
+exit 0
