@@ -508,6 +508,34 @@ mod tests {
     }
 
     #[test]
+    fn cluster_errors_map_to_what_the_co_can_act_on() {
+        let op = |errno: i32, target: &str| AdminError::Op {
+            target: target.into(),
+            what: "cannot do it",
+            errno: -errno,
+            cause: "cause".into(),
+            hint: String::new(),
+        };
+        let kind = |e: SourceError| format!("{e:?}").split('(').next().unwrap().to_string();
+        for (errno, expected) in [
+            (libc::EACCES, "PermissionDenied"),
+            (libc::ENOSPC, "Exhausted"),
+            (libc::EBUSY, "Busy"),
+            (libc::ENOTEMPTY, "Busy"),
+            (libc::ETIMEDOUT, "Unavailable"),
+            (libc::EIO, "Failed"),
+        ] {
+            assert_eq!(
+                kind(op_error(op(errno, "rbd/v"))),
+                expected,
+                "errno {errno}"
+            );
+        }
+        assert!(pool_missing(&op(libc::ENOENT, "rbd")));
+        assert!(!pool_missing(&op(libc::ENOENT, "rbd/v")));
+    }
+
+    #[test]
     fn staged_files_are_private_and_go_at_unstage() {
         let dir = tempfile::tempdir().unwrap();
         let src = RbdSource::new(dir.path(), dir.path().join("keys"));
