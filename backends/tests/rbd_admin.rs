@@ -2,10 +2,10 @@
 //! (`tests/ceph/start-cluster.sh`: one monitor, one memstore OSD, cephx, loopback). One test
 //! starts the cluster once and runs every case on it.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use virtiod_backend::rbd_admin::{Cluster, ClusterConfig, FEATURES_DEFAULT, FEATURE_LAYERING};
+use virtiod_testkit::ceph::{TestCluster, NOT_INSTALLED};
 
 const MIB: u64 = 1 << 20;
 
@@ -27,92 +27,18 @@ fn skip_or_fail(reason: &str) {
     }
 }
 
-/// The test cluster, stopped (and its directory removed) at drop.
-struct TestCluster {
-    dir: PathBuf,
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/ceph")
-        .join(name)
-}
-
-impl TestCluster {
-    fn start() -> Option<Self> {
-        if Command::new("ceph-osd").arg("--version").output().is_err() {
-            skip_or_fail(
-                "Ceph is not installed (scripts/setup.sh installs ceph-mon ceph-osd ceph-common)",
-            );
-            return None;
-        }
-        let dir = std::env::temp_dir().join(format!("virtiod-rbd-admin-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cluster = Self { dir };
-        let out = Command::new("bash")
-            .arg(script("start-cluster.sh"))
-            .arg(&cluster.dir)
-            .output()
-            .expect("run start-cluster.sh");
-        assert!(
-            out.status.success(),
-            "start-cluster.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(cluster)
-    }
-
-    fn conf(&self) -> PathBuf {
-        self.dir.join("ceph.conf")
-    }
-
-    /// `client.admin` through the test configuration (which names the admin keyring).
-    fn admin(&self) -> ClusterConfig {
-        ClusterConfig {
-            conf: Some(self.conf()),
-            ..ClusterConfig::default()
-        }
-    }
-
-    /// Run a Ceph tool with `-c CONF`; its trimmed stdout.
-    fn tool(&self, tool: &str, args: &[&str]) -> String {
-        let out = Command::new(tool)
-            .arg("-c")
-            .arg(self.conf())
-            .args(args)
-            .output()
-            .expect("run a ceph tool");
-        assert!(
-            out.status.success(),
-            "{tool} {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// The monitor address of the configuration (`mon host = …`).
-    fn mon_host(&self) -> String {
-        let conf = std::fs::read_to_string(self.conf()).unwrap();
-        conf.lines()
-            .find_map(|l| l.strip_prefix("mon host = "))
-            .expect("mon host in ceph.conf")
-            .to_string()
-    }
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script("stop-cluster.sh"))
-            .arg(&self.dir)
-            .status();
+/// `client.admin` through the test configuration (which names the admin keyring).
+fn admin(tc: &TestCluster) -> ClusterConfig {
+    ClusterConfig {
+        conf: Some(tc.conf()),
+        ..ClusterConfig::default()
     }
 }
 
 /// create → size/features → resize → snapshot → list → clone → remove, through the API, with
 /// the `rbd` tool as the witness.
 fn life_cycle(tc: &TestCluster) {
-    let cluster = Cluster::connect(&tc.admin()).unwrap();
+    let cluster = Cluster::connect(&admin(tc)).unwrap();
     cluster
         .create_image("rbd", "life", 64 * MIB, FEATURES_DEFAULT)
         .unwrap();
@@ -178,7 +104,7 @@ fn life_cycle(tc: &TestCluster) {
 
 /// More than the first listing buffer holds (8 images, 4 snapshots with the terminating entry): the lists grow.
 fn long_lists(tc: &TestCluster) {
-    let cluster = Cluster::connect(&tc.admin()).unwrap();
+    let cluster = Cluster::connect(&admin(tc)).unwrap();
     // From 8 threads at once: a `Cluster` is shared between threads.
     let each = |op: &(dyn Fn(usize) + Sync)| {
         std::thread::scope(|s| {
@@ -225,7 +151,7 @@ fn long_lists(tc: &TestCluster) {
 
 /// Missing pool, missing image, a name taken: one-line errors that say what to do.
 fn errors_for_missing_things(tc: &TestCluster) {
-    let cluster = Cluster::connect(&tc.admin()).unwrap();
+    let cluster = Cluster::connect(&admin(tc)).unwrap();
     let e = cluster
         .create_image("nopool", "x", MIB, FEATURES_DEFAULT)
         .unwrap_err();
@@ -266,19 +192,7 @@ fn errors_for_missing_things(tc: &TestCluster) {
 /// A restricted cephx user given by monitors + id + key (what a CSI StorageClass and Secret
 /// carry, no configuration file): works with its key, is refused with another.
 fn monitors_id_and_key(tc: &TestCluster) {
-    tc.tool(
-        "ceph",
-        &[
-            "auth",
-            "get-or-create",
-            "client.csi",
-            "mon",
-            "profile rbd",
-            "osd",
-            "profile rbd pool=rbd",
-        ],
-    );
-    let key = tc.tool("ceph", &["auth", "get-key", "client.csi"]);
+    let key = tc.rbd_user("csi");
     let config = ClusterConfig {
         mon_host: Some(tc.mon_host()),
         id: Some("csi".into()),
@@ -310,7 +224,7 @@ fn monitors_id_and_key(tc: &TestCluster) {
         "{text}"
     );
     assert!(
-        text.starts_with("Ceph cluster as client.csi: cannot connect: ")
+        text.starts_with("Ceph cluster as client.csi: cannot connect to the cluster: ")
             && text.contains("was refused: check its key"),
         "{text}"
     );
@@ -319,7 +233,9 @@ fn monitors_id_and_key(tc: &TestCluster) {
 
 #[test]
 fn rbd_admin_against_a_test_cluster() {
-    let Some(tc) = TestCluster::start() else {
+    let dir = std::env::temp_dir().join(format!("virtiod-rbd-admin-{}", std::process::id()));
+    let Some(tc) = TestCluster::start(dir) else {
+        skip_or_fail(NOT_INSTALLED);
         return;
     };
     life_cycle(&tc);

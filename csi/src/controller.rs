@@ -12,7 +12,7 @@ use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{self, rpc};
 use crate::proto::validate_volume_capabilities_response::Confirmed;
 use crate::proto::*;
-use crate::source::VolumeSource;
+use crate::source::{self, SourceContext, Sources, VolumeSource};
 use crate::status;
 use crate::volume::{self, VolumeId};
 
@@ -23,25 +23,25 @@ pub const TOPOLOGY_NODE_KEY: &str = "topology.virtiod.io/node";
 #[derive(Debug, Clone)]
 pub struct ControllerService {
     node_id: String,
-    source: Arc<dyn VolumeSource>,
+    sources: Sources,
     locks: VolumeLocks,
     /// Where the node service keeps its state: a staged volume is not deleted.
     state_dir: PathBuf,
 }
 
 impl ControllerService {
-    /// Volumes of `source`, created on `node_id`.
-    pub fn new(node_id: String, source: Arc<dyn VolumeSource>, state_dir: PathBuf) -> Self {
+    /// Volumes of `sources`; node-local ones are created on `node_id`.
+    pub fn new(node_id: String, sources: Sources, state_dir: PathBuf) -> Self {
         Self {
             node_id,
-            source,
+            sources,
             locks: VolumeLocks::default(),
             state_dir,
         }
     }
 
-    fn topology(&self) -> Vec<Topology> {
-        if !self.source.node_local() {
+    fn topology(&self, source: &dyn VolumeSource) -> Vec<Topology> {
+        if !source.node_local() {
             return Vec::new();
         }
         vec![Topology {
@@ -49,42 +49,36 @@ impl ControllerService {
         }]
     }
 
-    fn volume_id(&self, name: &str) -> VolumeId {
-        VolumeId {
-            source: self.source.kind().to_string(),
-            node: if self.source.node_local() {
-                self.node_id.clone()
-            } else {
-                String::new()
-            },
-            name: name.to_string(),
-        }
-    }
-
-    /// A volume id of this source, on this node (a node-local volume of another node is not
-    /// reachable from here: NOT_FOUND).
-    fn ours(&self, id: &str) -> Result<VolumeId, Status> {
+    /// A volume id and its source (any node's, for a node-local source).
+    fn resolve(&self, id: &str) -> Result<(VolumeId, Arc<dyn VolumeSource>), Status> {
         status::required(id, "volume_id")?;
         let parsed = VolumeId::parse(id).map_err(status::id)?;
-        if parsed.source != self.source.kind() {
+        let Some(source) = self.sources.get(&parsed.source) else {
             return Err(Status::not_found(format!(
-                "volume {id} is of source {}, not {}",
+                "volume {id} is of source {}, which this plugin does not have (it has {})",
                 parsed.source,
-                self.source.kind()
+                self.sources.kinds().join(", ")
             )));
-        }
-        if self.source.node_local() && parsed.node != self.node_id {
-            return Err(Status::not_found(format!(
-                "volume {id} lives on node {}, not {}: ask that node's plugin",
-                parsed.node, self.node_id
-            )));
-        }
-        Ok(parsed)
+        };
+        Ok((parsed, source.clone()))
     }
 
-    /// Whether the requirements let the volume live on this node.
-    fn reachable(&self, req: Option<&TopologyRequirement>) -> bool {
-        let Some(req) = req.filter(|_| self.source.node_local()) else {
+    /// A volume id this plugin reaches (a node-local volume of another node is not reachable
+    /// from here: NOT_FOUND).
+    fn ours(&self, id: &str) -> Result<(VolumeId, Arc<dyn VolumeSource>), Status> {
+        let (parsed, source) = self.resolve(id)?;
+        if source.node_local() && parsed.location != self.node_id {
+            return Err(Status::not_found(format!(
+                "volume {id} lives on node {}, not {}: ask that node's plugin",
+                parsed.location, self.node_id
+            )));
+        }
+        Ok((parsed, source))
+    }
+
+    /// Whether the requirements let a volume of `source` live on this node.
+    fn reachable(&self, source: &dyn VolumeSource, req: Option<&TopologyRequirement>) -> bool {
+        let Some(req) = req.filter(|_| source.node_local()) else {
             return true;
         };
         let here = |t: &Topology| {
@@ -123,15 +117,33 @@ impl Controller for ControllerService {
             volume::RangeError::Negative => Status::invalid_argument(e.to_string()),
             volume::RangeError::Unsatisfiable { .. } => Status::out_of_range(e.to_string()),
         })?;
-        if !self.reachable(req.accessibility_requirements.as_ref()) {
+        let source = self
+            .sources
+            .for_params(&req.parameters)
+            .map_err(status::source)?
+            .clone();
+        if !self.reachable(source.as_ref(), req.accessibility_requirements.as_ref()) {
             return Err(Status::resource_exhausted(format!(
                 "the accessibility requirements exclude node {}, where this plugin creates \
                  volumes",
                 self.node_id
             )));
         }
+        let ctx = SourceContext::new(req.parameters, req.secrets);
+        let location = if source.node_local() {
+            self.node_id.clone()
+        } else {
+            source.location(&ctx).map_err(status::source)?
+        };
+        let id = VolumeId {
+            source: source.kind().to_string(),
+            location,
+            name: req.name.clone(),
+        };
         let _busy = self.locks.lock(&req.name)?;
-        let volume = match self.source.get(&req.name).map_err(status::source)? {
+        let (found_id, found_ctx) = (id.clone(), ctx.clone());
+        let found = source::run(&source, move |s| s.get(&found_id, &found_ctx)).await?;
+        let volume = match found {
             Some(existing) if volume::fits(existing.capacity, required, limit) => existing,
             Some(existing) => {
                 return Err(Status::already_exists(format!(
@@ -139,19 +151,19 @@ impl Controller for ControllerService {
                     req.name, existing.capacity
                 )))
             }
-            None => self
-                .source
-                .create(&req.name, size, &req.parameters)
-                .map_err(status::source)?,
+            None => {
+                let new_id = id.clone();
+                source::run(&source, move |s| s.create(&new_id, size, &ctx)).await?
+            }
         };
-        tracing::info!(volume = %req.name, bytes = volume.capacity, "created volume");
+        tracing::info!(volume = %id, bytes = volume.capacity, "created volume");
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(Volume {
                 capacity_bytes: volume.capacity as i64,
-                volume_id: self.volume_id(&req.name).to_string(),
+                volume_id: id.to_string(),
                 volume_context: HashMap::new(),
                 content_source: None,
-                accessible_topology: self.topology(),
+                accessible_topology: self.topology(source.as_ref()),
             }),
         }))
     }
@@ -163,7 +175,7 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         status::required(&req.volume_id, "volume_id")?;
         // An id that is not ours, or another node's, names nothing here: already deleted.
-        let Ok(id) = self.ours(&req.volume_id) else {
+        let Ok((id, source)) = self.ours(&req.volume_id) else {
             return Ok(Response::new(DeleteVolumeResponse {}));
         };
         let _busy = self.locks.lock(&id.name)?;
@@ -178,7 +190,9 @@ impl Controller for ControllerService {
                 self.node_id
             )));
         }
-        self.source.delete(&id.name).map_err(status::source)?;
+        let ctx = SourceContext::secrets(req.secrets);
+        let gone = id.clone();
+        source::run(&source, move |s| s.delete(&gone, &ctx)).await?;
         tracing::info!(volume = %id, "deleted volume");
         Ok(Response::new(DeleteVolumeResponse {}))
     }
@@ -206,11 +220,16 @@ impl Controller for ControllerService {
         request: Request<ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
         let req = request.into_inner();
-        let id = self.ours(&req.volume_id)?;
+        let (id, source) = self.ours(&req.volume_id)?;
         if req.volume_capabilities.is_empty() {
             return Err(Status::invalid_argument("volume_capabilities is required"));
         }
-        if self.source.get(&id.name).map_err(status::source)?.is_none() {
+        let ctx = SourceContext::secrets(req.secrets.clone());
+        let found = id.clone();
+        if source::run(&source, move |s| s.get(&found, &ctx))
+            .await?
+            .is_none()
+        {
             return Err(Status::not_found(format!("volume {id} does not exist")));
         }
         let answer = match capability::check_all(&req.volume_capabilities) {
@@ -239,9 +258,16 @@ impl Controller for ControllerService {
 
     async fn get_capacity(
         &self,
-        _request: Request<GetCapacityRequest>,
+        request: Request<GetCapacityRequest>,
     ) -> Result<Response<GetCapacityResponse>, Status> {
-        let available = self.source.available().map_err(status::source)?;
+        let req = request.into_inner();
+        let source = self
+            .sources
+            .for_params(&req.parameters)
+            .map_err(status::source)?
+            .clone();
+        let ctx = SourceContext::new(req.parameters, HashMap::new());
+        let available = source::run(&source, move |s| s.available(&ctx)).await?;
         Ok(Response::new(GetCapacityResponse {
             available_capacity: available.unwrap_or(0).min(i64::MAX as u64) as i64,
         }))
@@ -294,8 +320,8 @@ impl Controller for ControllerService {
         request: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
         let req = request.into_inner();
-        let id = self.ours(&req.volume_id)?;
-        let Some(range) = req.capacity_range.as_ref() else {
+        let (id, source) = self.resolve(&req.volume_id)?;
+        let Some(range) = req.capacity_range else {
             return Err(Status::invalid_argument("capacity_range is required"));
         };
         if let Some(cap) = req.volume_capability.as_ref() {
@@ -306,8 +332,30 @@ impl Controller for ControllerService {
                 volume::RangeError::Negative => Status::invalid_argument(e.to_string()),
                 volume::RangeError::Unsatisfiable { .. } => Status::out_of_range(e.to_string()),
             })?;
+        if source.node_local() {
+            // The image is a file on its node, which the controller may not see (the central
+            // csi-resizer's plugin): the node grows it in NodeExpandVolume (the daemon's
+            // `resize` grows the file first) to the bytes asked for, in whole 4 KiB blocks.
+            // A controller on the volume's node that holds the volumes' directory still
+            // answers NOT_FOUND for a volume that is not there.
+            if id.location == self.node_id {
+                let sized = id.clone();
+                source::run(&source, move |s| s.node_size(&sized)).await?;
+            }
+            let bytes = match range.required_bytes {
+                1.. => (range.required_bytes as u64).div_ceil(4096) * 4096,
+                _ => size,
+            };
+            tracing::info!(volume = %id, bytes, "expansion left to the volume's node");
+            return Ok(Response::new(ControllerExpandVolumeResponse {
+                capacity_bytes: bytes as i64,
+                node_expansion_required: true,
+            }));
+        }
         let _busy = self.locks.lock(&id.name)?;
-        let capacity = self.source.expand(&id.name, size).map_err(status::source)?;
+        let ctx = SourceContext::secrets(req.secrets);
+        let grown = id.clone();
+        let capacity = source::run(&source, move |s| s.expand(&grown, size, &ctx)).await?;
         if range.limit_bytes > 0 && capacity > range.limit_bytes as u64 {
             return Err(Status::out_of_range(format!(
                 "volume {id} has {capacity} bytes, more than limit_bytes {}: volumes never shrink",
@@ -317,7 +365,8 @@ impl Controller for ControllerService {
         tracing::info!(volume = %id, bytes = capacity, "expanded volume");
         Ok(Response::new(ControllerExpandVolumeResponse {
             capacity_bytes: capacity as i64,
-            // The daemon serving a staged volume learns the new size in NodeExpandVolume.
+            // The daemon serving a staged volume learns the new size in NodeExpandVolume
+            // (`resize`), block volumes too: without it the driver keeps the old size.
             node_expansion_required: true,
         }))
     }

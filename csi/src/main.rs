@@ -1,10 +1,14 @@
 //! `virtiod-csi`: the CSI plugin, and `virtiod-csi call`, a one-shot client of it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use virtiod_csi::server::{Config, Role};
+use virtiod_csi::source::local::LocalSource;
+use virtiod_csi::source::rbd::RbdSource;
+use virtiod_csi::source::{Sources, VolumeSource};
 
 /// A Kubernetes CSI plugin serving virtiod volumes to pods over VDUSE.
 #[derive(Debug, Parser)]
@@ -33,6 +37,11 @@ struct Cli {
     /// The directory holding `local` volumes' images.
     #[arg(long, default_value = "/var/lib/virtiod-csi/local")]
     local_dir: PathBuf,
+    /// `rbd` volumes: the directory with one file per Ceph cluster, named by the StorageClass
+    /// parameter `clusterID` and holding its monitors (`host:port,...`), e.g. a ConfigMap
+    /// mounted there. Read at each call.
+    #[arg(long, default_value = "/etc/virtiod-csi/clusters")]
+    rbd_clusters: PathBuf,
     /// The most volumes this node takes (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_volumes: i64,
@@ -96,8 +105,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         node_id,
         role: cli.role,
         daemon_socket: cli.daemon_socket,
+        // Staged rbd volumes' configuration and keyring files (the daemon reads them: give
+        // it --allow-dir STATE_DIR/ceph).
+        sources: Sources::new([
+            Arc::new(LocalSource::new(cli.local_dir)) as Arc<dyn VolumeSource>,
+            Arc::new(RbdSource::new(cli.rbd_clusters, cli.state_dir.join("ceph"))),
+        ]),
         state_dir: cli.state_dir,
-        local_dir: cli.local_dir,
         max_volumes: cli.max_volumes,
     })
     .await

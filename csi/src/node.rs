@@ -18,7 +18,7 @@ use crate::mounts::{self, NodeError};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self, rpc};
 use crate::proto::*;
-use crate::source::VolumeSource;
+use crate::source::{self, SourceContext, Sources, VolumeSource};
 use crate::state::{StateDir, VolumeState};
 use crate::status;
 use crate::volume::VolumeId;
@@ -32,7 +32,7 @@ pub struct NodeService {
     node_id: String,
     max_volumes: i64,
     daemon: Daemon,
-    source: Arc<dyn VolumeSource>,
+    sources: Sources,
     states: StateDir,
     locks: VolumeLocks,
 }
@@ -56,19 +56,19 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl NodeService {
-    /// The node `node_id`, its daemon, the source of its volumes, its state directory.
+    /// The node `node_id`, its daemon, the sources of its volumes, its state directory.
     pub fn new(
         node_id: String,
         max_volumes: i64,
         daemon: Daemon,
-        source: Arc<dyn VolumeSource>,
+        sources: Sources,
         state_dir: &Path,
     ) -> Self {
         Self {
             node_id,
             max_volumes,
             daemon,
-            source,
+            sources,
             states: StateDir::new(state_dir),
             locks: VolumeLocks::default(),
         }
@@ -77,15 +77,25 @@ impl NodeService {
     fn ours(&self, id: &str) -> Result<VolumeId, Status> {
         status::required(id, "volume_id")?;
         let parsed = VolumeId::parse(id).map_err(status::id)?;
-        if parsed.source != self.source.kind()
-            || (self.source.node_local() && parsed.node != self.node_id)
-        {
+        let reachable = self
+            .sources
+            .get(&parsed.source)
+            .is_some_and(|s| !s.node_local() || parsed.location == self.node_id);
+        if !reachable {
             return Err(Status::not_found(format!(
                 "volume {id} is not reachable from node {}",
                 self.node_id
             )));
         }
         Ok(parsed)
+    }
+
+    /// The source of a volume [`Self::ours`] accepted.
+    fn source_of(&self, id: &VolumeId) -> Result<Arc<dyn VolumeSource>, Status> {
+        self.sources
+            .get(&id.source)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("volume {id}: no source {}", id.source)))
     }
 
     fn load(&self, id: &VolumeId) -> Result<Option<VolumeState>, Status> {
@@ -171,10 +181,12 @@ impl Node for NodeService {
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         let checked = capability::check(cap).map_err(Status::invalid_argument)?;
         let id = self.ours(&req.volume_id)?;
+        let source = self.source_of(&id)?;
         let _busy = self.locks.lock(&req.volume_id)?;
-        let Some(volume) = self.source.get(&id.name).map_err(status::source)? else {
-            return Err(Status::not_found(format!("volume {id} does not exist")));
-        };
+        // The source prepares what the daemon needs (rbd: the keyring of the stage secrets).
+        let ctx = SourceContext::new(req.volume_context, req.secrets);
+        let staged_id = id.clone();
+        let volume = source::run(&source, move |s| s.stage(&staged_id, &ctx)).await?;
         let staging = PathBuf::from(&req.staging_target_path);
         let (block, fs_type, options) = match &checked.access {
             Access::Block => (true, None, Vec::new()),
@@ -261,6 +273,9 @@ impl Node for NodeService {
             Err(DaemonError::Refused { message, .. }) if message.contains("no device named") => {}
             Err(e) => return Err(status::daemon(e)),
         }
+        let source = self.source_of(&id)?;
+        let unstaged = id.clone();
+        source::run(&source, move |s| s.unstage(&unstaged)).await?;
         self.states
             .remove(&id)
             .map_err(io("cannot delete the volume's state"))?;
@@ -471,14 +486,22 @@ impl Node for NodeService {
                 req.volume_path
             )));
         }
-        let Some(volume) = self.source.get(&id.name).map_err(status::source)? else {
-            return Err(Status::not_found(format!("volume {id} does not exist")));
-        };
+        // The size the source has (the file; the RBD image, grown centrally), or what the CO
+        // asks for if more: the daemon's `resize` grows a file image first.
+        let source = self.source_of(&id)?;
+        let sized = id.clone();
+        let current = source::run(&source, move |s| s.node_size(&sized)).await?;
         let required = req
             .capacity_range
             .as_ref()
             .map_or(0, |r| r.required_bytes.max(0) as u64);
-        let size = volume.capacity.max(required.div_ceil(4096) * 4096);
+        let size = current.unwrap_or(0).max(required.div_ceil(4096) * 4096);
+        if size == 0 {
+            return Err(Status::invalid_argument(format!(
+                "volume {id}: capacity_range.required_bytes is required (the node cannot tell the size of a {} volume)",
+                id.source
+            )));
+        }
         let node = self.ensure_device(&state).await?;
         self.daemon
             .resize(&state.device, size)

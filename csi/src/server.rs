@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::controller::ControllerService;
@@ -15,8 +14,7 @@ use crate::node::NodeService;
 use crate::proto::controller_server::ControllerServer;
 use crate::proto::identity_server::IdentityServer;
 use crate::proto::node_server::NodeServer;
-use crate::source::local::LocalSource;
-use crate::source::VolumeSource;
+use crate::source::Sources;
 
 /// Which services the plugin offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -42,8 +40,8 @@ pub struct Config {
     pub daemon_socket: Option<PathBuf>,
     /// Where the plugin keeps its state (one JSON file per volume).
     pub state_dir: PathBuf,
-    /// Where `local` volumes' images are.
-    pub local_dir: PathBuf,
+    /// The sources volumes are made of (`local`, `rbd`).
+    pub sources: Sources,
     /// NodeGetInfo's `max_volumes_per_node` (0: no limit).
     pub max_volumes: i64,
 }
@@ -52,12 +50,11 @@ pub struct Config {
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let daemon = config.daemon_socket.as_ref().map(Daemon::new);
     let listener = crate::endpoint::bind(&config.socket)?;
-    let source: Arc<dyn VolumeSource> = Arc::new(LocalSource::new(&config.local_dir));
     let identity = IdentityServer::new(IdentityService::new(daemon.clone()));
     let controller = matches!(config.role, Role::Controller | Role::Both).then(|| {
         ControllerServer::new(ControllerService::new(
             config.node_id.clone(),
-            source.clone(),
+            config.sources.clone(),
             config.state_dir.clone(),
         ))
     });
@@ -67,7 +64,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 config.node_id.clone(),
                 config.max_volumes,
                 daemon.clone(),
-                source.clone(),
+                config.sources.clone(),
                 &config.state_dir,
             );
             tokio::spawn(rediscover(node.clone()));

@@ -22,7 +22,11 @@ pub fn source(e: SourceError) -> Status {
         SourceError::Exists { .. } => Status::already_exists(e.to_string()),
         SourceError::Invalid(_) => Status::invalid_argument(e.to_string()),
         SourceError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
-        SourceError::Io { .. } => Status::internal(e.to_string()),
+        SourceError::Unavailable(_) => Status::unavailable(e.to_string()),
+        SourceError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
+        SourceError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
+        SourceError::Busy(_) => Status::failed_precondition(e.to_string()),
+        SourceError::Failed(_) | SourceError::Io { .. } => Status::internal(e.to_string()),
     }
 }
 

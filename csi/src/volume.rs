@@ -1,8 +1,11 @@
 //! Volume ids, names and sizes.
 //!
-//! A volume id is `SOURCE:NODE:NAME`: the source that holds it (`local`, ...), the node it
-//! lives on (empty for a source every node reaches) and its name (the CO's name, which must be
-//! letters, digits, `.`, `_` or `-`, at most 128 bytes, not starting with `.`).
+//! A volume id is `SOURCE:LOCATION:NAME`: the source that holds it (`local`, `rbd`), where in
+//! that source it is, and its name (the CO's name, which must be letters, digits, `.`, `_` or
+//! `-`, at most 128 bytes, not starting with `.`). The location is the node a node-local
+//! volume lives on (`local:node-a:pvc-1`) or, for `rbd`, the cluster id and the pool
+//! (`rbd:ceph-a/kube:pvc-1`): what DeleteVolume and ControllerExpandVolume, which get only
+//! the id and the secrets, need to find the volume again.
 
 use std::fmt;
 
@@ -14,8 +17,8 @@ pub const MAX_NAME: usize = 128;
 pub struct VolumeId {
     /// The source holding the volume (`local`).
     pub source: String,
-    /// The node it lives on; empty when every node reaches it.
-    pub node: String,
+    /// Where it is: its node (`local`), `CLUSTER/POOL` (`rbd`).
+    pub location: String,
     /// Its name.
     pub name: String,
 }
@@ -23,8 +26,8 @@ pub struct VolumeId {
 /// Why a volume id or name is not one of ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
-    /// Not `SOURCE:NODE:NAME`.
-    #[error("volume id {0:?} is not one of this plugin's (SOURCE:NODE:NAME)")]
+    /// Not `SOURCE:LOCATION:NAME`.
+    #[error("volume id {0:?} is not one of this plugin's (SOURCE:LOCATION:NAME)")]
     Malformed(String),
     /// The name has characters or a length we do not take.
     #[error(
@@ -49,19 +52,24 @@ pub fn check_name(name: &str) -> Result<(), IdError> {
 }
 
 impl VolumeId {
-    /// Parse `SOURCE:NODE:NAME`.
+    /// Parse `SOURCE:LOCATION:NAME`.
     pub fn parse(id: &str) -> Result<Self, IdError> {
         let mut parts = id.splitn(3, ':');
-        let (Some(source), Some(node), Some(name)) = (parts.next(), parts.next(), parts.next())
+        let (Some(source), Some(location), Some(name)) = (parts.next(), parts.next(), parts.next())
         else {
             return Err(IdError::Malformed(id.to_string()));
         };
-        if source.is_empty() || check_name(name).is_err() {
+        if source.is_empty()
+            || !source.chars().all(|c| c.is_ascii_lowercase())
+            || location.contains(['+', '\0'])
+            || location.split('/').any(|part| part == "..")
+            || check_name(name).is_err()
+        {
             return Err(IdError::Malformed(id.to_string()));
         }
         Ok(Self {
             source: source.to_string(),
-            node: node.to_string(),
+            location: location.to_string(),
             name: name.to_string(),
         })
     }
@@ -71,15 +79,21 @@ impl VolumeId {
         format!("csi-{}-{}", self.source, self.name)
     }
 
-    /// A file name for the plugin's state of this volume.
+    /// A file name for the plugin's state of this volume (`SOURCE_LOCATION_NAME.json`, a `/`
+    /// of the location written `+`).
     pub fn state_file(&self) -> String {
-        format!("{}_{}_{}.json", self.source, self.node, self.name)
+        format!(
+            "{}_{}_{}.json",
+            self.source,
+            self.location.replace('/', "+"),
+            self.name
+        )
     }
 }
 
 impl fmt::Display for VolumeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.source, self.node, self.name)
+        write!(f, "{}:{}:{}", self.source, self.location, self.name)
     }
 }
 
@@ -139,9 +153,19 @@ mod tests {
     #[test]
     fn ids_round_trip_and_bad_ones_are_refused() {
         let id = VolumeId::parse("local:node-a:pvc-1234").unwrap();
-        assert_eq!(id.node, "node-a");
+        assert_eq!(id.location, "node-a");
         assert_eq!(id.to_string(), "local:node-a:pvc-1234");
         assert_eq!(id.device_name(), "csi-local-pvc-1234");
+        // The state file of a local volume keeps the name it always had.
+        assert_eq!(id.state_file(), "local_node-a_pvc-1234.json");
+        let id = VolumeId::parse("rbd:ceph-a/kube:pvc-1234").unwrap();
+        assert_eq!(
+            (id.source.as_str(), id.location.as_str(), id.name.as_str()),
+            ("rbd", "ceph-a/kube", "pvc-1234")
+        );
+        assert_eq!(id.to_string(), "rbd:ceph-a/kube:pvc-1234");
+        assert_eq!(id.state_file(), "rbd_ceph-a+kube_pvc-1234.json");
+        assert_eq!(id.device_name(), "csi-rbd-pvc-1234");
         for bad in [
             "",
             "local",
@@ -150,6 +174,9 @@ mod tests {
             "local:n:../x",
             ":n:x",
             "local:n:a/b",
+            "Local:n:x",
+            "rbd:a/../b:x",
+            "rbd:a+b:x",
         ] {
             assert!(VolumeId::parse(bad).is_err(), "{bad}");
         }

@@ -11,6 +11,7 @@ use virtiod_csi::proto::volume_capability::{
 };
 use virtiod_csi::proto::*;
 use virtiod_csi::source::local::LocalSource;
+use virtiod_csi::source::{Sources, VolumeSource};
 
 fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {
     VolumeCapability {
@@ -47,7 +48,7 @@ async fn create_expand_validate_delete_with_the_spec_codes() {
     let local = dir.path().join("local");
     let ctl = ControllerService::new(
         "node-a".into(),
-        Arc::new(LocalSource::new(&local)),
+        Sources::new([Arc::new(LocalSource::new(&local)) as Arc<dyn VolumeSource>]),
         dir.path().join("state"),
     );
 
@@ -178,10 +179,29 @@ async fn create_expand_validate_delete_with_the_spec_codes() {
         .into_inner();
     assert_eq!(grown.capacity_bytes, 8 << 20);
     assert!(grown.node_expansion_required);
+    // The file is the node's to grow (NodeExpandVolume, through the daemon).
     assert_eq!(
         std::fs::metadata(local.join("v1.img")).unwrap().len(),
-        8 << 20
+        3 << 20
     );
+    // A central controller (another node, or none of the volumes' directory) answers the
+    // same without looking.
+    let central = ControllerService::new(
+        "controller-0".into(),
+        Sources::new(
+            [Arc::new(LocalSource::new(dir.path().join("none"))) as Arc<dyn VolumeSource>],
+        ),
+        dir.path().join("state"),
+    );
+    for id in [vol.volume_id.as_str(), "local:node-b:elsewhere"] {
+        let answer = central
+            .controller_expand_volume(Request::new(expand(id, (8 << 20) + 1)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.capacity_bytes, (8 << 20) + 4096, "{id}");
+        assert!(answer.node_expansion_required, "{id}");
+    }
     assert_eq!(
         code(
             ctl.controller_expand_volume(Request::new(expand("local:node-a:nope", 1 << 20)))

@@ -5,81 +5,19 @@
 mod common;
 mod ops_common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use blkio::ReqFlags;
 use common::*;
 use ops_common::{ctl, free_port, http_get, sample, vhost_user_device, wait_for_port, RunDaemon};
+use virtiod_testkit::ceph::{TestCluster, NOT_INSTALLED};
 
 const MIB: u64 = 1 << 20;
 
-/// The cluster of this test binary, stopped (and its directory removed) at drop.
-struct Cluster {
-    dir: PathBuf,
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/ceph")
-        .join(name)
-}
-
-impl Cluster {
-    /// Start a cluster under `dir`; `None` (after [`skip_or_fail`]) without Ceph installed.
-    fn start(dir: PathBuf) -> Option<Self> {
-        if Command::new("ceph-osd").arg("--version").output().is_err() {
-            skip_or_fail(
-                "Ceph is not installed (scripts/setup.sh installs ceph-mon ceph-osd ceph-common)",
-            );
-            return None;
-        }
-        let cluster = Self { dir };
-        let out = Command::new("bash")
-            .arg(script("start-cluster.sh"))
-            .arg(&cluster.dir)
-            .output()
-            .expect("run start-cluster.sh");
-        assert!(
-            out.status.success(),
-            "start-cluster.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(cluster)
-    }
-
-    fn conf(&self) -> PathBuf {
-        self.dir.join("ceph.conf")
-    }
-
-    /// Run `rbd -c CONF ARGS...` and return its stdout.
-    fn rbd(&self, args: &[&str]) -> Vec<u8> {
-        let out = Command::new("rbd")
-            .arg("-c")
-            .arg(self.conf())
-            .args(args)
-            .output()
-            .expect("run rbd");
-        assert!(
-            out.status.success(),
-            "rbd {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    }
-
-    fn spec(&self, image: &str, query: &str) -> String {
-        format!("rbd:rbd/{image}?conf={}{query}", self.conf().display())
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script("stop-cluster.sh"))
-            .arg(&self.dir)
-            .status();
-    }
+/// The daemon's image string of `image` in pool `rbd` of `cluster`, plus `query`.
+fn spec(cluster: &TestCluster, image: &str, query: &str) -> String {
+    format!("rbd:rbd/{image}?conf={}{query}", cluster.conf().display())
 }
 
 /// `virtiod serve` on `image`, expected to fail: its exit code and stderr.
@@ -98,10 +36,10 @@ fn serve_fails(image: &str, sock: &Path) -> String {
     lines[0].to_string()
 }
 
-fn round_trip_flush_discard_write_zeroes(cluster: &Cluster, dir: &Scratch) {
-    cluster.rbd(&["create", "rbd/disk", "--size", "16M"]);
+fn round_trip_flush_discard_write_zeroes(cluster: &TestCluster, dir: &Scratch) {
+    cluster.run("rbd", &["create", "rbd/disk", "--size", "16M"]);
     let sock = dir.path("vu.sock");
-    let daemon = Daemon::start(&sock, &cluster.spec("disk", ""), &["--queues", "2"]);
+    let daemon = Daemon::start(&sock, &spec(cluster, "disk", ""), &["--queues", "2"]);
     let mut client = Client::connect(&sock, 2, 8 * MIB as usize).unwrap();
     assert_eq!(client.capacity(), 16 * MIB, "capacity is the image size");
 
@@ -140,7 +78,7 @@ fn round_trip_flush_discard_write_zeroes(cluster: &Cluster, dir: &Scratch) {
 
     // What the cluster holds, read with the rbd tool.
     let export = dir.path("disk.raw");
-    cluster.rbd(&["export", "rbd/disk", export.to_str().unwrap()]);
+    cluster.run("rbd", &["export", "rbd/disk", export.to_str().unwrap()]);
     let data = std::fs::read(&export).unwrap();
     assert_eq!(data.len() as u64, 16 * MIB);
     let zeroes = [
@@ -151,10 +89,10 @@ fn round_trip_flush_discard_write_zeroes(cluster: &Cluster, dir: &Scratch) {
     check_zeroed_ranges(&data, &zeroes, 5);
 }
 
-fn snapshot_is_read_only(cluster: &Cluster, dir: &Scratch) {
-    cluster.rbd(&["snap", "create", "rbd/disk@s1"]);
+fn snapshot_is_read_only(cluster: &TestCluster, dir: &Scratch) {
+    cluster.run("rbd", &["snap", "create", "rbd/disk@s1"]);
     let sock = dir.path("vu-snap.sock");
-    let _daemon = Daemon::start(&sock, &cluster.spec("disk@s1", ""), &[]);
+    let _daemon = Daemon::start(&sock, &spec(cluster, "disk@s1", ""), &[]);
     let e = Client::connect(&sock, 1, MIB as usize)
         .err()
         .expect("a read-write start on a snapshot must fail");
@@ -166,9 +104,9 @@ fn snapshot_is_read_only(cluster: &Cluster, dir: &Scratch) {
     assert_eq!(client.flush(0), 0, "FLUSH on a snapshot succeeds");
 }
 
-fn errors_are_one_line(cluster: &Cluster, dir: &Scratch) {
+fn errors_are_one_line(cluster: &TestCluster, dir: &Scratch) {
     let sock = dir.path("vu-err.sock");
-    let line = serve_fails(&cluster.spec("nope", ""), &sock);
+    let line = serve_fails(&spec(cluster, "nope", ""), &sock);
     assert!(
         line.contains("rbd:rbd/nope: cannot open the image")
             && line.contains("no image \"nope\" in pool \"rbd\""),
@@ -186,7 +124,7 @@ fn errors_are_one_line(cluster: &Cluster, dir: &Scratch) {
         .status;
     assert!(status.success());
     let query = format!("&keyring={}", keyring.display());
-    let line = serve_fails(&cluster.spec("disk", &query), &sock);
+    let line = serve_fails(&spec(cluster, "disk", &query), &sock);
     assert!(
         line.contains("cannot connect to the cluster") && line.contains("check its key"),
         "{line}"
@@ -204,31 +142,78 @@ fn errors_are_one_line(cluster: &Cluster, dir: &Scratch) {
     assert!(line.contains("no monitor answered"), "{line}");
 }
 
-/// An RBD device from devices.toml and one added with `ctl add` both serve I/O, and the
-/// metrics count it.
-fn devices_file_ctl_add_and_metrics(cluster: &Cluster, dir: &Scratch) {
-    cluster.rbd(&["create", "rbd/a", "--size", "4M"]);
-    cluster.rbd(&["create", "rbd/b", "--size", "8M"]);
+/// An RBD device from devices.toml and ones added with `ctl add` (one as the CSI plugin
+/// stages an rbd volume: its own conf and keyring under an --allow-dir, Landlock on) serve
+/// I/O, the metrics count them, and `ctl resize` grows them.
+fn devices_file_ctl_add_and_metrics(cluster: &TestCluster, dir: &Scratch) {
+    cluster.run("rbd", &["create", "rbd/a", "--size", "4M"]);
+    cluster.run("rbd", &["create", "rbd/b", "--size", "8M"]);
     let (a, b) = (dir.path("a.sock"), dir.path("b.sock"));
     let control = dir.path("ctl.sock");
     let cfg = dir.path("devices.toml");
-    std::fs::write(&cfg, vhost_user_device("a", &cluster.spec("a", ""), &a)).unwrap();
+    std::fs::write(&cfg, vhost_user_device("a", &spec(cluster, "a", ""), &a)).unwrap();
+    // What the CSI plugin's NodeStageVolume writes for an rbd volume: a configuration with
+    // only the monitors and a private keyring of a restricted user, in a 0700 directory the
+    // daemon may read under Landlock only through --allow-dir.
+    let keys = dir.path("keys");
+    {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&keys)
+            .unwrap();
+        let key = cluster.rbd_user("csi");
+        let write = |name: &str, text: String| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(keys.join(name))
+                .unwrap();
+            std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        };
+        write(
+            "c.conf",
+            format!("[global]\nmon_host = {}\n", cluster.mon_host()),
+        );
+        write("c.keyring", format!("[client.csi]\n\tkey = {key}\n"));
+    }
+    cluster.run("rbd", &["create", "rbd/c", "--size", "4M"]);
+    let state = dir.path("state");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let daemon = RunDaemon::start(
         &cfg,
-        &["--control", control.to_str().unwrap(), "--metrics", &addr],
+        &[
+            "--control",
+            control.to_str().unwrap(),
+            "--metrics",
+            &addr,
+            "--allow-dir",
+            keys.to_str().unwrap(),
+            // Its `ctl add` records stay in the scratch directory, not in /run/virtiod.
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
         &[a.clone(), control.clone()],
     );
     wait_for_port(port);
     let json = format!(
         r#"{{"name":"b","image":"{}","vhost-user":"{}"}}"#,
-        cluster.spec("b", ""),
+        spec(cluster, "b", ""),
         b.display()
     );
     let (code, _, err) = ctl(&control, &["add", &json]);
     assert_eq!(code, 0, "{err}");
-    for (sock, size, seed) in [(&a, 4 * MIB, 1u64), (&b, 8 * MIB, 2)] {
+    let c = dir.path("c.sock");
+    let json = format!(
+        r#"{{"name":"c","image":"rbd:rbd/c?conf={k}/c.conf&id=csi&keyring={k}/c.keyring","vhost-user":"{}"}}"#,
+        c.display(),
+        k = keys.display()
+    );
+    let (code, _, err) = ctl(&control, &["add", &json]);
+    assert_eq!(code, 0, "{err}");
+    for (sock, size, seed) in [(&a, 4 * MIB, 1u64), (&b, 8 * MIB, 2), (&c, 4 * MIB, 3)] {
         let mut client = Client::connect(sock, 1, MIB as usize).unwrap();
         assert_eq!(client.capacity(), size);
         fill_pattern(&mut client.buf()[..MIB as usize], MIB, seed);
@@ -246,6 +231,18 @@ fn devices_file_ctl_add_and_metrics(cluster: &Cluster, dir: &Scratch) {
             "{series} in:\n{text}"
         );
     }
+    // ctl resize grows the image itself (b), or takes the size it was grown to through the
+    // cluster (a, as the CSI plugin's controller does); the driver sees the new capacity.
+    cluster.run("rbd", &["resize", "rbd/a", "--size", "8M"]);
+    for (dev, sock, size) in [("a", &a, "8M"), ("b", &b, "16M")] {
+        let (code, _, err) = ctl(&control, &["resize", dev, size]);
+        assert_eq!(code, 0, "ctl resize {dev} {size}: {err}");
+        let info = cluster.tool("rbd", &["info", &format!("rbd/{dev}"), "--format", "json"]);
+        let bytes = if size == "8M" { 8 * MIB } else { 16 * MIB };
+        assert!(info.contains(&format!("\"size\":{bytes},")), "{info}");
+        let client = Client::connect(sock, 1, MIB as usize).unwrap();
+        assert_eq!(client.capacity(), bytes, "{dev} after resize");
+    }
     let (status, _) = daemon.terminate();
     assert!(status.success(), "exit status {status}");
 }
@@ -253,7 +250,8 @@ fn devices_file_ctl_add_and_metrics(cluster: &Cluster, dir: &Scratch) {
 #[test]
 fn rbd_image_round_trip_snapshot_and_errors_on_a_real_cluster() {
     let dir = Scratch::new("rbd");
-    let Some(cluster) = Cluster::start(dir.path("cluster")) else {
+    let Some(cluster) = TestCluster::start(dir.path("cluster")) else {
+        skip_or_fail(NOT_INSTALLED);
         return;
     };
     round_trip_flush_discard_write_zeroes(&cluster, &dir);

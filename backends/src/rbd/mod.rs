@@ -16,6 +16,7 @@
 //! shutdown either way.
 
 pub mod admin;
+mod cluster;
 mod queue;
 mod sys;
 
@@ -24,13 +25,10 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::{Backend, BackendInfo, BackendQueue, Result, SECTOR_SIZE};
-
-/// How long connecting to the monitors may take when the configuration does not say
-/// (`client_mount_timeout`; Ceph's default is 300 s).
-const MOUNT_TIMEOUT_SECS: &str = "10";
 
 /// Where an RBD image is, and how to reach its cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,12 +99,12 @@ fn cstring(addr: &RbdAddress, what: &str, text: &str) -> std::result::Result<CSt
 }
 
 /// The connected cluster, the pool's I/O context and the open image; closed in that
-/// reverse order on drop.
+/// reverse order on drop (the image and pool context here, then the cluster, a field).
 pub(crate) struct Image {
     api: &'static sys::Api,
-    cluster: sys::rados_t,
     ioctx: sys::rados_ioctx_t,
     image: sys::rbd_image_t,
+    _cluster: admin::Cluster,
 }
 
 // SAFETY: librados and librbd handles may be used from any thread and concurrently (librbd
@@ -118,7 +116,8 @@ unsafe impl Sync for Image {}
 impl Drop for Image {
     fn drop(&mut self) {
         // SAFETY: each handle was created by the matching librados/librbd call of `self.api`
-        // (a loaded library) and is closed once, image before pool context before cluster; null ones were never created.
+        // (a loaded library) and is closed once, image before pool context (the cluster is
+        // shut down after, when its field drops); null ones were never created.
         unsafe {
             if !self.image.is_null() {
                 (self.api.rbd_close)(self.image);
@@ -126,10 +125,25 @@ impl Drop for Image {
             if !self.ioctx.is_null() {
                 (self.api.rados_ioctx_destroy)(self.ioctx);
             }
-            if !self.cluster.is_null() {
-                (self.api.rados_shutdown)(self.cluster);
-            }
         }
+    }
+}
+
+/// A connection failure of the shared [`admin::Cluster::connect`] as the backend's error.
+fn connect_error(addr: &RbdAddress, e: admin::AdminError) -> RbdError {
+    match e {
+        admin::AdminError::Connect {
+            what, cause, hint, ..
+        } => RbdError::Open {
+            addr: addr.to_string(),
+            what,
+            cause,
+            hint,
+        },
+        other => RbdError::Unusable {
+            addr: addr.to_string(),
+            reason: other.to_string(),
+        },
     }
 }
 
@@ -142,79 +156,25 @@ impl Image {
             cause: errno_text(ret),
             hint,
         };
-        let id = cstring(addr, "client id", addr.id.as_deref().unwrap_or("admin"))?;
-        let client = format!("client.{}", id.to_string_lossy());
-        let name = cstring(addr, "client id", &client)?;
-        let cluster_name = cstring(addr, "cluster name", "ceph")?;
-        let api = sys::api().map_err(|reason| RbdError::Unusable {
-            addr: addr.to_string(),
-            reason,
-        })?;
+        let client = format!("client.{}", addr.id.as_deref().unwrap_or("admin"));
+        let cluster = admin::Cluster::connect(&admin::ClusterConfig {
+            conf: addr.conf.clone(),
+            id: addr.id.clone(),
+            keyring: addr.keyring.clone(),
+            ..admin::ClusterConfig::default()
+        })
+        .map_err(|e| connect_error(addr, e))?;
         let mut img = Image {
-            api,
-            cluster: ptr::null_mut(),
+            api: cluster.api,
             ioctx: ptr::null_mut(),
             image: ptr::null_mut(),
+            _cluster: cluster,
         };
-        // SAFETY: the out-pointer is valid; the strings are NUL-terminated and outlive the call.
-        let ret = unsafe {
-            (img.api.rados_create2)(&mut img.cluster, cluster_name.as_ptr(), name.as_ptr(), 0)
-        };
-        if ret < 0 {
-            img.cluster = ptr::null_mut();
-            return Err(fail("cannot create the cluster handle", ret, String::new()));
-        }
-        let conf = match &addr.conf {
-            Some(p) => Some(cstring(addr, "conf path", &p.to_string_lossy())?),
-            None => None,
-        };
-        let conf_ptr = conf.as_ref().map_or(ptr::null(), |c| c.as_ptr());
-        // SAFETY: the handle is live; a null path asks for the default search.
-        let ret = unsafe { (img.api.rados_conf_read_file)(img.cluster, conf_ptr) };
-        if ret < 0 {
-            let hint = match &addr.conf {
-                Some(p) => format!(": check conf={} exists and is readable", p.display()),
-                None => {
-                    ": no /etc/ceph/ceph.conf: give the cluster's configuration with ?conf=PATH"
-                        .into()
-                }
-            };
-            return Err(fail("cannot read the Ceph configuration", ret, hint));
-        }
-        if let Some(keyring) = &addr.keyring {
-            let value = cstring(addr, "keyring path", &keyring.to_string_lossy())?;
-            img.set("keyring", &value)
-                .map_err(|ret| fail("cannot set the keyring", ret, String::new()))?;
-        }
-        if img
-            .get("client_mount_timeout")
-            .as_deref()
-            .map(str::parse::<f64>)
-            == Some(Ok(300.0))
-        {
-            let value = cstring(addr, "timeout", MOUNT_TIMEOUT_SECS)?;
-            img.set("client_mount_timeout", &value)
-                .map_err(|ret| fail("cannot set client_mount_timeout", ret, String::new()))?;
-        }
-        // SAFETY: the handle is live and configured.
-        let ret = unsafe { (img.api.rados_connect)(img.cluster) };
-        if ret < 0 {
-            let hint = match -ret {
-                libc::EACCES | libc::EPERM => format!(
-                    ": {client} was refused: check its key in the keyring (keyring=PATH) and the client id (id=NAME)"
-                ),
-                libc::ENOENT => format!(
-                    ": no key for {client} found: give its keyring with ?keyring=PATH (or keyring= in the configuration)"
-                ),
-                libc::ETIMEDOUT => ": no monitor answered: is the cluster up, and is `mon host` in the configuration right?".into(),
-                _ => ": check the configuration and that the monitors are reachable".into(),
-            };
-            return Err(fail("cannot connect to the cluster", ret, hint));
-        }
         let pool = cstring(addr, "pool name", &addr.pool)?;
         // SAFETY: the cluster is connected; the out-pointer is valid.
-        let ret =
-            unsafe { (img.api.rados_ioctx_create)(img.cluster, pool.as_ptr(), &mut img.ioctx) };
+        let ret = unsafe {
+            (img.api.rados_ioctx_create)(img._cluster.handle, pool.as_ptr(), &mut img.ioctx)
+        };
         if ret < 0 {
             img.ioctx = ptr::null_mut();
             let hint = if ret == -libc::ENOENT {
@@ -262,37 +222,6 @@ impl Image {
         Ok(img)
     }
 
-    fn set(&self, option: &str, value: &CString) -> std::result::Result<(), i32> {
-        let option = CString::new(option).map_err(|_| -libc::EINVAL)?;
-        // SAFETY: the handle is live; both strings are NUL-terminated.
-        let ret =
-            unsafe { (self.api.rados_conf_set)(self.cluster, option.as_ptr(), value.as_ptr()) };
-        if ret < 0 {
-            Err(ret)
-        } else {
-            Ok(())
-        }
-    }
-
-    fn get(&self, option: &str) -> Option<String> {
-        let option = CString::new(option).ok()?;
-        let mut buf = [0u8; 64];
-        // SAFETY: the handle is live; librados writes at most `buf.len()` bytes, NUL included.
-        let ret = unsafe {
-            (self.api.rados_conf_get)(
-                self.cluster,
-                option.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if ret < 0 {
-            return None;
-        }
-        let end = buf.iter().position(|&b| b == 0)?;
-        Some(String::from_utf8_lossy(&buf[..end]).into_owned())
-    }
-
     fn size(&self) -> std::result::Result<u64, i32> {
         let mut size = 0u64;
         // SAFETY: the image is open; the out-pointer is valid.
@@ -301,6 +230,16 @@ impl Image {
             Err(ret)
         } else {
             Ok(size)
+        }
+    }
+
+    fn resize(&self, size: u64) -> std::result::Result<(), i32> {
+        // SAFETY: the image is open (read-write: callers refuse read-only images).
+        let ret = unsafe { (self.api.rbd_resize)(self.image, size) };
+        if ret < 0 {
+            Err(ret)
+        } else {
+            Ok(())
         }
     }
 
@@ -319,7 +258,7 @@ impl Image {
 pub struct RbdBackend {
     addr: RbdAddress,
     image: Arc<Image>,
-    size: u64,
+    size: AtomicU64,
     read_only: bool,
 }
 
@@ -327,7 +266,7 @@ impl fmt::Debug for RbdBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RbdBackend")
             .field("addr", &self.addr)
-            .field("size", &self.size)
+            .field("size", &self.size.load(Ordering::Relaxed))
             .field("read_only", &self.read_only)
             .finish()
     }
@@ -358,7 +297,7 @@ impl RbdBackend {
         Ok(Self {
             addr,
             image: Arc::new(image),
-            size,
+            size: AtomicU64::new(size),
             read_only,
         })
     }
@@ -367,7 +306,7 @@ impl RbdBackend {
 impl Backend for RbdBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            capacity: self.size,
+            capacity: self.size.load(Ordering::Acquire),
             read_only: self.read_only,
             block_size: 512,
             discard: !self.read_only,
@@ -388,6 +327,35 @@ impl Backend for RbdBackend {
             return Ok(());
         }
         self.image.flush()
+    }
+
+    /// The image takes the new size (`rbd_resize`), unless it has it already: a volume
+    /// manager (the CSI plugin's controller) may have grown it through the cluster first.
+    fn resize(&self, capacity: u64) -> Result<()> {
+        if self.read_only {
+            return Err(crate::Error::Resize(format!(
+                "{}: the image is served read-only (or is a snapshot)",
+                self.addr
+            )));
+        }
+        let current = self.image.size().map_err(|ret| {
+            crate::Error::Resize(format!(
+                "{}: cannot read the image size: {}",
+                self.addr,
+                errno_text(ret)
+            ))
+        })?;
+        if current != capacity {
+            self.image.resize(capacity).map_err(|ret| {
+                crate::Error::Resize(format!(
+                    "{}: cannot resize the image to {capacity} bytes: {}",
+                    self.addr,
+                    errno_text(ret)
+                ))
+            })?;
+        }
+        self.size.store(capacity, Ordering::Release);
+        Ok(())
     }
 }
 

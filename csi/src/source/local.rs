@@ -1,10 +1,10 @@
 //! `local`: each volume is a sparse raw image file `DIR/NAME.img` on the node (`--local-dir`),
 //! served by the node's daemon.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::{SourceError, Volume, VolumeSource};
+use super::{SourceContext, SourceError, Volume, VolumeSource};
+use crate::volume::VolumeId;
 
 /// Raw image files in one directory.
 #[derive(Debug, Clone)]
@@ -38,11 +38,12 @@ impl VolumeSource for LocalSource {
 
     fn create(
         &self,
-        name: &str,
+        id: &VolumeId,
         bytes: u64,
-        params: &HashMap<String, String>,
+        ctx: &SourceContext,
     ) -> Result<Volume, SourceError> {
-        for (key, value) in params {
+        let name = id.name.as_str();
+        for (key, value) in &ctx.params {
             // Parameters the external-provisioner adds on its own are let through.
             if key.starts_with("csi.storage.k8s.io/") {
                 continue;
@@ -57,7 +58,7 @@ impl VolumeSource for LocalSource {
                 }
             }
         }
-        if let Some(existing) = self.get(name)? {
+        if let Some(existing) = self.get(id, ctx)? {
             if existing.capacity == bytes {
                 return Ok(existing);
             }
@@ -66,7 +67,7 @@ impl VolumeSource for LocalSource {
                 capacity: existing.capacity,
             });
         }
-        if let Some(free) = self.available()? {
+        if let Some(free) = self.available(ctx)? {
             // Sparse, but a volume that could never be filled is refused up front.
             if bytes > free {
                 return Err(SourceError::Exhausted(format!(
@@ -94,7 +95,8 @@ impl VolumeSource for LocalSource {
         })
     }
 
-    fn get(&self, name: &str) -> Result<Option<Volume>, SourceError> {
+    fn get(&self, id: &VolumeId, _ctx: &SourceContext) -> Result<Option<Volume>, SourceError> {
+        let name = id.name.as_str();
         let path = self.path(name);
         match std::fs::metadata(&path) {
             Ok(meta) => Ok(Some(Volume {
@@ -110,8 +112,8 @@ impl VolumeSource for LocalSource {
         }
     }
 
-    fn delete(&self, name: &str) -> Result<(), SourceError> {
-        let path = self.path(name);
+    fn delete(&self, id: &VolumeId, _ctx: &SourceContext) -> Result<(), SourceError> {
+        let path = self.path(&id.name);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -122,14 +124,14 @@ impl VolumeSource for LocalSource {
         }
     }
 
-    fn expand(&self, name: &str, bytes: u64) -> Result<u64, SourceError> {
-        let Some(volume) = self.get(name)? else {
-            return Err(SourceError::NotFound(name.to_string()));
+    fn expand(&self, id: &VolumeId, bytes: u64, ctx: &SourceContext) -> Result<u64, SourceError> {
+        let Some(volume) = self.get(id, ctx)? else {
+            return Err(SourceError::NotFound(id.name.clone()));
         };
         if volume.capacity >= bytes {
             return Ok(volume.capacity);
         }
-        let path = self.path(name);
+        let path = self.path(&id.name);
         std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
@@ -138,7 +140,7 @@ impl VolumeSource for LocalSource {
         Ok(bytes)
     }
 
-    fn available(&self) -> Result<Option<u64>, SourceError> {
+    fn available(&self, _ctx: &SourceContext) -> Result<Option<u64>, SourceError> {
         // The directory may not exist yet: ask its nearest existing ancestor.
         let mut dir = self.dir.as_path();
         while !dir.exists() {
@@ -153,6 +155,18 @@ impl VolumeSource for LocalSource {
         })?;
         Ok(Some(stat.f_bavail * stat.f_frsize))
     }
+
+    /// The file's size; NOT_FOUND without the file, `None` without the directory (a plugin
+    /// that does not hold this node's volumes, e.g. a central controller).
+    fn node_size(&self, id: &VolumeId) -> Result<Option<u64>, SourceError> {
+        if !self.dir.is_dir() {
+            return Ok(None);
+        }
+        match self.get(id, &SourceContext::default())? {
+            Some(volume) => Ok(Some(volume.capacity)),
+            None => Err(SourceError::NotFound(id.to_string())),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -163,24 +177,41 @@ mod tests {
     fn create_get_expand_delete() {
         let dir = tempfile::tempdir().unwrap();
         let src = LocalSource::new(dir.path().join("vols"));
-        let none = HashMap::new();
-        let v = src.create("a", 1 << 20, &none).unwrap();
+        let none = SourceContext::default();
+        let a = VolumeId::parse("local:n:a").unwrap();
+        let v = src.create(&a, 1 << 20, &none).unwrap();
         assert_eq!(v.capacity, 1 << 20);
-        assert_eq!(src.create("a", 1 << 20, &none).unwrap(), v);
+        assert_eq!(src.create(&a, 1 << 20, &none).unwrap(), v);
         assert!(matches!(
-            src.create("a", 2 << 20, &none),
+            src.create(&a, 2 << 20, &none),
             Err(SourceError::Exists { capacity, .. }) if capacity == 1 << 20
         ));
-        assert_eq!(src.expand("a", 4 << 20).unwrap(), 4 << 20);
-        assert_eq!(src.expand("a", 1 << 20).unwrap(), 4 << 20);
-        assert_eq!(src.get("a").unwrap().unwrap().capacity, 4 << 20);
-        src.delete("a").unwrap();
-        src.delete("a").unwrap();
-        assert!(src.get("a").unwrap().is_none());
-        assert!(matches!(src.expand("a", 1), Err(SourceError::NotFound(_))));
-        let bad: HashMap<_, _> = [("format".to_string(), "vmdk".to_string())].into();
+        assert_eq!(src.expand(&a, 4 << 20, &none).unwrap(), 4 << 20);
+        assert_eq!(src.expand(&a, 1 << 20, &none).unwrap(), 4 << 20);
+        assert_eq!(src.get(&a, &none).unwrap().unwrap().capacity, 4 << 20);
+        assert_eq!(src.node_size(&a).unwrap(), Some(4 << 20));
+        assert_eq!(src.stage(&a, &none).unwrap().capacity, 4 << 20);
+        src.delete(&a, &none).unwrap();
+        src.delete(&a, &none).unwrap();
+        assert!(src.get(&a, &none).unwrap().is_none());
+        assert!(matches!(src.node_size(&a), Err(SourceError::NotFound(_))));
+        let elsewhere = LocalSource::new(dir.path().join("not-here"));
+        assert_eq!(elsewhere.node_size(&a).unwrap(), None);
         assert!(matches!(
-            src.create("b", 1 << 20, &bad),
+            src.expand(&a, 1, &none),
+            Err(SourceError::NotFound(_))
+        ));
+        assert!(matches!(
+            src.stage(&a, &none),
+            Err(SourceError::NotFound(_))
+        ));
+        let bad = SourceContext::new(
+            [("format".to_string(), "vmdk".to_string())].into(),
+            Default::default(),
+        );
+        let b = VolumeId::parse("local:n:b").unwrap();
+        assert!(matches!(
+            src.create(&b, 1 << 20, &bad),
             Err(SourceError::Invalid(_))
         ));
     }

@@ -215,8 +215,11 @@ ok "the writer saw no error across the restarts, the upgrade and the stop ($(rou
 kb_before=$(df -k "$target" | awk 'NR==2 {print $2}')
 exp=$(call ControllerExpandVolume "{\"volume_id\":\"$id\",\"capacity_range\":{\"required_bytes\":134217728},\"volume_capability\":$cap}")
 echo "$exp" | grep -q '"node_expansion_required":true' || fail "ControllerExpandVolume: $exp"
+# The controller leaves a local volume's file to its node (a central resizer cannot reach it).
+[ "$(stat -c %s $LOCAL/promise.img)" = 67108864 ] || fail "ControllerExpandVolume touched the file: $(stat -c %s $LOCAL/promise.img)"
 exp=$(call NodeExpandVolume "{\"volume_id\":\"$id\",\"volume_path\":\"$target\",\"staging_target_path\":\"$stage\",\"capacity_range\":{\"required_bytes\":134217728},\"volume_capability\":$cap}")
 echo "$exp" | grep -q '"capacity_bytes":134217728' || fail "NodeExpandVolume: $exp"
+[ "$(stat -c %s $LOCAL/promise.img)" = 134217728 ] || fail "NodeExpandVolume did not grow the file: $(stat -c %s $LOCAL/promise.img)"
 kb_after=$(df -k "$target" | awk 'NR==2 {print $2}')
 [ "$kb_after" -gt $((kb_before + 50000)) ] || fail "df shows $kb_after KiB after expansion (before: $kb_before)"
 [ "$(dd if=$target/data bs=4k count=1 skip=5 iflag=direct 2>/dev/null | md5)" != "" ] || fail "data unreadable after expansion"

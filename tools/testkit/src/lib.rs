@@ -24,6 +24,7 @@
 #![deny(missing_docs)]
 
 pub mod blk;
+pub mod ceph;
 pub mod frontend;
 pub mod net;
 pub mod process;
