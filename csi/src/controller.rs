@@ -11,7 +11,9 @@ use crate::locks::VolumeLocks;
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{self, rpc};
 use crate::proto::validate_volume_capabilities_response::Confirmed;
+use crate::proto::volume_content_source::Type as ContentType;
 use crate::proto::*;
+use crate::snapshot::SnapshotId;
 use crate::source::{self, SourceContext, Sources, VolumeSource};
 use crate::status;
 use crate::volume::{self, VolumeId};
@@ -76,6 +78,25 @@ impl ControllerService {
         Ok((parsed, source))
     }
 
+    /// A snapshot id this plugin reaches, and its source: NOT_FOUND otherwise (another
+    /// node's snapshot of a node-local source too).
+    fn snapshot(&self, id: &str) -> Result<(SnapshotId, Arc<dyn VolumeSource>), Status> {
+        status::required(id, "snapshot_id")?;
+        let parsed = SnapshotId::parse(id).map_err(status::id)?;
+        let (_, source) = self
+            .ours(&parsed.volume.to_string())
+            .map_err(|e| Status::not_found(format!("snapshot {id}: {}", e.message())))?;
+        Ok((parsed, source))
+    }
+
+    /// Whether volume `id` is staged on this node.
+    fn staged(&self, id: &VolumeId) -> bool {
+        self.state_dir
+            .join("volumes")
+            .join(id.state_file())
+            .exists()
+    }
+
     /// Whether the requirements let a volume of `source` live on this node.
     fn reachable(&self, source: &dyn VolumeSource, req: Option<&TopologyRequirement>) -> bool {
         let Some(req) = req.filter(|_| source.node_local()) else {
@@ -93,6 +114,39 @@ impl ControllerService {
     }
 }
 
+/// CreateVolume of `id` from snapshot `from`: `bytes` (the size asked for) or the snapshot's
+/// size, whichever is larger; OUT_OF_RANGE when the snapshot is larger than `limit`.
+async fn create_from(
+    source: &Arc<dyn VolumeSource>,
+    id: VolumeId,
+    from: SnapshotId,
+    bytes: Option<u64>,
+    limit: i64,
+    ctx: SourceContext,
+) -> Result<source::Volume, Status> {
+    let (snap_id, snap_ctx) = (from.clone(), ctx.clone());
+    let Some(snapshot) = source::run(source, move |s| s.get_snapshot(&snap_id, &snap_ctx)).await?
+    else {
+        return Err(Status::not_found(format!("snapshot {from} does not exist")));
+    };
+    let bytes = bytes.map_or(snapshot.size, |b| b.max(snapshot.size));
+    if limit > 0 && bytes > limit as u64 {
+        return Err(Status::out_of_range(format!(
+            "snapshot {from} has {} bytes, more than limit_bytes {limit}: a volume from it is at least that large",
+            snapshot.size
+        )));
+    }
+    source::run(source, move |s| {
+        s.create_from_snapshot(&id, &from, bytes, &ctx)
+    })
+    .await
+}
+
+/// The lock of snapshot `name` (apart from the volumes': a name never has a space).
+fn snapshot_key(name: &str) -> String {
+    format!("snapshot {name}")
+}
+
 fn capacity(range: Option<&CapacityRange>) -> (i64, i64) {
     range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes))
 }
@@ -107,11 +161,19 @@ impl Controller for ControllerService {
         status::required(&req.name, "name")?;
         volume::check_name(&req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         capability::check_all(&req.volume_capabilities).map_err(Status::invalid_argument)?;
-        if req.volume_content_source.is_some() {
-            return Err(Status::invalid_argument(
-                "volume_content_source (snapshots, clones) is not supported",
-            ));
-        }
+        let from = match req
+            .volume_content_source
+            .as_ref()
+            .map(|c| c.r#type.as_ref())
+        {
+            None => None,
+            Some(Some(ContentType::Snapshot(s))) => Some(self.snapshot(&s.snapshot_id)?.0),
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "volume_content_source: only a snapshot (volume cloning is not supported)",
+                ))
+            }
+        };
         let (required, limit) = capacity(req.capacity_range.as_ref());
         let size = volume::size_for(required, limit).map_err(|e| match e {
             volume::RangeError::Negative => Status::invalid_argument(e.to_string()),
@@ -140,29 +202,41 @@ impl Controller for ControllerService {
             location,
             name: req.name.clone(),
         };
+        if let Some(from) = &from {
+            if from.volume.source != id.source {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot {from} is of source {}, the StorageClass's is {}: a volume from a snapshot is made in the snapshot's source",
+                    from.volume.source, id.source
+                )));
+            }
+        }
         let _busy = self.locks.lock(&req.name)?;
         let (found_id, found_ctx) = (id.clone(), ctx.clone());
         let found = source::run(&source, move |s| s.get(&found_id, &found_ctx)).await?;
-        let volume = match found {
-            Some(existing) if volume::fits(existing.capacity, required, limit) => existing,
-            Some(existing) => {
+        let volume = match (found, from.clone()) {
+            (Some(existing), _) if volume::fits(existing.capacity, required, limit) => existing,
+            (Some(existing), _) => {
                 return Err(Status::already_exists(format!(
                     "volume {} already exists with {} bytes, outside the range asked for",
                     req.name, existing.capacity
                 )))
             }
-            None => {
+            (None, None) => {
                 let new_id = id.clone();
                 source::run(&source, move |s| s.create(&new_id, size, &ctx)).await?
             }
+            (None, Some(from)) => {
+                let bytes = (required > 0).then_some(size);
+                create_from(&source, id.clone(), from, bytes, limit, ctx).await?
+            }
         };
-        tracing::info!(volume = %id, bytes = volume.capacity, "created volume");
+        tracing::info!(volume = %id, bytes = volume.capacity, from = ?from.map(|f| f.to_string()), "created volume");
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(Volume {
                 capacity_bytes: volume.capacity as i64,
                 volume_id: id.to_string(),
                 volume_context: HashMap::new(),
-                content_source: None,
+                content_source: req.volume_content_source,
                 accessible_topology: self.topology(source.as_ref()),
             }),
         }))
@@ -179,12 +253,7 @@ impl Controller for ControllerService {
             return Ok(Response::new(DeleteVolumeResponse {}));
         };
         let _busy = self.locks.lock(&id.name)?;
-        if self
-            .state_dir
-            .join("volumes")
-            .join(id.state_file())
-            .exists()
-        {
+        if self.staged(&id) {
             return Err(Status::failed_precondition(format!(
                 "volume {id} is still staged on node {}: unstage it first",
                 self.node_id
@@ -281,6 +350,7 @@ impl Controller for ControllerService {
             rpc::Type::CreateDeleteVolume,
             rpc::Type::ExpandVolume,
             rpc::Type::GetCapacity,
+            rpc::Type::CreateDeleteSnapshot,
         ]
         .into_iter()
         .map(|t| ControllerServiceCapability {
@@ -296,16 +366,64 @@ impl Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _request: Request<CreateSnapshotRequest>,
+        request: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        let req = request.into_inner();
+        status::required(&req.name, "name")?;
+        status::required(&req.source_volume_id, "source_volume_id")?;
+        volume::check_name(&req.name).map_err(|e| {
+            Status::invalid_argument(e.to_string().replacen("volume name", "snapshot name", 1))
+        })?;
+        if let Some(key) = req
+            .parameters
+            .keys()
+            .find(|k| !k.starts_with("csi.storage.k8s.io/"))
+        {
+            return Err(Status::invalid_argument(format!(
+                "VolumeSnapshotClass parameter {key}: snapshots take no parameters"
+            )));
+        }
+        let (volume, source) = self.ours(&req.source_volume_id)?;
+        let id = SnapshotId {
+            volume,
+            name: req.name.clone(),
+        };
+        let _busy = self.locks.lock(&snapshot_key(&req.name))?;
+        let _volume_busy = self.locks.lock(&id.volume.name)?;
+        if source.node_local() && self.staged(&id.volume) {
+            tracing::warn!(volume = %id.volume, "snapshot of a volume in use: the image is copied while the pod writes; freeze the filesystem first for a consistent copy");
+        }
+        let ctx = SourceContext::secrets(req.secrets);
+        let taken = id.clone();
+        let snapshot = source::run(&source, move |s| s.create_snapshot(&taken, &ctx)).await?;
+        tracing::info!(snapshot = %id, bytes = snapshot.size, "created snapshot");
+        Ok(Response::new(CreateSnapshotResponse {
+            snapshot: Some(Snapshot {
+                size_bytes: snapshot.size.min(i64::MAX as u64) as i64,
+                snapshot_id: id.to_string(),
+                source_volume_id: id.volume.to_string(),
+                creation_time: Some(prost_types::Timestamp::from(snapshot.created)),
+                ready_to_use: true,
+            }),
+        }))
     }
 
     async fn delete_snapshot(
         &self,
-        _request: Request<DeleteSnapshotRequest>,
+        request: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        let req = request.into_inner();
+        status::required(&req.snapshot_id, "snapshot_id")?;
+        // An id that is not ours, or another node's, names nothing here: already deleted.
+        let Ok((id, source)) = self.snapshot(&req.snapshot_id) else {
+            return Ok(Response::new(DeleteSnapshotResponse {}));
+        };
+        let _busy = self.locks.lock(&snapshot_key(&id.name))?;
+        let ctx = SourceContext::secrets(req.secrets);
+        let gone = id.clone();
+        source::run(&source, move |s| s.delete_snapshot(&gone, &ctx)).await?;
+        tracing::info!(snapshot = %id, "deleted snapshot");
+        Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
     async fn list_snapshots(

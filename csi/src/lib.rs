@@ -14,6 +14,7 @@ pub mod locks;
 pub mod mounts;
 pub mod node;
 pub mod server;
+pub mod snapshot;
 pub mod source;
 pub mod state;
 pub mod status;

@@ -18,8 +18,12 @@ pub fn required(value: &str, field: &str) -> Result<(), Status> {
 /// A source's error as the spec's code.
 pub fn source(e: SourceError) -> Status {
     match &e {
-        SourceError::NotFound(_) => Status::not_found(e.to_string()),
-        SourceError::Exists { .. } => Status::already_exists(e.to_string()),
+        SourceError::NotFound(_) | SourceError::SnapshotNotFound(_) => {
+            Status::not_found(e.to_string())
+        }
+        SourceError::Exists { .. } | SourceError::SnapshotExists { .. } => {
+            Status::already_exists(e.to_string())
+        }
         SourceError::Invalid(_) => Status::invalid_argument(e.to_string()),
         SourceError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
         SourceError::Unavailable(_) => Status::unavailable(e.to_string()),

@@ -29,6 +29,9 @@ pub enum IdError {
     /// Not `SOURCE:LOCATION:NAME`.
     #[error("volume id {0:?} is not one of this plugin's (SOURCE:LOCATION:NAME)")]
     Malformed(String),
+    /// Not `SOURCE:LOCATION:VOLUME@SNAPSHOT`.
+    #[error("snapshot id {0:?} is not one of this plugin's (SOURCE:LOCATION:VOLUME@SNAPSHOT)")]
+    MalformedSnapshot(String),
     /// The name has characters or a length we do not take.
     #[error(
         "volume name {0:?}: use 1 to {MAX_NAME} letters, digits, '.', '_' or '-', not starting with '.'"

@@ -1,4 +1,4 @@
-//! Provisioning RBD images: create, clone, resize, remove, list, snapshots, over the same
+//! Provisioning RBD images: create, clone, resize, remove, list, snapshots (with their times), over the same
 //! run-time loaded librbd/librados as the backend (`sys.rs`), for callers that manage
 //! volumes (the CSI plugin's `rbd` source).
 //!
@@ -24,6 +24,7 @@
 
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::ptr;
+use std::time::{Duration, SystemTime};
 
 pub use super::cluster::{Cluster, ClusterConfig};
 use super::{errno_text, sys};
@@ -60,6 +61,8 @@ pub struct Snapshot {
     pub id: u64,
     /// The image size when it was taken, in bytes.
     pub size: u64,
+    /// When it was taken (the cluster's clock).
+    pub created: SystemTime,
 }
 
 /// Why a provisioning call failed; the text says what to do.
@@ -384,10 +387,27 @@ impl Cluster {
                     name: text(s.name),
                     id: s.id,
                     size: s.size,
+                    created: SystemTime::UNIX_EPOCH,
                 })
                 .collect();
             // SAFETY: filled by rbd_snap_list (null-name terminated); freed once.
             unsafe { (self.api.rbd_snap_list_end)(snaps.as_mut_ptr()) };
+            for snap in &mut list {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: the image is open; the out-pointer is valid. librbd answers from the
+                // image header it holds (no round trip).
+                let ret =
+                    unsafe { (self.api.rbd_snap_get_timestamp)(open.handle, snap.id, &mut ts) };
+                check(ret, &pool.target(image), "cannot read a snapshot's time")?;
+                snap.created = SystemTime::UNIX_EPOCH
+                    + Duration::new(
+                        ts.tv_sec.max(0) as u64,
+                        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+                    );
+            }
             list.sort_by_key(|s| s.id);
             return Ok(list);
         }

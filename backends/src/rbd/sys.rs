@@ -120,6 +120,7 @@ api! {
     fn rbd_snap_protect(image: rbd_image_t, name: *const c_char) -> c_int;
     fn rbd_snap_unprotect(image: rbd_image_t, name: *const c_char) -> c_int;
     fn rbd_snap_is_protected(image: rbd_image_t, name: *const c_char, is_protected: *mut c_int) -> c_int;
+    fn rbd_snap_get_timestamp(image: rbd_image_t, snap_id: u64, timestamp: *mut libc::timespec) -> c_int;
 }
 
 /// The text of the last `dlerror`, or `what` when there is none.

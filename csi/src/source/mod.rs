@@ -5,11 +5,14 @@
 
 pub mod local;
 pub mod rbd;
+pub mod sparse;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
+use crate::snapshot::SnapshotId;
 use crate::volume::VolumeId;
 
 /// The StorageClass parameter naming the source of a new volume.
@@ -26,6 +29,17 @@ pub struct Volume {
     pub capacity: u64,
     /// The `image` of the daemon's device serving it (a path, or `qcow2:PATH`, `rbd:...`).
     pub image: String,
+}
+
+/// A snapshot as its source knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Its id (the volume it is of and its name).
+    pub id: SnapshotId,
+    /// The volume's size when it was taken, in bytes (the least a volume made from it has).
+    pub size: u64,
+    /// When it was taken.
+    pub created: SystemTime,
 }
 
 /// What a call brings besides the volume id: the StorageClass parameters (CreateVolume,
@@ -75,6 +89,17 @@ pub enum SourceError {
         name: String,
         /// Its size.
         capacity: u64,
+    },
+    /// No snapshot of that id.
+    #[error("snapshot {0} does not exist")]
+    SnapshotNotFound(String),
+    /// A snapshot of that name exists, of another volume.
+    #[error("snapshot {name} already exists, of volume {volume}: pick another name")]
+    SnapshotExists {
+        /// The snapshot's name.
+        name: String,
+        /// The volume it is of.
+        volume: String,
     },
     /// The request cannot be honoured (a parameter, a missing secret, shrinking).
     #[error("{0}")]
@@ -139,6 +164,36 @@ pub trait VolumeSource: Send + Sync + fmt::Debug {
 
     /// Bytes free for new volumes, if the source knows.
     fn available(&self, ctx: &SourceContext) -> Result<Option<u64>, SourceError>;
+
+    /// Take snapshot `id` of its volume, or answer it if it exists already;
+    /// [`SourceError::SnapshotExists`] if a snapshot of that name exists of another volume in
+    /// the same place, [`SourceError::NotFound`] without the volume.
+    fn create_snapshot(
+        &self,
+        id: &SnapshotId,
+        ctx: &SourceContext,
+    ) -> Result<Snapshot, SourceError>;
+
+    /// The snapshot `id`, if it exists.
+    fn get_snapshot(
+        &self,
+        id: &SnapshotId,
+        ctx: &SourceContext,
+    ) -> Result<Option<Snapshot>, SourceError>;
+
+    /// Delete snapshot `id`; absent already is success.
+    fn delete_snapshot(&self, id: &SnapshotId, ctx: &SourceContext) -> Result<(), SourceError>;
+
+    /// Create volume `id` of `bytes` (at least the snapshot's size) holding snapshot `from`,
+    /// or answer the volume if it exists already with that size ([`SourceError::Exists`]
+    /// with another).
+    fn create_from_snapshot(
+        &self,
+        id: &VolumeId,
+        from: &SnapshotId,
+        bytes: u64,
+        ctx: &SourceContext,
+    ) -> Result<Volume, SourceError>;
 
     /// NodeStageVolume: make what the node's daemon needs to serve `id` (an RBD keyring from
     /// the stage secrets) and answer the volume with the daemon's image. The default: the

@@ -10,6 +10,10 @@
 //! - Secrets (provisioner, controller-expand and node-stage): `userID` (without `client.`)
 //!   and `userKey` (`ceph auth get-key client.ID`), as ceph-csi names them.
 //! - The volume id is `rbd:CLUSTERID/POOL:NAME`.
+//! - A snapshot is an RBD snapshot `POOL/VOLUME@SNAPSHOT` (id `rbd:CLUSTERID/POOL:VOLUME@SNAPSHOT`);
+//!   a volume from it is a clone (the snapshot is protected first), grown to the size asked
+//!   for. A snapshot with clones, and a volume with snapshots, cannot be deleted
+//!   (FAILED_PRECONDITION) until its clones, or its snapshots, are.
 //! - NodeStageVolume writes `KEYS_DIR/csi-rbd-NAME.conf` (the monitors) and
 //!   `KEYS_DIR/csi-rbd-NAME.keyring` (the key), both 0600 in a 0700 directory, and gives the
 //!   daemon `rbd:POOL/NAME?conf=…&id=…&keyring=…`: the key never enters the daemon's records
@@ -21,7 +25,8 @@ use std::path::{Path, PathBuf};
 
 use virtiod_backend::rbd_admin::{self, AdminError, Cluster, ClusterConfig};
 
-use super::{SourceContext, SourceError, Volume, VolumeSource};
+use super::{Snapshot, SourceContext, SourceError, Volume, VolumeSource};
+use crate::snapshot::SnapshotId;
 use crate::volume::VolumeId;
 
 /// The StorageClass parameter naming the cluster.
@@ -189,6 +194,53 @@ impl RbdSource {
         })
     }
 
+    /// The image features of a new image: `imageFeatures`, or Ceph's default set.
+    fn features(ctx: &SourceContext) -> Result<u64, SourceError> {
+        match ctx.params.get(FEATURES_PARAM) {
+            Some(list) if !list.trim().is_empty() => features(list),
+            _ => Ok(rbd_admin::FEATURES_DEFAULT),
+        }
+    }
+
+    /// Snapshot `name` of image `image`, if both exist.
+    fn find_snapshot(
+        cluster: &Cluster,
+        id: &SnapshotId,
+        place: &Place<'_>,
+    ) -> Result<Option<Snapshot>, SourceError> {
+        let snaps = match cluster.list_snapshots(place.pool, place.name) {
+            Ok(snaps) => snaps,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(op_error(e)),
+        };
+        Ok(snaps
+            .into_iter()
+            .find(|s| s.name == id.name)
+            .map(|s| Snapshot {
+                id: id.clone(),
+                size: s.size,
+                created: s.created,
+            }))
+    }
+
+    /// The image of `pool` holding a snapshot named `name`, if one does (one look at every
+    /// image of the pool: snapshot names are taken once per pool).
+    fn snapshot_owner(
+        cluster: &Cluster,
+        pool: &str,
+        name: &str,
+    ) -> Result<Option<String>, SourceError> {
+        for image in cluster.list_images(pool).map_err(op_error)? {
+            match cluster.list_snapshots(pool, &image) {
+                Ok(snaps) if snaps.iter().any(|s| s.name == name) => return Ok(Some(image)),
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {} // removed since the listing
+                Err(e) => return Err(op_error(e)),
+            }
+        }
+        Ok(None)
+    }
+
     fn files(&self, id: &VolumeId) -> (PathBuf, PathBuf) {
         let base = id.device_name();
         (
@@ -262,10 +314,7 @@ impl VolumeSource for RbdSource {
         ctx: &SourceContext,
     ) -> Result<Volume, SourceError> {
         let place = self.place(id)?;
-        let features = match ctx.params.get(FEATURES_PARAM) {
-            Some(list) if !list.trim().is_empty() => features(list)?,
-            _ => rbd_admin::FEATURES_DEFAULT,
-        };
+        let features = Self::features(ctx)?;
         let cluster = self.connect(place.cluster, ctx)?;
         let mut created = cluster.create_image(place.pool, place.name, bytes, features);
         if matches!(&created, Err(e) if e.is_already_exists()) {
@@ -341,6 +390,119 @@ impl VolumeSource for RbdSource {
 
     fn available(&self, _ctx: &SourceContext) -> Result<Option<u64>, SourceError> {
         Ok(None)
+    }
+
+    fn create_snapshot(
+        &self,
+        id: &SnapshotId,
+        ctx: &SourceContext,
+    ) -> Result<Snapshot, SourceError> {
+        let place = self.place(&id.volume)?;
+        let cluster = self.connect(place.cluster, ctx)?;
+        if let Some(existing) = Self::find_snapshot(&cluster, id, &place)? {
+            return Ok(existing);
+        }
+        if let Some(volume) = Self::snapshot_owner(&cluster, place.pool, &id.name)? {
+            return Err(SourceError::SnapshotExists {
+                name: id.name.clone(),
+                volume,
+            });
+        }
+        match cluster.create_snapshot(place.pool, place.name, &id.name) {
+            Ok(()) => {}
+            Err(e) if e.is_already_exists() => {} // an earlier call's
+            Err(e) if e.is_not_found() => return Err(SourceError::NotFound(id.volume.to_string())),
+            Err(e) => return Err(op_error(e)),
+        }
+        Self::find_snapshot(&cluster, id, &place)?
+            .ok_or_else(|| SourceError::Failed(format!("snapshot {id} vanished once made")))
+    }
+
+    fn get_snapshot(
+        &self,
+        id: &SnapshotId,
+        ctx: &SourceContext,
+    ) -> Result<Option<Snapshot>, SourceError> {
+        let Ok(place) = self.place(&id.volume) else {
+            return Ok(None);
+        };
+        let cluster = self.connect(place.cluster, ctx)?;
+        Self::find_snapshot(&cluster, id, &place)
+    }
+
+    fn delete_snapshot(&self, id: &SnapshotId, ctx: &SourceContext) -> Result<(), SourceError> {
+        let Ok(place) = self.place(&id.volume) else {
+            return Ok(()); // not an id of ours: nothing to delete
+        };
+        let cluster = self.connect(place.cluster, ctx)?;
+        match cluster.remove_snapshot(place.pool, place.name, &id.name) {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            // Clones of it exist (unprotecting fails): they must go first.
+            Err(e) => Err(op_error(e)),
+        }
+    }
+
+    fn create_from_snapshot(
+        &self,
+        id: &VolumeId,
+        from: &SnapshotId,
+        bytes: u64,
+        ctx: &SourceContext,
+    ) -> Result<Volume, SourceError> {
+        let place = self.place(id)?;
+        let parent = self.place(&from.volume)?;
+        if id.location != from.volume.location {
+            return Err(SourceError::Invalid(format!(
+                "snapshot {from} is in {}, the StorageClass's volumes in {}: a volume from a snapshot is a clone in the snapshot's cluster and pool",
+                from.volume.location, id.location
+            )));
+        }
+        let features = Self::features(ctx)? | rbd_admin::FEATURE_LAYERING;
+        let cluster = self.connect(place.cluster, ctx)?;
+        let Some(snapshot) = Self::find_snapshot(&cluster, from, &parent)? else {
+            return Err(SourceError::SnapshotNotFound(from.to_string()));
+        };
+        let image = format!("rbd:{}/{}", place.pool, place.name);
+        let current = match cluster.image_size(place.pool, place.name) {
+            Ok(size) => Some(size),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(op_error(e)),
+        };
+        let current = match current {
+            Some(size) => size,
+            None => {
+                match cluster.clone_image(place.pool, parent.name, &from.name, place.name, features)
+                {
+                    Ok(()) => {}
+                    Err(e) if e.is_already_exists() => {} // an earlier call's
+                    Err(e) if e.errno() == Some(-libc::EINVAL) => {
+                        return Err(SourceError::Invalid(format!(
+                            "{e}: the image of volume {} needs the layering feature to be cloned (imageFeatures)",
+                            from.volume
+                        )))
+                    }
+                    Err(e) => return Err(op_error(e)),
+                }
+                snapshot.size
+            }
+        };
+        // A clone has the snapshot's size; an earlier call may have cloned and not grown it.
+        if current == snapshot.size && bytes > current {
+            cluster
+                .resize_image(place.pool, place.name, bytes)
+                .map_err(op_error)?;
+        } else if current != bytes {
+            return Err(SourceError::Exists {
+                name: id.name.clone(),
+                capacity: current,
+            });
+        }
+        Ok(Volume {
+            name: id.name.clone(),
+            capacity: bytes,
+            image,
+        })
     }
 
     fn stage(&self, id: &VolumeId, ctx: &SourceContext) -> Result<Volume, SourceError> {
