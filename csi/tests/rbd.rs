@@ -9,11 +9,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tonic::transport::Channel;
 use tonic::Code;
 use virtiod_csi::proto::controller_client::ControllerClient;
 use virtiod_csi::proto::volume_capability::{
     access_mode::Mode, AccessMode, AccessType, MountVolume,
 };
+use virtiod_csi::proto::volume_content_source::{SnapshotSource, Type as ContentType};
 use virtiod_csi::proto::*;
 use virtiod_csi::source::rbd::RbdSource;
 use virtiod_csi::source::{SourceContext, VolumeSource};
@@ -290,6 +292,7 @@ async fn rbd_volumes_through_the_controller_on_a_real_cluster() {
     assert_eq!(capacity.available_capacity, 0);
 
     node_side_of_staging(&tc, dir.path(), &clusters, &key);
+    snapshots(&mut ctl, &tc, dir.path(), &secrets, &wrong_key).await;
 
     // DeleteVolume removes the image; again: OK.
     for _ in 0..2 {
@@ -349,4 +352,196 @@ fn node_side_of_staging(tc: &TestCluster, dir: &Path, clusters: &Path, key: &str
     src.unstage(&id).unwrap();
     assert!(!keyring.exists());
     assert_eq!(src.node_size(&id).unwrap(), None);
+}
+
+/// The snapshot of `rbd:test/rbd:NAME` named `snap` (a CreateSnapshot request).
+fn snapshot(volume: &str, snap: &str, secrets: &HashMap<String, String>) -> CreateSnapshotRequest {
+    CreateSnapshotRequest {
+        source_volume_id: format!("rbd:test/rbd:{volume}"),
+        name: snap.into(),
+        secrets: secrets.clone(),
+        parameters: map(&[("csi.storage.k8s.io/volumesnapshot/name", "s")]),
+    }
+}
+
+/// A CreateVolume request of `bytes` (0: none asked for) from snapshot id `from`.
+fn from_snapshot(
+    name: &str,
+    bytes: i64,
+    limit: i64,
+    from: &str,
+    secrets: &HashMap<String, String>,
+) -> CreateVolumeRequest {
+    let mut req = create(name, bytes, SC, secrets);
+    req.capacity_range = Some(CapacityRange {
+        required_bytes: bytes,
+        limit_bytes: limit,
+    });
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(ContentType::Snapshot(SnapshotSource {
+            snapshot_id: from.into(),
+        })),
+    });
+    req
+}
+
+/// CreateSnapshot, CreateVolume from it (its data read back with `rbd export`),
+/// DeleteSnapshot, with the `rbd` tool as witness.
+async fn snapshots(
+    ctl: &mut ControllerClient<Channel>,
+    tc: &TestCluster,
+    dir: &Path,
+    secrets: &HashMap<String, String>,
+    wrong_key: &HashMap<String, String>,
+) {
+    // The source volume: a 4 MiB image holding a pattern (made with `rbd import`).
+    let pattern: Vec<u8> = (0..4 * MIB as usize)
+        .map(|i| (i / 4096 % 251) as u8)
+        .collect();
+    let file = dir.join("pattern");
+    std::fs::write(&file, &pattern).unwrap();
+    tc.run("rbd", &["import", file.to_str().unwrap(), "rbd/snapsrc"]);
+
+    let taken = ctl
+        .create_snapshot(snapshot("snapsrc", "snap-1", secrets))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(taken.snapshot_id, "rbd:test/rbd:snapsrc@snap-1");
+    assert_eq!(taken.source_volume_id, "rbd:test/rbd:snapsrc");
+    assert_eq!(taken.size_bytes, 4 * MIB);
+    assert!(taken.ready_to_use);
+    let created = taken.creation_time.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now - created.seconds).abs() < 600, "{created:?} vs {now}");
+    let listed = tc.tool("rbd", &["snap", "ls", "rbd/snapsrc", "--format", "json"]);
+    assert!(listed.contains("\"snap-1\""), "{listed}");
+    // Same again: the same snapshot; the same name of another volume: ALREADY_EXISTS.
+    let again = ctl
+        .create_snapshot(snapshot("snapsrc", "snap-1", secrets))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(again, taken);
+    let e = error(
+        ctl.create_snapshot(snapshot("pvc-1", "snap-1", secrets))
+            .await,
+    );
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let e = error(
+        ctl.create_snapshot(snapshot("snapsrc", "snap-2", wrong_key))
+            .await,
+    );
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = error(
+        ctl.create_snapshot(snapshot("nosuch", "snap-3", secrets))
+            .await,
+    );
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // A volume from it: a clone grown to 8 MiB, the snapshot's data then zeros.
+    let req = from_snapshot("pvc-from", 8 * MIB, 0, &taken.snapshot_id, secrets);
+    let made = ctl
+        .create_volume(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(made.volume_id, "rbd:test/rbd:pvc-from");
+    assert_eq!(made.capacity_bytes, 8 * MIB);
+    assert_eq!(made.content_source, req.volume_content_source);
+    assert_eq!(image_size(tc, "pvc-from"), Some(8 * MIB));
+    let info = tc.tool("rbd", &["info", "rbd/pvc-from", "--format", "json"]);
+    assert!(
+        info.contains("\"snap-1\""),
+        "a clone of the snapshot: {info}"
+    );
+    let data = tc.run("rbd", &["export", "rbd/pvc-from", "-"]);
+    assert_eq!(data.len(), 8 * MIB as usize);
+    assert!(data[..pattern.len()] == pattern[..], "the snapshot's data");
+    assert!(data[pattern.len()..].iter().all(|b| *b == 0));
+    let again = ctl
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again, made);
+    // No size asked for: the snapshot's.
+    let sized = ctl
+        .create_volume(from_snapshot(
+            "pvc-from2",
+            0,
+            0,
+            &taken.snapshot_id,
+            secrets,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(sized.capacity_bytes, 4 * MIB);
+    // Smaller than the snapshot: OUT_OF_RANGE; unknown snapshots: NOT_FOUND.
+    let e = error(
+        ctl.create_volume(from_snapshot(
+            "pvc-x",
+            MIB,
+            2 * MIB,
+            &taken.snapshot_id,
+            secrets,
+        ))
+        .await,
+    );
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    for unknown in [
+        "rbd:test/rbd:snapsrc@nope",
+        "rbd:test/rbd:nosuch@snap-1",
+        "nope",
+    ] {
+        let e = error(
+            ctl.create_volume(from_snapshot("pvc-x", MIB, 0, unknown, secrets))
+                .await,
+        );
+        assert_eq!(e.code(), Code::NotFound, "{unknown}: {e:?}");
+    }
+    assert!(image_size(tc, "pvc-x").is_none());
+
+    // While clones exist the snapshot stays, and while snapshots exist the volume does.
+    let delete_snap = |id: &str| DeleteSnapshotRequest {
+        snapshot_id: id.into(),
+        secrets: secrets.clone(),
+    };
+    let e = error(ctl.delete_snapshot(delete_snap(&taken.snapshot_id)).await);
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    eprintln!("snapshot with clones: {:?}: {}", e.code(), e.message());
+    let delete_vol = |name: &str| DeleteVolumeRequest {
+        volume_id: format!("rbd:test/rbd:{name}"),
+        secrets: secrets.clone(),
+    };
+    let e = error(ctl.delete_volume(delete_vol("snapsrc")).await);
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    eprintln!("volume with snapshots: {:?}: {}", e.code(), e.message());
+    for name in ["pvc-from", "pvc-from2"] {
+        ctl.delete_volume(delete_vol(name)).await.unwrap();
+    }
+    for _ in 0..2 {
+        ctl.delete_snapshot(delete_snap(&taken.snapshot_id))
+            .await
+            .unwrap();
+    }
+    let listed = tc.tool("rbd", &["snap", "ls", "rbd/snapsrc", "--format", "json"]);
+    assert_eq!(listed, "[]");
+    ctl.delete_snapshot(delete_snap("not-ours")).await.unwrap();
+    ctl.delete_volume(delete_vol("snapsrc")).await.unwrap();
+    assert!(image_size(tc, "snapsrc").is_none());
 }

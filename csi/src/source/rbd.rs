@@ -367,6 +367,9 @@ impl VolumeSource for RbdSource {
         match cluster.remove_image(place.pool, place.name) {
             Ok(()) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
+            Err(e) if e.errno() == Some(-libc::ENOTEMPTY) => Err(SourceError::Busy(format!(
+                "{e}; for Kubernetes: delete the volume's VolumeSnapshots first"
+            ))),
             Err(e) => Err(op_error(e)),
         }
     }
@@ -439,6 +442,9 @@ impl VolumeSource for RbdSource {
             Ok(()) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             // Clones of it exist (unprotecting fails): they must go first.
+            Err(e) if e.errno() == Some(-libc::EBUSY) => Err(SourceError::Busy(format!(
+                "{e}; for Kubernetes: delete the volumes made from snapshot {id} first"
+            ))),
             Err(e) => Err(op_error(e)),
         }
     }
