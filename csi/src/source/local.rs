@@ -272,8 +272,10 @@ impl VolumeSource for LocalSource {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Self::io(format!("cannot delete {}", path.display()))(e)),
         }
-        // The name's directory goes with its snapshot (kept if something else is in it).
+        // The name's directory goes with its snapshot, and the snapshots' directory with the
+        // last (each kept while something else is in it).
         let _ = std::fs::remove_dir(self.snapshot_dir(&id.name));
+        let _ = std::fs::remove_dir(self.dir.join("snapshots"));
         Ok(())
     }
 
@@ -454,7 +456,7 @@ mod snapshot_tests {
         src.delete_snapshot(&snap, &none).unwrap();
         src.delete_snapshot(&snap, &none).unwrap();
         assert!(src.get_snapshot(&snap, &none).unwrap().is_none());
-        assert!(!dir.path().join("vols/snapshots/s1").exists());
+        assert!(!dir.path().join("vols/snapshots").exists());
         // The name is free again.
         src.create_snapshot(&other, &none).unwrap();
     }

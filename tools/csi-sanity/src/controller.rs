@@ -2,20 +2,20 @@
 
 use tonic::Code;
 use virtiod_csi::proto::{
-    controller_service_capability, volume_content_source, CapacityRange,
-    ControllerExpandVolumeRequest, ControllerGetCapabilitiesRequest, CreateSnapshotRequest,
-    DeleteSnapshotRequest, DeleteVolumeRequest, GetCapacityRequest,
-    ValidateVolumeCapabilitiesRequest, VolumeContentSource,
+    controller_service_capability, CapacityRange, ControllerExpandVolumeRequest,
+    ControllerGetCapabilitiesRequest, DeleteVolumeRequest, GetCapacityRequest,
+    ValidateVolumeCapabilitiesRequest,
 };
 
 use crate::ctx::{expect_code, expect_ok, show, CtrlCap, Ctx};
+use crate::snapshot;
 use crate::{fail, CheckResult, Report};
 
 /// The longest name CreateVolume must take (the CSI spec: 128 bytes).
-const MAX_NAME: usize = 128;
+pub(crate) const MAX_NAME: usize = 128;
 
 pub(crate) async fn run(ctx: &mut Ctx, report: &mut Report) {
-    let checks: [(&str, Check); 22] = [
+    let checks: [(&str, Check); 25] = [
         ("Controller/GetCapabilities: known capabilities only", |c| {
             Box::pin(capabilities(c))
         }),
@@ -54,7 +54,11 @@ pub(crate) async fn run(ctx: &mut Ctx, report: &mut Report) {
         }),
         (
             "Controller/CreateVolume: from an unknown snapshot -> NOT_FOUND",
-            |c| Box::pin(create_from_missing_snapshot(c)),
+            |c| Box::pin(snapshot::create_from_missing_snapshot(c)),
+        ),
+        (
+            "Controller/CreateVolume: from a snapshot -> its size at least, content_source echoed",
+            |c| Box::pin(snapshot::create_from_snapshot(c)),
         ),
         (
             "Controller/DeleteVolume: no volume id -> INVALID_ARGUMENT",
@@ -96,8 +100,15 @@ pub(crate) async fn run(ctx: &mut Ctx, report: &mut Report) {
         }),
         (
             "Controller/CreateSnapshot, DeleteSnapshot: required fields, idempotence",
-            |c| Box::pin(snapshots(c)),
+            |c| Box::pin(snapshot::snapshots(c)),
         ),
+        (
+            "Controller/CreateSnapshot: same name, other source volume -> ALREADY_EXISTS",
+            |c| Box::pin(snapshot::snapshot_conflict(c)),
+        ),
+        ("Controller/CreateSnapshot: a 128-byte name", |c| {
+            Box::pin(snapshot::snapshot_long_name(c))
+        }),
     ];
     for (name, check) in checks {
         let result = check(ctx).await;
@@ -264,24 +275,6 @@ async fn create_long_name(ctx: &mut Ctx) -> CheckResult {
     let size = ctx.config.volume_size;
     let volume = ctx.create(ctx.create_req(&name, size, 0)).await?;
     check_capacity("CreateVolume", volume.capacity_bytes, size)
-}
-
-async fn create_from_missing_snapshot(ctx: &mut Ctx) -> CheckResult {
-    let mut c = ctx.need_ctrl(CtrlCap::CreateDeleteSnapshot)?;
-    let name = ctx.unique("fromsnap");
-    let mut req = ctx.create_req(&name, ctx.config.volume_size, 0);
-    req.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(volume_content_source::Type::Snapshot(
-            volume_content_source::SnapshotSource {
-                snapshot_id: "sanity-no-such-snapshot".into(),
-            },
-        )),
-    });
-    expect_code(
-        "CreateVolume from an unknown snapshot",
-        c.create_volume(req).await,
-        Code::NotFound,
-    )
 }
 
 async fn delete_no_id(ctx: &mut Ctx) -> CheckResult {
@@ -478,82 +471,4 @@ async fn get_capacity(ctx: &mut Ctx) -> CheckResult {
         ));
     }
     Ok(())
-}
-
-async fn snapshots(ctx: &mut Ctx) -> CheckResult {
-    let mut c = ctx.need_ctrl(CtrlCap::CreateDeleteSnapshot)?;
-    let volume = ctx.create_default("snapsrc").await?;
-    let secrets = ctx.config.secrets.clone();
-    let name = ctx.unique("snap");
-    let no_name = CreateSnapshotRequest {
-        source_volume_id: volume.volume_id.clone(),
-        secrets: secrets.clone(),
-        ..Default::default()
-    };
-    expect_code(
-        "CreateSnapshot without a name",
-        c.create_snapshot(no_name).await,
-        Code::InvalidArgument,
-    )?;
-    let no_source = CreateSnapshotRequest {
-        name: name.clone(),
-        secrets: secrets.clone(),
-        ..Default::default()
-    };
-    expect_code(
-        "CreateSnapshot without a source volume",
-        c.create_snapshot(no_source).await,
-        Code::InvalidArgument,
-    )?;
-    let req = CreateSnapshotRequest {
-        source_volume_id: volume.volume_id.clone(),
-        name,
-        secrets: secrets.clone(),
-        ..Default::default()
-    };
-    let first = expect_ok("CreateSnapshot", c.create_snapshot(req.clone()).await)?.snapshot;
-    let second = expect_ok("the second CreateSnapshot", c.create_snapshot(req).await)?.snapshot;
-    let (Some(first), Some(second)) = (first, second) else {
-        return fail("CreateSnapshot: the response has no snapshot");
-    };
-    if first.snapshot_id.is_empty() || first.snapshot_id != second.snapshot_id {
-        return fail(format!(
-            "snapshot ids {:?} and {:?}: must be one, not empty",
-            first.snapshot_id, second.snapshot_id
-        ));
-    }
-    if first.source_volume_id != volume.volume_id {
-        return fail(format!(
-            "source_volume_id {:?}, expected {:?}",
-            first.source_volume_id, volume.volume_id
-        ));
-    }
-    let no_id = DeleteSnapshotRequest {
-        snapshot_id: String::new(),
-        secrets: secrets.clone(),
-    };
-    expect_code(
-        "DeleteSnapshot without an id",
-        c.delete_snapshot(no_id).await,
-        Code::InvalidArgument,
-    )?;
-    for round in ["first", "second"] {
-        let req = DeleteSnapshotRequest {
-            snapshot_id: first.snapshot_id.clone(),
-            secrets: secrets.clone(),
-        };
-        expect_ok(
-            &format!("the {round} DeleteSnapshot"),
-            c.delete_snapshot(req).await,
-        )?;
-    }
-    let unknown = DeleteSnapshotRequest {
-        snapshot_id: "sanity-no-such-snapshot".into(),
-        secrets,
-    };
-    expect_ok(
-        "DeleteSnapshot of an unknown id",
-        c.delete_snapshot(unknown).await,
-    )
-    .map(|_| ())
 }

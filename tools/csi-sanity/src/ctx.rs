@@ -10,9 +10,9 @@ use virtiod_csi::proto::identity_client::IdentityClient;
 use virtiod_csi::proto::node_client::NodeClient;
 use virtiod_csi::proto::{
     controller_service_capability, node_service_capability, plugin_capability, volume_capability,
-    CapacityRange, ControllerGetCapabilitiesRequest, CreateVolumeRequest, DeleteVolumeRequest,
-    GetPluginCapabilitiesRequest, NodeGetCapabilitiesRequest, NodeUnpublishVolumeRequest,
-    NodeUnstageVolumeRequest, Volume, VolumeCapability,
+    CapacityRange, ControllerGetCapabilitiesRequest, CreateVolumeRequest, DeleteSnapshotRequest,
+    DeleteVolumeRequest, GetPluginCapabilitiesRequest, NodeGetCapabilitiesRequest,
+    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, Volume, VolumeCapability,
 };
 
 use crate::{fail, skip, Config, Outcome, SanityError};
@@ -34,6 +34,8 @@ pub struct Ctx {
     pub(crate) node_caps: Vec<NodeCap>,
     /// Volumes created and not yet deleted.
     created: Vec<String>,
+    /// Snapshots created and not yet deleted.
+    snapshots: Vec<String>,
     /// Staged `(volume, staging path)` and published `(volume, target path)` to undo.
     staged: Vec<(String, String)>,
     published: Vec<(String, String)>,
@@ -108,6 +110,7 @@ impl Ctx {
             ctrl_caps,
             node_caps,
             created: Vec::new(),
+            snapshots: Vec::new(),
             staged: Vec::new(),
             published: Vec::new(),
             serial: 0,
@@ -224,6 +227,13 @@ impl Ctx {
         }
     }
 
+    /// Delete snapshot `snapshot_id` at cleanup.
+    pub(crate) fn track_snapshot(&mut self, snapshot_id: &str) {
+        if !snapshot_id.is_empty() && !self.snapshots.iter().any(|s| s == snapshot_id) {
+            self.snapshots.push(snapshot_id.to_string());
+        }
+    }
+
     /// Forget a volume the check deleted itself.
     pub(crate) fn deleted(&mut self, volume_id: &str) {
         self.created.retain(|v| v != volume_id);
@@ -283,7 +293,27 @@ impl Ctx {
                 .await;
         }
         if let Some(mut c) = self.controller.clone() {
-            for volume_id in std::mem::take(&mut self.created) {
+            // Newest first, then the snapshots, then what was left: a volume made from a
+            // snapshot may have to go before it, and a snapshot before its volume.
+            let mut left = Vec::new();
+            for volume_id in std::mem::take(&mut self.created).into_iter().rev() {
+                let req = DeleteVolumeRequest {
+                    volume_id: volume_id.clone(),
+                    secrets: self.config.secrets.clone(),
+                };
+                if c.delete_volume(req).await.is_err() {
+                    left.push(volume_id);
+                }
+            }
+            for snapshot_id in std::mem::take(&mut self.snapshots) {
+                let _ = c
+                    .delete_snapshot(DeleteSnapshotRequest {
+                        snapshot_id,
+                        secrets: self.config.secrets.clone(),
+                    })
+                    .await;
+            }
+            for volume_id in left {
                 let _ = c
                     .delete_volume(DeleteVolumeRequest {
                         volume_id,

@@ -44,6 +44,7 @@ mod controller;
 mod ctx;
 mod identity;
 mod node;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::fmt;
