@@ -430,7 +430,9 @@ impl Controller for ControllerService {
         &self,
         _request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        Err(Status::unimplemented(
+            "ListSnapshots is not supported (CreateSnapshot and DeleteSnapshot are)",
+        ))
     }
 
     async fn controller_expand_volume(
