@@ -46,6 +46,8 @@ pub async fn call(socket: &Path, rpc: &str, json: &str) -> anyhow::Result<serde_
         "ControllerGetCapabilities" => ControllerClient::controller_get_capabilities(ControllerGetCapabilitiesRequest),
         "ControllerExpandVolume" => ControllerClient::controller_expand_volume(ControllerExpandVolumeRequest),
         "GetCapacity" => ControllerClient::get_capacity(GetCapacityRequest),
+        "CreateSnapshot" => ControllerClient::create_snapshot(CreateSnapshotRequest),
+        "DeleteSnapshot" => ControllerClient::delete_snapshot(DeleteSnapshotRequest),
         "NodeStageVolume" => NodeClient::node_stage_volume(NodeStageVolumeRequest),
         "NodeUnstageVolume" => NodeClient::node_unstage_volume(NodeUnstageVolumeRequest),
         "NodePublishVolume" => NodeClient::node_publish_volume(NodePublishVolumeRequest),

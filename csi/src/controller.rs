@@ -21,6 +21,11 @@ use crate::volume::{self, VolumeId};
 /// The topology key naming the node a node-local volume lives on.
 pub const TOPOLOGY_NODE_KEY: &str = "topology.virtiod.io/node";
 
+/// The volume context key (value `true`) of a volume made from a snapshot: NodeStageVolume
+/// grows the snapshot's filesystem to the volume's size (the CO never asks for it, the volume
+/// having that size from the start).
+pub const GROW_FS_CONTEXT: &str = "virtiod.io/grow-fs";
+
 /// The Controller service of one node's plugin.
 #[derive(Debug, Clone)]
 pub struct ControllerService {
@@ -230,12 +235,15 @@ impl Controller for ControllerService {
                 create_from(&source, id.clone(), from, bytes, limit, ctx).await?
             }
         };
-        tracing::info!(volume = %id, bytes = volume.capacity, from = ?from.map(|f| f.to_string()), "created volume");
+        tracing::info!(volume = %id, bytes = volume.capacity, from = ?from.as_ref().map(|f| f.to_string()), "created volume");
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(Volume {
                 capacity_bytes: volume.capacity as i64,
                 volume_id: id.to_string(),
-                volume_context: HashMap::new(),
+                volume_context: match from {
+                    Some(_) => HashMap::from([(GROW_FS_CONTEXT.to_string(), "true".to_string())]),
+                    None => HashMap::new(),
+                },
                 content_source: req.volume_content_source,
                 accessible_topology: self.topology(source.as_ref()),
             }),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use crate::capability::{self, Access};
-use crate::controller::TOPOLOGY_NODE_KEY;
+use crate::controller::{GROW_FS_CONTEXT, TOPOLOGY_NODE_KEY};
 use crate::daemon::{Daemon, DaemonError};
 use crate::locks::VolumeLocks;
 use crate::mounts::{self, NodeError};
@@ -183,6 +183,11 @@ impl Node for NodeService {
         let id = self.ours(&req.volume_id)?;
         let source = self.source_of(&id)?;
         let _busy = self.locks.lock(&req.volume_id)?;
+        // A volume made from a smaller snapshot holds the snapshot's filesystem: grown below.
+        let grow = req
+            .volume_context
+            .get(GROW_FS_CONTEXT)
+            .is_some_and(|v| v == "true");
         // The source prepares what the daemon needs (rbd: the keyring of the stage secrets).
         let ctx = SourceContext::new(req.volume_context, req.secrets);
         let staged_id = id.clone();
@@ -219,6 +224,7 @@ impl Node for NodeService {
         self.save(&id, &state)?;
         if let Some(fs_type) = fs_type {
             let read_only = state.read_only;
+            let mut grow = grow;
             blocking(move || {
                 if mounts::is_mounted(&staging)? {
                     return Ok(());
@@ -230,7 +236,10 @@ impl Node for NodeService {
                             "the volume has no filesystem yet and a read-only one cannot be made"
                                 .into(),
                     }),
-                    None => mounts::mkfs(&node, &fs_type)?,
+                    None => {
+                        mounts::mkfs(&node, &fs_type)?;
+                        grow = false;
+                    }
                     Some(found) if found == fs_type => {}
                     Some(found) => {
                         return Err(NodeError {
@@ -245,7 +254,11 @@ impl Node for NodeService {
                     what: format!("cannot create {}", staging.display()),
                     detail: e.to_string(),
                 })?;
-                mounts::mount_fs(&node, &staging, &fs_type, read_only, &options)
+                mounts::mount_fs(&node, &staging, &fs_type, read_only, &options)?;
+                if grow && !read_only {
+                    mounts::grow_fs(&node, &staging, &fs_type)?;
+                }
+                Ok(())
             })
             .await?;
         }

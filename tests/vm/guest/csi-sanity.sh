@@ -68,6 +68,54 @@ for name in "Node/stage, publish, unpublish, unstage: each twice, idempotent" \
   grep -qxF "PASS $name" /tmp/sanity.out || fail "the node I/O check \"$name\" did not pass"
 done
 
+# A volume from a snapshot, end to end: a pod writes a file on a 32 MiB ext4 volume; after
+# unstaging, a snapshot; a 64 MiB volume from it is staged (the snapshot's filesystem, grown to
+# the volume at stage) and the pod reads the file back.
+call() {
+  out=$(virtiod-csi --endpoint "unix://$SOCK" call "$1" "$2" 2>/tmp/sanity-call.err) \
+    || fail "$1 failed: $(cat /tmp/sanity-call.err)"
+  echo "$out"
+}
+field() { echo "$2" | sed -n "s/.*\"$1\":\"\\([^\"]*\\)\".*/\\1/p"; }
+cap='{"access_mode":{"mode":1},"access_type":{"Mount":{"fs_type":"ext4","mount_flags":[]}}}'
+# stage_publish ID NAME [CONTEXT] / unpublish_unstage ID NAME: the kubelet's calls, paths under
+# $WORK; CONTEXT is CreateVolume's volume_context, which the kubelet gives NodeStageVolume.
+stage_publish() {
+  vctx=${3:-'{}'}
+  call NodeStageVolume "{\"volume_id\":\"$1\",\"staging_target_path\":\"$WORK/stage-$2\",\"volume_capability\":$cap,\"volume_context\":$vctx}" >/dev/null
+  call NodePublishVolume "{\"volume_id\":\"$1\",\"staging_target_path\":\"$WORK/stage-$2\",\"target_path\":\"$WORK/pub-$2\",\"volume_capability\":$cap}" >/dev/null
+}
+unpublish_unstage() {
+  call NodeUnpublishVolume "{\"volume_id\":\"$1\",\"target_path\":\"$WORK/pub-$2\"}" >/dev/null
+  call NodeUnstageVolume "{\"volume_id\":\"$1\",\"staging_target_path\":\"$WORK/stage-$2\"}" >/dev/null
+}
+dd if=/dev/urandom of=/tmp/sanity-pat bs=64k count=16 2>/dev/null
+want=$(md5sum </tmp/sanity-pat | cut -d' ' -f1)
+vol=$(call CreateVolume "{\"name\":\"snap-src\",\"capacity_range\":{\"required_bytes\":33554432},\"volume_capabilities\":[$cap]}")
+src=$(field volume_id "$vol")
+stage_publish "$src" src
+unshare -m sh -c "cat /tmp/sanity-pat >$WORK/pub-src/data && sync" || fail "the pod could not write"
+unpublish_unstage "$src" src
+snap=$(call CreateSnapshot "{\"source_volume_id\":\"$src\",\"name\":\"snap-1\"}")
+sid=$(field snapshot_id "$snap")
+[ "$sid" = "$src@snap-1" ] && echo "$snap" | grep -q '"ready_to_use":true' || fail "CreateSnapshot: $snap"
+vol=$(call CreateVolume "{\"name\":\"restored\",\"capacity_range\":{\"required_bytes\":67108864},\"volume_capabilities\":[$cap],\"volume_content_source\":{\"type\":{\"Snapshot\":{\"snapshot_id\":\"$sid\"}}}}")
+new=$(field volume_id "$vol")
+echo "$vol" | grep -q '"capacity_bytes":67108864' || fail "CreateVolume from $sid: $vol"
+ctx=$(echo "$vol" | sed -n 's/.*"volume_context":\({[^}]*}\).*/\1/p')
+[ "$ctx" = '{"virtiod.io/grow-fs":"true"}' ] || fail "CreateVolume from $sid: volume_context $ctx"
+stage_publish "$new" new "$ctx"
+got=$(unshare -m sh -c "md5sum <$WORK/pub-new/data") || fail "the pod could not read the restored volume"
+[ "${got%% *}" = "$want" ] || fail "the restored volume holds other data"
+kib=$(df -k "$WORK/pub-new" | tail -1 | awk '{print $2}')
+[ "$kib" -gt 49152 ] || fail "the restored filesystem was not grown to the volume: $kib KiB"
+unpublish_unstage "$new" new
+call DeleteSnapshot "{\"snapshot_id\":\"$sid\"}" >/dev/null
+call DeleteVolume "{\"volume_id\":\"$new\"}" >/dev/null
+call DeleteVolume "{\"volume_id\":\"$src\"}" >/dev/null
+rmdir $WORK/stage-src $WORK/stage-new 2>/dev/null
+ok "a 64 MiB volume from a snapshot of a 32 MiB ext4 volume: the pod reads its file back, df $kib KiB"
+
 # Nothing left: the suite deletes what it made; the plugin removes devices, mounts and images.
 ls /sys/bus/vdpa/devices 2>/dev/null | grep -q . && fail "vdpa devices left: $(ls /sys/bus/vdpa/devices)"
 ls /dev/vduse | grep -v '^control$' | grep -q . && fail "VDUSE devices left: $(ls /dev/vduse)"
