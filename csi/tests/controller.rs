@@ -241,3 +241,187 @@ async fn create_expand_validate_delete_with_the_spec_codes() {
         Code::InvalidArgument
     );
 }
+
+fn from_snapshot(name: &str, required: i64, limit: i64, snapshot_id: &str) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        volume_content_source: Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(
+                volume_content_source::SnapshotSource {
+                    snapshot_id: snapshot_id.into(),
+                },
+            )),
+        }),
+        ..create(name, required, limit)
+    }
+}
+
+fn snapshot(volume_id: &str, name: &str) -> CreateSnapshotRequest {
+    CreateSnapshotRequest {
+        source_volume_id: volume_id.into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn snapshots_and_volumes_from_them_with_the_spec_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let ctl = ControllerService::new(
+        "node-a".into(),
+        Sources::new([Arc::new(LocalSource::new(&local)) as Arc<dyn VolumeSource>]),
+        dir.path().join("state"),
+    );
+    let caps = ctl
+        .controller_get_capabilities(Request::new(ControllerGetCapabilitiesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let announced: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(controller_service_capability::Type::Rpc(rpc)) => Some(rpc.r#type),
+            None => None,
+        })
+        .collect();
+    use controller_service_capability::rpc::Type as Rpc;
+    assert!(announced.contains(&(Rpc::CreateDeleteSnapshot as i32)));
+    assert!(!announced.contains(&(Rpc::ListSnapshots as i32)));
+
+    ctl.create_volume(Request::new(create("v1", 3 << 20, 0)))
+        .await
+        .unwrap();
+    let snap = ctl
+        .create_snapshot(Request::new(snapshot("local:node-a:v1", "s1")))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(snap.snapshot_id, "local:node-a:v1@s1");
+    assert_eq!(snap.size_bytes, 3 << 20);
+    assert!(snap.ready_to_use && snap.creation_time.is_some());
+    assert!(local.join("snapshots/s1/v1.img").exists());
+    // Required fields, bad names, parameters, unknown or other nodes' volumes.
+    for (req, expected) in [
+        (snapshot("", "s2"), Code::InvalidArgument),
+        (snapshot("local:node-a:v1", ""), Code::InvalidArgument),
+        (snapshot("local:node-a:v1", "a/b"), Code::InvalidArgument),
+        (snapshot("local:node-a:nope", "s2"), Code::NotFound),
+        (snapshot("local:node-b:v1", "s2"), Code::NotFound),
+        (
+            CreateSnapshotRequest {
+                parameters: [("tier".to_string(), "gold".to_string())].into(),
+                ..snapshot("local:node-a:v1", "s2")
+            },
+            Code::InvalidArgument,
+        ),
+    ] {
+        assert_eq!(
+            code(ctl.create_snapshot(Request::new(req.clone())).await),
+            expected,
+            "{req:?}"
+        );
+    }
+
+    // From it: no size asked for → the snapshot's; more → that; a limit below it → OUT_OF_RANGE.
+    let made = ctl
+        .create_volume(Request::new(from_snapshot("v2", 0, 0, &snap.snapshot_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(made.capacity_bytes, 3 << 20);
+    assert_eq!(made.volume_context["virtiod.io/grow-fs"], "true");
+    assert!(made.content_source.is_some());
+    let bigger = ctl
+        .create_volume(Request::new(from_snapshot(
+            "v3",
+            5 << 20,
+            0,
+            &snap.snapshot_id,
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(bigger.capacity_bytes, 5 << 20);
+    assert_eq!(
+        std::fs::metadata(local.join("v3.img")).unwrap().len(),
+        5 << 20
+    );
+    for (req, expected) in [
+        (
+            from_snapshot("v4", 1 << 20, 2 << 20, &snap.snapshot_id),
+            Code::OutOfRange,
+        ),
+        (
+            from_snapshot("v4", 0, 0, "local:node-a:v1@nope"),
+            Code::NotFound,
+        ),
+        (from_snapshot("v4", 0, 0, "garbage"), Code::NotFound),
+        (
+            from_snapshot("v4", 0, 0, "local:node-b:v1@s1"),
+            Code::NotFound,
+        ),
+        (
+            from_snapshot("v4", 0, 0, "rbd:c/p:v1@s1"),
+            Code::NotFound, // this plugin has no rbd source
+        ),
+        (
+            CreateVolumeRequest {
+                volume_content_source: Some(VolumeContentSource {
+                    r#type: Some(volume_content_source::Type::Volume(
+                        volume_content_source::VolumeSource {
+                            volume_id: "local:node-a:v1".into(),
+                        },
+                    )),
+                }),
+                ..create("v4", 0, 0)
+            },
+            Code::InvalidArgument,
+        ),
+    ] {
+        assert_eq!(
+            code(ctl.create_volume(Request::new(req.clone())).await),
+            expected,
+            "{req:?}"
+        );
+    }
+    assert!(!local.join("v4.img").exists());
+
+    // Deleting: the snapshot (twice, and ids that are not ours) and the volumes, in any order.
+    for id in [
+        snap.snapshot_id.as_str(),
+        snap.snapshot_id.as_str(),
+        "x",
+        "local:node-b:v@s",
+    ] {
+        ctl.delete_snapshot(Request::new(DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        code(
+            ctl.delete_snapshot(Request::new(DeleteSnapshotRequest::default()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert!(!local.join("snapshots").exists());
+    for name in ["v1", "v2", "v3"] {
+        ctl.delete_volume(Request::new(DeleteVolumeRequest {
+            volume_id: format!("local:node-a:{name}"),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    }
+    assert_eq!(std::fs::read_dir(&local).unwrap().count(), 0);
+}
