@@ -395,6 +395,11 @@ pub struct ServeArgs {
     pub mtu: Option<u16>,
     #[command(flatten)]
     pub qos: Box<QosArgs>,
+    /// What a stop (SIGTERM, SIGINT) does with a VDUSE device: `remove` it (the default) or
+    /// `keep` it in the kernel, flushed, for the next `serve` of the same name and state
+    /// directory to re-open.
+    #[arg(long, value_name = "remove|keep", env = "VIRTIOD_ON_STOP")]
+    pub on_stop: Option<virtiod_config::OnStop>,
     #[command(flatten)]
     pub confine: crate::confine::ConfineArgs,
     /// The image: a file or block device path (or raw:PATH), qcow2:PATH, mem:SIZE, null:SIZE, an

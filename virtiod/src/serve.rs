@@ -102,10 +102,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     crate::confine::started();
     crate::notify::notify("READY=1");
-    wait_and_stop(&registry, &rx)
+    wait_and_stop(&registry, &rx, args.on_stop.unwrap_or_default())
 }
 
-fn wait_and_stop(registry: &Registry, rx: &Receiver<Event>) -> anyhow::Result<()> {
+fn wait_and_stop(
+    registry: &Registry,
+    rx: &Receiver<Event>,
+    on_stop: virtiod_config::OnStop,
+) -> anyhow::Result<()> {
     let event = loop {
         match rx.recv() {
             Ok(Event::Upgrade(req)) => {
@@ -130,7 +134,10 @@ fn wait_and_stop(registry: &Registry, rx: &Receiver<Event>) -> anyhow::Result<()
         }
         Ok(Event::Signal(sig)) => {
             tracing::info!(signal = sig, "stopping: completing in-flight requests");
-            registry.stop_all()
+            match on_stop {
+                virtiod_config::OnStop::Remove => registry.stop_all(),
+                virtiod_config::OnStop::Keep => registry.keep_all(),
+            }
         }
         Ok(Event::Upgrade(_)) | Err(_) => registry.stop_all(),
     }

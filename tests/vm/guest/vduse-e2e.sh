@@ -134,8 +134,9 @@ grep -q "create the image first" /tmp/err2 || fail "missing image: $(cat /tmp/er
 [ ! -e /tmp/missing.img ] && [ ! -e /dev/vduse/vd2 ] || fail "missing image left something behind"
 ok "name in use and missing image refused: $(grep error /tmp/err1 | head -1)"
 
-# --- 7. restart without losing a write: five SIGKILL + restart cycles during a 48 MiB stream
-# of 4 KiB O_DIRECT writes; the writer sees only pauses, and every byte reads back.
+# --- 7. restart without losing a write: three SIGKILL + restart cycles, then two SIGTERMs of
+# a `serve --on-stop keep` + start, during a 48 MiB stream of 4 KiB O_DIRECT writes; the
+# writer sees only pauses, and every byte reads back.
 dd if=/dev/urandom of=/tmp/pat48 bs=1M count=48 2>/dev/null
 serve vdr /tmp/r0.log /tmp/disk.img; first=$node
 [ -e /run/virtiod/vduse-vdr.log ] || fail "no in-flight log in /run/virtiod"
@@ -145,8 +146,12 @@ during=0
 for k in 1 2 3 4 5; do
   sleep 0.7
   kill -0 $writer 2>/dev/null && during=$((during+1))
-  kill -KILL $pid; wait $pid 2>/dev/null
-  [ -e /dev/vduse/vdr ] || fail "SIGKILL removed the VDUSE device"
+  # the last two stops are SIGTERMs of a `serve --on-stop keep` (VIRTIOD_ON_STOP)
+  sig=KILL; [ $k -lt 4 ] || sig=TERM
+  kill -$sig $pid; wait $pid 2>/dev/null
+  [ -e /dev/vduse/vdr ] || fail "SIG$sig removed the VDUSE device"
+  [ $sig = KILL ] || grep -q "the VDUSE device is kept for the next start" /tmp/r$((k-1)).log || fail "SIGTERM $k: not kept: $(tail -3 /tmp/r$((k-1)).log)"
+  if [ $k -eq 3 ] || [ $k -eq 4 ]; then export VIRTIOD_ON_STOP=keep; else unset VIRTIOD_ON_STOP; fi
   serve vdr /tmp/r$k.log /tmp/disk.img
   [ "$node" = "$first" ] || fail "restart $k printed $node, expected $first"
   grep -q "re-opening the existing VDUSE device" /tmp/r$k.log || fail "restart $k did not re-open: $(tail -3 /tmp/r$k.log)"
@@ -158,7 +163,8 @@ grep -h "resuming queue" /tmp/r[1-5].log | sed 's/.*resuming/resuming/' | head -
 stop $pid vdr "$node"
 [ ! -e /run/virtiod/vduse-vdr.log ] || fail "in-flight log left behind after SIGTERM"
 [ "$(dd if=/tmp/disk.img bs=1M count=48 2>/dev/null | md5)" = "$(md5 </tmp/pat48)" ] || fail "image differs after restarts"
-ok "5 SIGKILL+restart cycles ($during during the writer): no I/O error, 48 MiB identical"
+unset VIRTIOD_ON_STOP
+ok "3 SIGKILL+restart and 2 SIGTERM (--on-stop keep)+start cycles ($during during the writer): no I/O error, 48 MiB identical"
 
 # --- QoS through VDUSE: a 100 IOPS limit holds 300 O_DIRECT reads to >= 2.5 s (the queue
 # thread waits on its timer, nothing fails); lifted live with ctl qos, the limit is gone ---
