@@ -280,9 +280,9 @@ async fn snapshots_and_volumes_from_them_with_the_spec_codes() {
     let announced: Vec<i32> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(controller_service_capability::Type::Rpc(rpc)) => Some(rpc.r#type),
-            None => None,
+        .filter_map(|c| {
+            let controller_service_capability::Type::Rpc(rpc) = c.r#type.as_ref()?;
+            Some(rpc.r#type)
         })
         .collect();
     use controller_service_capability::rpc::Type as Rpc;
