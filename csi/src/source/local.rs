@@ -78,6 +78,13 @@ impl LocalSource {
             .and_then(|()| std::fs::rename(&tmp, path));
         if let Err(e) = copied {
             let _ = std::fs::remove_file(&tmp);
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(SourceError::Exhausted(format!(
+                    "cannot copy {} to {}: no space left: free space in the volumes' directory",
+                    from.display(),
+                    path.display()
+                )));
+            }
             return Err(Self::io(format!(
                 "cannot copy {} to {}",
                 from.display(),
